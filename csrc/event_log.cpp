@@ -1,0 +1,122 @@
+#include "event_log.hpp"
+
+#include <algorithm>
+
+namespace torchmem {
+
+EventLog::EventLog(uint64_t retention_events)
+    : retention_(std::max<uint64_t>(retention_events, kChunkEvents)) {}
+
+uint64_t EventLog::first_seq() const {
+  return chunks_.empty() ? next_seq_ : chunks_.front()->base_seq;
+}
+
+uint64_t EventLog::append(int64_t ts, EventKind kind, uint64_t address,
+                          uint64_t size, int16_t device, uint16_t stream_idx,
+                          uint16_t type_id, uint64_t step, uint32_t tid,
+                          uint32_t stack_id, uint64_t total_allocated_before,
+                          uint64_t total_freed_before) {
+  if (chunks_.empty() || chunks_.back()->count == kChunkEvents) {
+    evict_if_needed();
+    std::unique_ptr<Chunk> c = spare_ ? std::move(spare_) : std::make_unique<Chunk>();
+    c->base_seq = next_seq_;
+    c->base_allocated = total_allocated_before;
+    c->base_freed = total_freed_before;
+    c->count = 0;
+    chunks_.push_back(std::move(c));
+  }
+  Chunk& c = *chunks_.back();
+  uint32_t i = c.count;
+  c.timestamp[i] = ts;
+  c.address[i] = address;
+  c.size[i] = size;
+  c.step[i] = static_cast<uint32_t>(std::min<uint64_t>(step, UINT32_MAX));
+  c.thread_id[i] = tid;
+  c.stack_id[i] = stack_id;
+  c.type_id[i] = type_id;
+  c.stream_idx[i] = stream_idx;
+  c.device[i] = device;
+  c.kind[i] = static_cast<uint8_t>(kind);
+  c.count = i + 1;
+  return next_seq_++;
+}
+
+void EventLog::evict_if_needed() {
+  // Called before a new chunk is opened: keep at most `retention_` full
+  // events behind it, but never drop what a consumer has not read yet.
+  while (!chunks_.empty()) {
+    const Chunk& front = *chunks_.front();
+    uint64_t retained_after = next_seq_ - (front.base_seq + front.count);
+    if (retained_after < retention_) break;
+    if (front.base_seq + front.count > consumer_seq_) break;
+    spare_ = std::move(chunks_.front());
+    chunks_.pop_front();
+  }
+}
+
+void EventLog::read(uint64_t start, uint64_t end,
+                    const std::vector<uint64_t>& streams,
+                    std::vector<EventRow>* out) const {
+  start = std::max(start, first_seq());
+  end = std::min(end, next_seq_);
+  if (start >= end) return;
+  out->reserve(out->size() + (end - start));
+  size_t ci = (start - chunks_.front()->base_seq) / kChunkEvents;
+  for (; ci < chunks_.size(); ++ci) {
+    const Chunk& c = *chunks_[ci];
+    if (c.base_seq >= end) break;
+    uint64_t alloc = c.base_allocated, freed = c.base_freed;
+    for (uint32_t i = 0; i < c.count; ++i) {
+      uint64_t seq = c.base_seq + i;
+      if (seq >= end) break;
+      EventKind kind = static_cast<EventKind>(c.kind[i]);
+      alloc += allocated_delta(kind, c.size[i]);
+      freed += freed_delta(kind, c.size[i]);
+      if (seq < start) continue;
+      uint16_t si = c.stream_idx[i];
+      out->push_back(EventRow{seq, c.timestamp[i], c.address[i], c.size[i],
+                              si < streams.size() ? streams[si] : 0, c.step[i], alloc,
+                              freed, c.thread_id[i], c.stack_id[i], c.type_id[i],
+                              c.device[i], kind, {0, 0, 0}});
+    }
+  }
+}
+
+template <typename Key>
+uint64_t EventLog::lower_bound(Key key_of, uint64_t value) const {
+  // Steps and timestamps never decrease along the log, so both searches are
+  // a binary search over chunks, then within one.
+  if (chunks_.empty()) return next_seq_;
+  size_t lo = 0, hi = chunks_.size();
+  while (lo < hi) {  // first chunk whose last event's key >= value
+    size_t mid = (lo + hi) / 2;
+    const Chunk& c = *chunks_[mid];
+    if (static_cast<uint64_t>(key_of(c, c.count - 1)) < value) lo = mid + 1;
+    else hi = mid;
+  }
+  if (lo == chunks_.size()) return next_seq_;
+  const Chunk& c = *chunks_[lo];
+  uint32_t a = 0, b = c.count;
+  while (a < b) {
+    uint32_t mid = (a + b) / 2;
+    if (static_cast<uint64_t>(key_of(c, mid)) < value) a = mid + 1;
+    else b = mid;
+  }
+  return c.base_seq + a;
+}
+
+uint64_t EventLog::lower_bound_step(uint64_t step) const {
+  return lower_bound([](const Chunk& c, uint32_t i) { return c.step[i]; }, step);
+}
+
+uint64_t EventLog::lower_bound_time(int64_t ts) const {
+  if (ts < 0) return first_seq();
+  return lower_bound([](const Chunk& c, uint32_t i) { return c.timestamp[i]; },
+                     static_cast<uint64_t>(ts));
+}
+
+size_t EventLog::memory_bytes() const {
+  return (chunks_.size() + (spare_ ? 1 : 0)) * sizeof(Chunk);
+}
+
+}  // namespace torchmem

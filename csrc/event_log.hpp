@@ -1,0 +1,109 @@
+// The event log: fixed-size columnar chunks in a bounded ring.
+//
+// 43 bytes per retained event. The cumulative allocated / freed totals that
+// every event reports are not stored: each chunk keeps the totals at its
+// first event and read() adds the sizes up, so they cost nothing per event.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <vector>
+
+namespace torchmem {
+
+enum class EventKind : uint8_t {
+  Allocation = 0,
+  Deallocation = 1,
+  Reallocation = 2,
+  Snapshot = 3,
+  GcStart = 4,
+  GcEnd = 5,
+  OutOfMemory = 6,
+};
+
+// One event as read back (full width; streams and totals expanded). The
+// layout is also the binary row Python reads with numpy (EVENT_DTYPE in
+// src/torchmem/_events.py): widest fields first, so there is no padding
+// but the explicit tail.
+struct EventRow {
+  uint64_t seq;
+  int64_t timestamp_ns;
+  uint64_t address;
+  uint64_t size;
+  uint64_t stream;
+  uint64_t step;
+  uint64_t total_allocated;  // cumulative bytes allocated after this event
+  uint64_t total_freed;      // cumulative bytes freed after this event
+  uint32_t thread_id;
+  uint32_t stack_id;
+  uint16_t type_id;
+  int16_t device;
+  EventKind kind;
+  uint8_t pad[3];
+};
+static_assert(sizeof(EventRow) == 80, "EventRow is a file and numpy layout");
+
+// What an event adds to the cumulative totals.
+inline uint64_t allocated_delta(EventKind k, uint64_t size) {
+  return (k == EventKind::Allocation || k == EventKind::Reallocation) ? size : 0;
+}
+inline uint64_t freed_delta(EventKind k, uint64_t size) {
+  return k == EventKind::Deallocation ? size : 0;
+}
+
+class EventLog {
+ public:
+  static constexpr uint32_t kChunkEvents = 8192;
+
+  explicit EventLog(uint64_t retention_events);
+
+  // Appends; `stream_idx` indexes the recorder's stream table. Not locked:
+  // the recorder serialises calls.
+  uint64_t append(int64_t ts, EventKind kind, uint64_t address, uint64_t size,
+                  int16_t device, uint16_t stream_idx, uint16_t type_id,
+                  uint64_t step, uint32_t tid, uint32_t stack_id,
+                  uint64_t total_allocated_before, uint64_t total_freed_before);
+
+  uint64_t next_seq() const { return next_seq_; }
+  uint64_t first_seq() const;
+  uint64_t retention() const { return retention_; }
+  void set_consumer_seq(uint64_t seq) { consumer_seq_ = seq; }
+
+  // Rows [start, end) that are still retained, in order.
+  void read(uint64_t start, uint64_t end, const std::vector<uint64_t>& streams,
+            std::vector<EventRow>* out) const;
+  // First seq whose step >= lo, and first seq whose step > hi.
+  uint64_t lower_bound_step(uint64_t step) const;
+  uint64_t lower_bound_time(int64_t ts) const;
+  size_t memory_bytes() const;
+
+ private:
+  struct Chunk {
+    uint64_t base_seq;
+    uint64_t base_allocated;  // cumulative totals before the chunk's first event
+    uint64_t base_freed;
+    uint32_t count = 0;
+    int64_t timestamp[kChunkEvents];
+    uint64_t address[kChunkEvents];
+    uint64_t size[kChunkEvents];
+    uint32_t step[kChunkEvents];
+    uint32_t thread_id[kChunkEvents];
+    uint32_t stack_id[kChunkEvents];
+    uint16_t type_id[kChunkEvents];
+    uint16_t stream_idx[kChunkEvents];
+    int16_t device[kChunkEvents];
+    uint8_t kind[kChunkEvents];
+  };
+  void evict_if_needed();
+  template <typename Key>
+  uint64_t lower_bound(Key key_of, uint64_t value) const;
+
+  uint64_t retention_;
+  uint64_t next_seq_ = 0;
+  uint64_t consumer_seq_ = UINT64_MAX;
+  std::deque<std::unique_ptr<Chunk>> chunks_;
+  std::unique_ptr<Chunk> spare_;  // reused instead of freed and reallocated
+};
+
+}  // namespace torchmem

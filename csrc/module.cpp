@@ -1,0 +1,248 @@
+// torchmem._native: the Python face of the recorder. Everything but the
+// track_* hot path (fast_track.cpp) is bound with nanobind; bulk data (events,
+// live allocations) leaves as bytes that numpy views without a copy per row.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+
+#include "fast_track.hpp"
+#include "recorder.hpp"
+#include "stack_capture.hpp"
+
+namespace nb = nanobind;
+using namespace torchmem;
+
+namespace {
+
+// The live-allocation row Python reads (LIVE_DTYPE in _events.py).
+struct LiveRow {
+  uint64_t address;
+  uint64_t size;
+  int64_t timestamp_ns;
+  uint64_t seq;
+  uint64_t stream;
+  uint32_t step;
+  uint32_t stack_id;
+  uint32_t thread_id;
+  uint16_t type_id;
+  int16_t device;
+};
+static_assert(sizeof(LiveRow) == 56, "LiveRow is a numpy layout");
+
+using CounterTuple = std::tuple<uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t>;
+CounterTuple as_tuple(const Counters& c) {
+  return {c.allocated, c.freed, c.current, c.peak, c.alloc_count, c.free_count};
+}
+
+template <typename T>
+nb::bytes as_bytes(const std::vector<T>& rows) {
+  return nb::bytes(reinterpret_cast<const char*>(rows.data()), rows.size() * sizeof(T));
+}
+
+PyTypeObject* g_recorder_type = nullptr;
+
+RecorderHandle* handle_of(PyObject* self) {
+  nb::handle h(self);
+  // PyObject_TypeCheck against the cached type: nb::isinstance would look
+  // the C++ type up in a hash table on every track_* call.
+  if (!PyObject_TypeCheck(self, g_recorder_type) || !nb::inst_ready(h)) {
+    PyErr_SetString(PyExc_TypeError, "recorder is not initialised (missing __init__ call?)");
+    return nullptr;
+  }
+  return nb::inst_ptr<RecorderHandle>(h);
+}
+
+Recorder& rec(RecorderHandle& h) { return *h.recorder; }
+
+}  // namespace
+
+NB_MODULE(_native, m) {
+  m.doc() = "torchmem's native recorder (C++): live map, counters, event log, stacks.";
+
+  m.attr("EVENT_ROW_BYTES") = sizeof(EventRow);
+  m.attr("LIVE_ROW_BYTES") = sizeof(LiveRow);
+  m.attr("CHUNK_EVENTS") = EventLog::kChunkEvents;
+
+  auto cls = nb::class_<RecorderHandle>(m, "Recorder")
+      .def(nb::init<uint64_t>(), nb::arg("retention_events") = uint64_t{1} << 20)
+      .def_prop_rw("enabled", [](RecorderHandle& h) { return rec(h).enabled(); },
+                   [](RecorderHandle& h, bool on) { rec(h).set_enabled(on); })
+      .def_prop_rw("_capture_stacks", [](RecorderHandle& h) { return h.capture_stacks; },
+                   [](RecorderHandle& h, bool on) { h.capture_stacks = on; })
+      .def_prop_rw("_max_depth", [](RecorderHandle& h) { return h.max_depth; },
+                   [](RecorderHandle& h, int d) { h.max_depth = d; })
+      .def_prop_ro("_retention", [](RecorderHandle& h) { return rec(h).retention(); })
+      .def("_get_step", [](RecorderHandle& h) { return rec(h).step(); })
+      .def("_advance_step", [](RecorderHandle& h) { return rec(h).advance_step(); })
+      .def("_set_step", [](RecorderHandle& h, uint64_t s) { rec(h).set_step(s); })
+      .def("_counters",
+           [](RecorderHandle& h, std::optional<int> type_id, std::optional<int> device) {
+             Recorder& r = rec(h);
+             if (type_id && device)
+               return as_tuple(r.for_type_device(static_cast<uint16_t>(*type_id),
+                                                 static_cast<int16_t>(*device)));
+             if (type_id) return as_tuple(r.for_type(static_cast<uint16_t>(*type_id)));
+             if (device) return as_tuple(r.for_device(static_cast<int16_t>(*device)));
+             return as_tuple(r.total());
+           },
+           nb::arg("type_id") = nb::none(), nb::arg("device") = nb::none())
+      .def("_per_type", [](RecorderHandle& h) {
+             std::vector<std::pair<int, CounterTuple>> out;
+             for (auto& [t, c] : rec(h).per_type()) out.emplace_back(t, as_tuple(c));
+             return out;
+           })
+      .def("_per_device", [](RecorderHandle& h) {
+             std::vector<std::pair<int, CounterTuple>> out;
+             for (auto& [d, c] : rec(h).per_device()) out.emplace_back(d, as_tuple(c));
+             return out;
+           })
+      .def("_reset_peak", [](RecorderHandle& h, int t, int d) { rec(h).reset_peak(t, d); },
+           nb::arg("type_id") = -1, nb::arg("device") = -1)
+      .def("_type_names", [](RecorderHandle& h) { return rec(h).type_names(); })
+      .def("_type_id", [](RecorderHandle& h, nb::handle name) {
+             int id = h.type_id_of(name.ptr());
+             if (id < 0) throw nb::python_error();
+             return id;
+           })
+      .def("_read_events", [](RecorderHandle& h, uint64_t a, uint64_t b) {
+             return as_bytes(rec(h).read(a, b));
+           })
+      .def("_next_seq", [](RecorderHandle& h) { return rec(h).next_seq(); })
+      .def("_first_retained_seq", [](RecorderHandle& h) { return rec(h).first_retained_seq(); })
+      .def("_seq_range_for_steps",
+           [](RecorderHandle& h, uint64_t lo, uint64_t hi) {
+             return rec(h).seq_range_for_steps(lo, hi);
+           })
+      .def("_first_seq_at_or_after_time",
+           [](RecorderHandle& h, int64_t ts) { return rec(h).first_seq_at_or_after_time(ts); })
+      .def("_set_consumer_seq", [](RecorderHandle& h, uint64_t s) { rec(h).set_consumer_seq(s); })
+      .def("_live", [](RecorderHandle& h) {
+             std::vector<LiveEntry> entries;
+             std::vector<uint64_t> streams;
+             entries = rec(h).live();
+             std::vector<LiveRow> rows;
+             rows.reserve(entries.size());
+             for (const LiveEntry& e : entries)
+               rows.push_back(LiveRow{e.address, e.size, e.timestamp_ns, e.seq,
+                                      rec(h).stream_value(e.stream_idx), e.step, e.stack_id,
+                                      e.thread_id, e.type_id, e.device});
+             return as_bytes(rows);
+           })
+      .def("_live_count", [](RecorderHandle& h) { return rec(h).live_count(); })
+      .def("_anomaly_counts", [](RecorderHandle& h) {
+             nb::dict out;
+             std::vector<uint64_t> counts = rec(h).anomaly_counts();
+             for (int k = 0; k < kAnomalyKinds; ++k)
+               out[anomaly_name(static_cast<AnomalyKind>(k))] = counts[k];
+             return out;
+           })
+      .def("_anomaly_examples", [](RecorderHandle& h) {
+             nb::list out;
+             for (const AnomalyExample& e : rec(h).anomaly_examples()) {
+               nb::dict d;
+               d["kind"] = anomaly_name(e.kind);
+               d["address"] = e.address;
+               d["size_bytes"] = e.size;
+               d["expected_size_bytes"] = e.expected;
+               d["seq"] = e.seq;
+               d["timestamp_ns"] = e.timestamp_ns;
+               d["thread_id"] = e.thread_id;
+               out.append(d);
+             }
+             return out;
+           })
+      .def("_record_anomaly",
+           [](RecorderHandle& h, int kind, uint64_t address, uint64_t size) {
+             if (kind < 0 || kind >= kAnomalyKinds) throw nb::value_error("bad anomaly kind");
+             rec(h).record_anomaly(static_cast<AnomalyKind>(kind), address, size, 0);
+           })
+      .def("_record_marker",
+           [](RecorderHandle& h, int kind, uint64_t payload, uint64_t size) {
+             if (kind < static_cast<int>(EventKind::Snapshot) ||
+                 kind > static_cast<int>(EventKind::GcEnd))
+               throw nb::value_error("markers are SNAPSHOT, GC_START or GC_END");
+             return rec(h).record_marker(static_cast<EventKind>(kind), payload, size);
+           })
+      .def("_record_oom",
+           [](RecorderHandle& h, uint64_t requested, int device, uint64_t stream,
+              uint64_t device_free, uint64_t device_total, nb::handle type_name) {
+             int type = type_name.is_none() ? kTypeGPU : h.type_id_of(type_name.ptr());
+             if (type < 0) throw nb::python_error();
+             OomInfo info{};
+             info.requested = requested;
+             info.device = static_cast<int16_t>(device);
+             info.stream = stream;
+             info.device_free = device_free;
+             info.device_total = device_total;
+             info.stack_id = h.capture_stacks ? capture_python_stack(h.max_depth) : 0;
+             rec(h).record_oom(info, static_cast<uint16_t>(type));
+           },
+           nb::arg("requested"), nb::arg("device"), nb::arg("stream") = 0,
+           nb::arg("device_free") = 0, nb::arg("device_total") = 0,
+           nb::arg("allocation_type") = nb::none())
+      .def("_oom_events", [](RecorderHandle& h) {
+             nb::list out;
+             for (const OomInfo& o : rec(h).oom_events()) {
+               nb::dict d;
+               d["seq"] = o.seq;
+               d["timestamp_ns"] = o.timestamp_ns;
+               d["requested_bytes"] = o.requested;
+               d["device"] = o.device;
+               d["stream"] = o.stream;
+               d["device_free_bytes"] = o.device_free;
+               d["device_total_bytes"] = o.device_total;
+               d["live_bytes"] = o.live_bytes;
+               d["stack_id"] = o.stack_id;
+               out.append(d);
+             }
+             return out;
+           })
+      .def("_replay", [](RecorderHandle& h, nb::bytes rows) {
+             if (rows.size() % sizeof(EventRow) != 0)
+               throw nb::value_error("event rows must be a multiple of 80 bytes");
+             const char* p = static_cast<const char*>(rows.data());
+             for (size_t i = 0; i < rows.size() / sizeof(EventRow); ++i) {
+               EventRow row;
+               std::memcpy(&row, p + i * sizeof(EventRow), sizeof(EventRow));
+               rec(h).replay(row);
+             }
+           })
+      .def("_memory_bytes", [](RecorderHandle& h) { return rec(h).memory_bytes(); });
+
+  g_recorder_type = reinterpret_cast<PyTypeObject*>(cls.ptr());
+  if (!add_fast_methods(reinterpret_cast<PyTypeObject*>(cls.ptr()), handle_of))
+    throw nb::python_error();
+
+  m.def("resolve_stack", [](uint32_t id) {
+    std::vector<std::tuple<std::string, int, std::string>> out;
+    for (const FrameInfo& f : stack_table().resolve(id))
+      out.emplace_back(f.filename, f.lineno, f.function);
+    return out;
+  }, "Frames of an interned stack, innermost first: (filename, lineno, function).");
+  m.def("stack_frames_since", [](uint32_t first) {
+    std::vector<std::tuple<std::string, int, std::string>> out;
+    for (const FrameInfo& f : stack_table().frames_since(first))
+      out.emplace_back(f.filename, f.lineno, f.function);
+    return out;
+  });
+  m.def("stack_nodes_since", [](uint32_t first) {
+    return as_bytes(stack_table().nodes_since(first));
+  }, "Prefix-tree nodes from `first` on as (parent u32, frame u32) pairs.");
+  m.def("set_skip_prefixes", &set_skip_prefixes);
+  m.def("set_stack_capture", &set_stack_capture, nb::arg("enabled"), nb::arg("depth"));
+  m.def("capture_stack", &capture_python_stack, nb::arg("max_depth"));
+  m.def("set_gpu_recorder", [](nb::handle recorder) {
+    if (recorder.is_none()) {
+      set_gpu_recorder(nullptr);
+      return;
+    }
+    RecorderHandle* h = handle_of(recorder.ptr());
+    if (!h) throw nb::python_error();
+    set_gpu_recorder(h->recorder);
+  });
+}

@@ -1,0 +1,109 @@
+#include "stack_capture.hpp"
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <frameobject.h>
+
+#include <atomic>
+#include <mutex>
+
+#if PY_VERSION_HEX < 0x030B0000
+// Python 3.10 has neither PyFrame_GetLasti nor co_qualname.
+static int PyFrame_GetLasti(PyFrameObject* f) { return f->f_lasti; }
+#endif
+
+namespace torchmem {
+
+namespace {
+std::atomic<bool> g_capture{false};
+std::atomic<int> g_depth{10};
+std::mutex g_prefix_mu;
+std::vector<std::string> g_skip_prefixes;
+
+bool skipped(const std::string& filename) {
+  std::lock_guard<std::mutex> lock(g_prefix_mu);
+  for (const std::string& p : g_skip_prefixes)
+    if (filename.compare(0, p.size(), p) == 0) return true;
+  return false;
+}
+
+std::string utf8(PyObject* s) {
+  if (!s || !PyUnicode_Check(s)) return "?";
+  Py_ssize_t n = 0;
+  const char* c = PyUnicode_AsUTF8AndSize(s, &n);
+  if (!c) {
+    PyErr_Clear();
+    return "?";
+  }
+  return std::string(c, static_cast<size_t>(n));
+}
+}  // namespace
+
+StackTable& stack_table() {
+  static StackTable* table = new StackTable();  // never destroyed: used at exit
+  return *table;
+}
+
+bool stack_capture_enabled() { return g_capture.load(std::memory_order_relaxed); }
+int stack_capture_depth() { return g_depth.load(std::memory_order_relaxed); }
+void set_stack_capture(bool enabled, int depth) {
+  g_capture.store(enabled, std::memory_order_relaxed);
+  g_depth.store(depth, std::memory_order_relaxed);
+}
+
+void set_skip_prefixes(std::vector<std::string> prefixes) {
+  std::lock_guard<std::mutex> lock(g_prefix_mu);
+  g_skip_prefixes = std::move(prefixes);
+}
+
+uint32_t capture_python_stack(int max_depth) {
+  if (max_depth <= 0) return 0;
+  constexpr int kMaxDepth = 128;
+  if (max_depth > kMaxDepth) max_depth = kMaxDepth;
+  uint32_t ids[kMaxDepth];
+  int n = 0;
+  StackTable& table = stack_table();
+  PyFrameObject* frame = PyEval_GetFrame();  // borrowed
+  Py_XINCREF(frame);
+  // A bounded walk: skipped frames (torchmem's own) do not count towards the
+  // depth, but a pathological stack cannot make us walk forever.
+  for (int walked = 0; frame && n < max_depth && walked < 4 * kMaxDepth; ++walked) {
+    PyCodeObject* code = PyFrame_GetCode(frame);  // new reference
+    int lasti = PyFrame_GetLasti(frame);
+    bool skip = false;
+    uint32_t id = table.frame_id(
+        reinterpret_cast<uintptr_t>(code), lasti, &skip,
+        [&](FrameInfo* info, bool* is_skipped) {
+          PyObject* filename = PyObject_GetAttrString(reinterpret_cast<PyObject*>(code),
+                                                      "co_filename");
+          PyObject* name = PyObject_GetAttrString(reinterpret_cast<PyObject*>(code),
+                                                  "co_qualname");
+          if (!name) {
+            PyErr_Clear();
+            name = PyObject_GetAttrString(reinterpret_cast<PyObject*>(code), "co_name");
+          }
+          if (!filename || !name) PyErr_Clear();
+          info->filename = utf8(filename);
+          info->function = utf8(name);
+          info->lineno = PyFrame_GetLineNumber(frame);
+          Py_XDECREF(filename);
+          Py_XDECREF(name);
+          *is_skipped = skipped(info->filename);
+          // Interned code objects live forever so their address stays unique.
+          Py_INCREF(code);
+        });
+    Py_DECREF(code);
+    if (!skip) ids[n++] = id;
+    PyFrameObject* back = PyFrame_GetBack(frame);  // new reference
+    Py_DECREF(frame);
+    frame = back;
+  }
+  Py_XDECREF(frame);
+  if (n == 0) return 0;
+  // The tree is rooted at the outermost captured frame.
+  uint32_t outer_first[kMaxDepth];
+  for (int i = 0; i < n; ++i) outer_first[i] = ids[n - 1 - i];
+  return table.intern(outer_first, static_cast<size_t>(n));
+}
+
+}  // namespace torchmem

@@ -1,0 +1,42 @@
+"""torchmem: a memory profiler for PyTorch training.
+
+``torchmem.enable()`` at the top of a training script records every tensor
+allocation and free; ``MemoryProfiler`` is the API behind it.
+"""
+
+from __future__ import annotations
+
+import os as _os
+
+from . import _native
+from ._types import (
+    Event,
+    GCRecord,
+    Leak,
+    MemoryEvent,
+    MemoryEventType,
+    MemoryStatistics,
+    Snapshot,
+    StackTrace,
+)
+from .profiler import MemoryProfiler
+from .trace import TraceDelta
+
+# Frames inside the package are torchmem's own machinery, never a user's
+# allocation site.
+_native.set_skip_prefixes([_os.path.dirname(_os.path.abspath(__file__)) + _os.sep])
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Event",
+    "GCRecord",
+    "Leak",
+    "MemoryEvent",
+    "MemoryEventType",
+    "MemoryProfiler",
+    "MemoryStatistics",
+    "Snapshot",
+    "StackTrace",
+    "TraceDelta",
+]

@@ -1,0 +1,101 @@
+"""Binary layouts shared with the native recorder, and turning rows into objects.
+
+``EVENT_DTYPE`` is the native ``EventRow`` (csrc/event_log.hpp) and
+``LIVE_DTYPE`` the native ``LiveRow`` (csrc/module.cpp), field for field:
+the recorder hands out bytes and numpy views them without a per-row copy.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import _native
+from ._types import MemoryEvent, MemoryEventType, StackTrace
+
+EVENT_DTYPE = np.dtype(
+    [
+        ("seq", "<u8"),
+        ("timestamp_ns", "<i8"),
+        ("address", "<u8"),
+        ("size", "<u8"),
+        ("stream", "<u8"),
+        ("step", "<u8"),
+        ("total_allocated", "<u8"),
+        ("total_freed", "<u8"),
+        ("thread_id", "<u4"),
+        ("stack_id", "<u4"),
+        ("type_id", "<u2"),
+        ("device", "<i2"),
+        ("kind", "u1"),
+        ("_pad", "V3"),
+    ]
+)
+LIVE_DTYPE = np.dtype(
+    [
+        ("address", "<u8"),
+        ("size", "<u8"),
+        ("timestamp_ns", "<i8"),
+        ("seq", "<u8"),
+        ("stream", "<u8"),
+        ("step", "<u4"),
+        ("stack_id", "<u4"),
+        ("thread_id", "<u4"),
+        ("type_id", "<u2"),
+        ("device", "<i2"),
+    ]
+)
+STACK_NODE_DTYPE = np.dtype([("parent", "<u4"), ("frame", "<u4")])
+
+assert EVENT_DTYPE.itemsize == _native.EVENT_ROW_BYTES
+assert LIVE_DTYPE.itemsize == _native.LIVE_ROW_BYTES
+
+ALLOCATING_KINDS = (int(MemoryEventType.ALLOCATION), int(MemoryEventType.REALLOCATION))
+TYPE_NONE = 0xFFFF  # markers (snapshot, GC) carry no allocation type
+
+
+def events_from_bytes(data: bytes) -> np.ndarray:
+    """A read-only EVENT_DTYPE array over native event rows."""
+    return np.frombuffer(data, dtype=EVENT_DTYPE)
+
+
+def empty_events() -> np.ndarray:
+    return np.zeros(0, dtype=EVENT_DTYPE)
+
+
+def to_memory_events(
+    rows: np.ndarray,
+    type_names: Sequence[str],
+    resolve_stack: Callable[[int], StackTrace | None],
+    details: Callable[[int, int], dict | None],
+) -> list[MemoryEvent]:
+    """Python objects for EVENT_DTYPE rows (in order).
+
+    ``details(kind, address)`` supplies the side record of snapshot, GC and
+    OOM events, whose address column holds the record's index.
+    """
+    out = []
+    n_types = len(type_names)
+    for r in rows.tolist():
+        (_seq, ts, address, size, stream, step, alloc, freed, tid, stack, type_id,
+         device, kind, _pad) = r
+        is_marker = kind in (3, 4, 5, 6)
+        out.append(
+            MemoryEvent(
+                timestamp=ts,
+                step=step,
+                event_type=MemoryEventType(kind),
+                address=0 if is_marker else address,
+                size_bytes=size,
+                total_allocated_bytes=alloc,
+                total_free_bytes=freed,
+                allocation_type=type_names[type_id] if type_id < n_types else "",
+                device=device,
+                stream=stream,
+                thread_id=tid,
+                stack_trace=resolve_stack(stack) if stack else None,
+                details=details(kind, address) if is_marker else None,
+            )
+        )
+    return out

@@ -1,0 +1,499 @@
+"""MemoryProfiler: the one object that reads the recorder and answers questions."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _native
+from ._events import (
+    ALLOCATING_KINDS,
+    LIVE_DTYPE,
+    STACK_NODE_DTYPE,
+    TYPE_NONE,
+    empty_events,
+    events_from_bytes,
+    to_memory_events,
+)
+from ._stacks import LiveStacks, SavedStacks
+from .trace import TraceDelta
+from ._types import (
+    GCRecord,
+    Leak,
+    MemoryEvent,
+    MemoryEventType,
+    MemoryStatistics,
+    Snapshot,
+    StackTrace,
+)
+
+_NO_END = 2**64 - 1
+
+
+def _as_epoch_ns(t: datetime.datetime | float | int) -> int:
+    if isinstance(t, datetime.datetime):
+        return int(round(t.timestamp() * 1e9))
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return int(round(t * 1e9))
+    raise TypeError(f"t must be a datetime or epoch seconds, not {type(t).__name__}")
+
+
+def _check_nonneg_int(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+class MemoryProfiler(_native.Recorder):
+    """Records allocations and frees and answers questions about them.
+
+    ``track_allocation(address, size_bytes, allocation_type="CPU", device=-1,
+    stream=0)``, ``track_deallocation(address, size_bytes=None)`` and
+    ``track_reallocation(old_address, new_address, new_size_bytes)`` are
+    native methods: thread safe, about 100 ns a call, and they never raise
+    on an unknown address, a double free or a size mismatch (those are
+    counted in ``anomalies``); only a bad argument (wrong type, negative
+    value) raises TypeError / ValueError.
+
+    Args:
+        storage: a StorageBackend that receives every event (durable traces,
+            and queries older than the in-memory retention).
+        publisher: an EventPublisher that delivers every event to subscribers.
+        retention_events: events kept in memory (at least; older ones leave
+            the ring once every sink has them).
+        capture_stack_traces: record the Python stack of each allocation.
+        max_stack_trace_depth: frames kept per stack (innermost first).
+        snapshot_interval_ms: period of automatic snapshots.
+        auto_snapshot: take snapshots every ``snapshot_interval_ms`` while enabled.
+        flush_interval_ms: how often sinks are handed new events.
+    """
+
+    def __init__(
+        self,
+        storage: Any = None,
+        publisher: Any = None,
+        *,
+        retention_events: int = 1 << 20,
+        capture_stack_traces: bool = False,
+        max_stack_trace_depth: int = 10,
+        snapshot_interval_ms: int = 1000,
+        auto_snapshot: bool = True,
+        flush_interval_ms: int = 200,
+    ) -> None:
+        super().__init__(_check_nonneg_int(retention_events, "retention_events"))
+        self._lock = threading.RLock()
+        self._stacks: LiveStacks | SavedStacks = LiveStacks()
+        self._gc_records: list[GCRecord] = []
+        self._gc_open: dict[int, tuple[int, int, int]] = {}
+        self._gc_count_by_generation: dict[int, int] = {}
+        self._gc_total_ns = 0
+        self._snapshots: list[Snapshot] = []
+        self._is_global = False
+        self.storage = storage
+        self.publisher = publisher
+        self.max_stack_trace_depth = max_stack_trace_depth
+        self.capture_stack_traces = capture_stack_traces
+        self._snapshot_interval_ms = 1000
+        self.snapshot_interval_ms = snapshot_interval_ms
+        self._auto_snapshot = bool(auto_snapshot)
+        self._snapshotter = None
+        self._pump = None
+        if storage is not None or publisher is not None:
+            from ._pump import SinkPump
+
+            self._pump = SinkPump(self, storage, publisher, flush_interval_ms)
+            self._pump.start()
+        self._sync_snapshotter()
+
+    # -- settings ----------------------------------------------------------
+    @property
+    def is_enabled(self) -> bool:
+        """Whether track_* calls are recorded."""
+        return self.enabled
+
+    def enable(self) -> None:
+        """Start (or resume) recording."""
+        self.enabled = True
+        self._sync_snapshotter()
+
+    def disable(self) -> None:
+        """Stop recording; track_* calls are then ignored at almost no cost."""
+        self.enabled = False
+        self._sync_snapshotter()
+
+    @property
+    def capture_stack_traces(self) -> bool:
+        """Record the Python stack of each allocation (costs < 1 us each)."""
+        return self._capture_stacks
+
+    @capture_stack_traces.setter
+    def capture_stack_traces(self, on: bool) -> None:
+        self._capture_stacks = bool(on)
+        self._sync_gpu_settings()
+
+    @property
+    def max_stack_trace_depth(self) -> int:
+        """Frames kept per captured stack, innermost first."""
+        return self._max_depth
+
+    @max_stack_trace_depth.setter
+    def max_stack_trace_depth(self, depth: int) -> None:
+        if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 128:
+            raise ValueError(f"max_stack_trace_depth must be an int in 1..128, got {depth!r}")
+        self._max_depth = depth
+        self._sync_gpu_settings()
+
+    @property
+    def snapshot_interval_ms(self) -> int:
+        """Period of automatic snapshots, in milliseconds."""
+        return self._snapshot_interval_ms
+
+    @snapshot_interval_ms.setter
+    def snapshot_interval_ms(self, ms: int) -> None:
+        if not isinstance(ms, (int, float)) or isinstance(ms, bool) or ms <= 0:
+            raise ValueError(f"snapshot_interval_ms must be > 0, got {ms!r}")
+        self._snapshot_interval_ms = ms
+        if getattr(self, "_snapshotter", None) is not None:
+            self._snapshotter.interval_ms = ms
+
+    @property
+    def auto_snapshot(self) -> bool:
+        """Take a snapshot every ``snapshot_interval_ms`` while enabled."""
+        return self._auto_snapshot
+
+    @auto_snapshot.setter
+    def auto_snapshot(self, on: bool) -> None:
+        self._auto_snapshot = bool(on)
+        self._sync_snapshotter()
+
+    def _sync_snapshotter(self) -> None:
+        want = self._auto_snapshot and self.enabled
+        with self._lock:
+            if want and self._snapshotter is None:
+                from .sources.snapshots import AutoSnapshotter
+
+                self._snapshotter = AutoSnapshotter(self, self._snapshot_interval_ms)
+                self._snapshotter.start()
+            elif not want and self._snapshotter is not None:
+                snapshotter, self._snapshotter = self._snapshotter, None
+                snapshotter.stop()
+
+    def _sync_gpu_settings(self) -> None:
+        # The CUDA plugin has no profiler object in hand; it reads these.
+        if getattr(self, "_is_global", False):
+            _native.set_stack_capture(self._capture_stacks, self._max_depth)
+
+    # -- steps -----------------------------------------------------------------
+    @property
+    def current_step(self) -> int:
+        """The training step events are stamped with (starts at 0)."""
+        return self._get_step()
+
+    def step(self) -> int:
+        """Ends the current training step; returns the new step number."""
+        return self._advance_step()
+
+    # -- snapshots, GC -----------------------------------------------------
+    def track_snapshot(self) -> Snapshot:
+        """Records a SNAPSHOT event with the counters and NVML device totals."""
+        from .sources.nvml import query_devices
+
+        try:
+            devices = query_devices()
+        except Exception as exc:  # NVML must never break a training run
+            devices = f"unavailable: {exc}"
+        stats = self.get_statistics()
+        with self._lock:
+            index = len(self._snapshots)
+            snap = Snapshot(
+                timestamp_ns=time.time_ns(),
+                step=self.current_step,
+                current_usage_bytes=stats.current_usage_bytes,
+                peak_usage_bytes=stats.peak_usage_bytes,
+                usage_by_type=stats.usage_by_type,
+                usage_by_device=stats.usage_by_device,
+                devices=devices,
+            )
+            self._snapshots.append(snap)
+            self._record_marker(int(MemoryEventType.SNAPSHOT), index, stats.current_usage_bytes)
+        return snap
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        """Every snapshot taken, oldest first."""
+        return list(self._snapshots)
+
+    def _record_gc_start(self, generation: int) -> None:
+        """GC monitor hook: a collection of ``generation`` starts now."""
+        with self._lock:
+            index = len(self._gc_records) + len(self._gc_open)
+            freed = self._counters()[1]
+            self._gc_open[generation] = (time.time_ns(), freed, index)
+            self._record_marker(int(MemoryEventType.GC_START), index, 0)
+
+    def _record_gc_end(self, generation: int, collected: int, uncollectable: int) -> GCRecord:
+        """GC monitor hook: the collection of ``generation`` ended now."""
+        with self._lock:
+            end = time.time_ns()
+            start, freed_before, _index = self._gc_open.pop(generation, (end, None, 0))
+            freed = self._counters()[1]
+            tensor_bytes = freed - freed_before if freed_before is not None else 0
+            record = GCRecord(generation, start, end, end - start, collected, uncollectable,
+                              tensor_bytes, self.current_step)
+            index = len(self._gc_records)
+            self._gc_records.append(record)
+            self._gc_count_by_generation[generation] = (
+                self._gc_count_by_generation.get(generation, 0) + 1)
+            self._gc_total_ns += record.duration_ns
+            self._record_marker(int(MemoryEventType.GC_END), index, tensor_bytes)
+        return record
+
+    @property
+    def gc_records(self) -> list[GCRecord]:
+        """Every garbage collection seen, oldest first."""
+        return list(self._gc_records)
+
+    def find_gc_problems(self, **thresholds: Any) -> list:
+        """Bad GC patterns (frequent gen-2, long pauses, high GC time share)."""
+        from .sources.gc_monitor import find_gc_problems
+
+        return find_gc_problems(self.gc_records, **thresholds)
+
+    # -- statistics ------------------------------------------------------------
+    def _make_stats(self, counters: tuple, usage_by_type: dict[str, int],
+                    usage_by_device: dict[int, int]) -> MemoryStatistics:
+        allocated, freed, current, peak, n_alloc, n_free = counters
+        return MemoryStatistics(
+            total_allocated_bytes=allocated,
+            total_freed_bytes=freed,
+            current_usage_bytes=current,
+            peak_usage_bytes=peak,
+            allocation_count=n_alloc,
+            deallocation_count=n_free,
+            average_allocation_size_bytes=allocated / n_alloc if n_alloc else 0.0,
+            usage_by_type=usage_by_type,
+            usage_by_device=usage_by_device,
+            gc_count=len(self._gc_records),
+            total_gc_time=datetime.timedelta(microseconds=self._gc_total_ns / 1000),
+            gc_count_by_generation=dict(self._gc_count_by_generation),
+        )
+
+    def get_statistics(self) -> MemoryStatistics:
+        """Exact totals over the whole run; costs O(types + devices)."""
+        names = self._type_names()
+        by_type = {names[t]: c[2] for t, c in self._per_type()}
+        by_device = {d: c[2] for d, c in self._per_device()}
+        return self._make_stats(self._counters(), by_type, by_device)
+
+    def get_statistics_for_type(self, allocation_type: str) -> MemoryStatistics:
+        """Totals for one allocation type ("GPU", "CPU", "Pinned" or a user string)."""
+        if not isinstance(allocation_type, str):
+            raise TypeError(f"allocation_type must be a str, not {type(allocation_type).__name__}")
+        names = self._type_names()
+        if allocation_type not in names:
+            return self._make_stats((0, 0, 0, 0, 0, 0), {}, {})
+        type_id = names.index(allocation_type)
+        counters = self._counters(type_id, None)
+        by_device = {}
+        for d, _ in self._per_device():
+            current = self._counters(type_id, d)[2]
+            if current:
+                by_device[d] = current
+        return self._make_stats(counters, {allocation_type: counters[2]}, by_device)
+
+    def get_statistics_for_device(self, device: int) -> MemoryStatistics:
+        """Totals for one device (-1 = host memory)."""
+        names = self._type_names()
+        by_type = {}
+        for t, _ in self._per_type():
+            current = self._counters(t, device)[2]
+            if current:
+                by_type[names[t]] = current
+        counters = self._counters(None, device)
+        return self._make_stats(counters, by_type, {device: counters[2]})
+
+    def reset_peak(self, allocation_type: str | None = None, device: int | None = None) -> None:
+        """Sets peak := current for the matching counters (all by default)."""
+        type_id = -1
+        if allocation_type is not None:
+            names = self._type_names()
+            if allocation_type not in names:
+                return
+            type_id = names.index(allocation_type)
+        self._reset_peak(type_id, -1 if device is None else device)
+
+    @property
+    def anomalies(self) -> dict[str, Any]:
+        """Counts of bad input by kind, and the last few examples of each."""
+        counts = self._anomaly_counts()
+        return {"counts": counts, "total": sum(counts.values()),
+                "examples": self._anomaly_examples()}
+
+    # -- events ----------------------------------------------------------------
+    def _read_rows(self, start_seq: int, end_seq: int) -> np.ndarray:
+        return events_from_bytes(self._read_events(start_seq, end_seq))
+
+    def _older_rows(self, before_seq: int, **query: Any) -> np.ndarray:
+        """Events that left memory, from storage (empty without one)."""
+        if self.storage is None or before_seq == 0:
+            return empty_events()
+        if self._pump is not None:
+            self._pump.flush()
+        return self.storage.read_events(before_seq=before_seq, **query)
+
+    def get_event_rows(self, start_step: int = 0, end_step: int | None = None) -> np.ndarray:
+        """Events of steps ``start_step..end_step`` (inclusive) as an EVENT_DTYPE array."""
+        start_step = _check_nonneg_int(start_step, "start_step")
+        end = _NO_END if end_step is None else _check_nonneg_int(end_step, "end_step")
+        if end < start_step:
+            return empty_events()
+        first = self._first_retained_seq()
+        a, b = self._seq_range_for_steps(start_step, end)
+        rows = self._read_rows(a, b)
+        if first > 0 and a <= first:
+            old = self._older_rows(first, start_step=start_step, end_step=end_step)
+            if len(old):
+                rows = np.concatenate([old, rows])
+        return rows
+
+    def get_events(self, start_step: int = 0, end_step: int | None = None) -> list[MemoryEvent]:
+        """Events of steps ``start_step..end_step`` (inclusive), in order."""
+        return self.to_memory_events(self.get_event_rows(start_step, end_step))
+
+    def get_allocations_since(self, t: datetime.datetime | float | int) -> list[MemoryEvent]:
+        """Allocation and reallocation events at or after ``t`` (datetime or epoch seconds)."""
+        ts = _as_epoch_ns(t)
+        first = self._first_retained_seq()
+        a = self._first_seq_at_or_after_time(ts)
+        rows = self._read_rows(a, _NO_END)
+        if first > 0 and a <= first:
+            old = self._older_rows(first, since_ns=ts)
+            if len(old):
+                rows = np.concatenate([old, rows])
+        rows = rows[np.isin(rows["kind"], ALLOCATING_KINDS)]
+        return self.to_memory_events(rows)
+
+    def to_memory_events(self, rows: np.ndarray) -> list[MemoryEvent]:
+        """MemoryEvent objects for EVENT_DTYPE rows."""
+        return to_memory_events(rows, self._type_names(), self.resolve_stack, self._details)
+
+    def _details(self, kind: int, index: int) -> dict | None:
+        try:
+            if kind == MemoryEventType.SNAPSHOT:
+                return {"snapshot": self._snapshots[index]}
+            if kind == MemoryEventType.GC_END:
+                return {"gc": self._gc_records[index]}
+            if kind == MemoryEventType.GC_START:
+                return {"gc_index": index}
+            if kind == MemoryEventType.OUT_OF_MEMORY:
+                return dict(self.oom_events[index])
+        except IndexError:
+            return None
+        return None
+
+    @property
+    def oom_events(self) -> list[dict[str, Any]]:
+        """Out-of-memory failures: requested bytes, device, free/total, live bytes."""
+        saved = getattr(self, "_saved_ooms", None)
+        return list(saved) if saved is not None else self._oom_events()
+
+    def resolve_stack(self, stack_id: int) -> StackTrace | None:
+        """The StackTrace of an interned stack id (None for 0)."""
+        return self._stacks.resolve(int(stack_id))
+
+    # -- live allocations and leaks --------------------------------------------
+    def live_allocations(self) -> np.ndarray:
+        """Every live allocation as a LIVE_DTYPE array, oldest first."""
+        return np.frombuffer(self._live(), dtype=LIVE_DTYPE)
+
+    def type_name(self, type_id: int) -> str:
+        """The allocation type string of a type id ("" for markers)."""
+        names = self._type_names()
+        return names[type_id] if type_id < len(names) and type_id != TYPE_NONE else ""
+
+    def detect_potential_leaks(self, min_age_seconds: float = 0.0,
+                               min_age_steps: int = 0) -> list[Leak]:
+        """Live allocations at least this old, largest first.
+
+        Age is wall-clock seconds since the allocation and training steps
+        since it (both filters apply).
+        """
+        if not isinstance(min_age_seconds, (int, float)) or min_age_seconds < 0:
+            raise ValueError(f"min_age_seconds must be >= 0, got {min_age_seconds!r}")
+        _check_nonneg_int(min_age_steps, "min_age_steps")
+        live = self.live_allocations()
+        cutoff_ns = time.time_ns() - int(min_age_seconds * 1e9)
+        keep = (live["timestamp_ns"] <= cutoff_ns) & (
+            live["step"].astype(np.int64) <= self.current_step - min_age_steps)
+        live = live[keep]
+        order = np.lexsort((live["seq"], -live["size"].astype(np.int64)))
+        return [Leak(int(r["address"]), int(r["size"]), self.resolve_stack(int(r["stack_id"])))
+                for r in live[order]]
+
+    # -- lifecycle -------------------------------------------------------------
+    def flush(self) -> None:
+        """Hands every event recorded so far to the storage and publisher."""
+        if self._pump is not None:
+            self._pump.flush()
+
+    def close(self) -> None:
+        """Stops background threads and flushes and closes the sinks."""
+        self.disable()
+        if self._pump is not None:
+            self._pump.stop()
+
+    def _sink_delta(self, cursors: dict[str, int]):
+        """Everything new since ``cursors`` (updated in place), as a TraceDelta."""
+        with self._lock:
+            end = self._next_seq()
+            delta = TraceDelta(
+                events=self._read_rows(cursors.get("seq", 0), end),
+                type_names=self._type_names(),
+                frames_start=cursors.get("frames", 0),
+                nodes_start=cursors.get("nodes", 0),
+                gc_records=self._gc_records[cursors.get("gc", 0):],
+                gc_start=cursors.get("gc", 0),
+                snapshots=self._snapshots[cursors.get("snapshots", 0):],
+                snapshots_start=cursors.get("snapshots", 0),
+                anomalies=self._anomaly_counts(),
+            )
+            ooms = self.oom_events
+            delta.ooms_start = cursors.get("ooms", 0)
+            delta.ooms = ooms[delta.ooms_start:]
+            delta.frames = [tuple(f) for f in _native.stack_frames_since(delta.frames_start)]
+            delta.stack_nodes = np.frombuffer(_native.stack_nodes_since(delta.nodes_start),
+                                              dtype=STACK_NODE_DTYPE)
+            if len(delta.events):
+                end = int(delta.events["seq"][-1]) + 1
+            cursors.update(seq=end, frames=delta.frames_start + len(delta.frames),
+                           nodes=delta.nodes_start + len(delta.stack_nodes),
+                           gc=len(self._gc_records), snapshots=len(self._snapshots),
+                           ooms=len(ooms))
+        return delta
+
+    @classmethod
+    def from_trace(cls, delta: Any) -> "MemoryProfiler":
+        """A read-only profiler over a saved trace (one TraceDelta holding it all)."""
+        events = delta.events
+        prof = cls(retention_events=max(len(events), 1), auto_snapshot=False)
+        prof.disable()
+        for name in delta.type_names:
+            prof._type_id(name)
+        stacks = SavedStacks()
+        stacks.extend(delta.frames, delta.frames_start, delta.stack_nodes, delta.nodes_start)
+        prof._stacks = stacks
+        prof._gc_records = list(delta.gc_records)
+        for rec in prof._gc_records:
+            prof._gc_count_by_generation[rec.generation] = (
+                prof._gc_count_by_generation.get(rec.generation, 0) + 1)
+            prof._gc_total_ns += rec.duration_ns
+        prof._snapshots = list(delta.snapshots)
+        prof._saved_ooms = list(delta.ooms)
+        prof._replay(np.ascontiguousarray(events).tobytes())
+        return prof
