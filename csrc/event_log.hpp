@@ -60,10 +60,29 @@ class EventLog {
 
   // Appends; `stream_idx` indexes the recorder's stream table. Not locked:
   // the recorder serialises calls.
+  // Inline: it runs for every event, and a call with twelve arguments
+  // costs as much as the stores themselves.
   uint64_t append(int64_t ts, EventKind kind, uint64_t address, uint64_t size,
                   int16_t device, uint16_t stream_idx, uint16_t type_id,
                   uint64_t step, uint32_t tid, uint32_t stack_id,
-                  uint64_t total_allocated_before, uint64_t total_freed_before);
+                  uint64_t total_allocated_before, uint64_t total_freed_before) {
+    if (tail_ == nullptr || tail_->count == kChunkEvents)
+      open_chunk(total_allocated_before, total_freed_before);
+    Chunk& c = *tail_;
+    uint32_t i = c.count;
+    c.timestamp[i] = ts;
+    c.address[i] = address;
+    c.size[i] = size;
+    c.step[i] = step > UINT32_MAX ? UINT32_MAX : static_cast<uint32_t>(step);
+    c.thread_id[i] = tid;
+    c.stack_id[i] = stack_id;
+    c.type_id[i] = type_id;
+    c.stream_idx[i] = stream_idx;
+    c.device[i] = device;
+    c.kind[i] = static_cast<uint8_t>(kind);
+    c.count = i + 1;
+    return next_seq_++;
+  }
 
   uint64_t next_seq() const { return next_seq_; }
   uint64_t first_seq() const;
@@ -95,6 +114,7 @@ class EventLog {
     int16_t device[kChunkEvents];
     uint8_t kind[kChunkEvents];
   };
+  void open_chunk(uint64_t total_allocated_before, uint64_t total_freed_before);
   void evict_if_needed();
   template <typename Key>
   uint64_t lower_bound(Key key_of, uint64_t value) const;
@@ -104,6 +124,7 @@ class EventLog {
   uint64_t consumer_seq_ = UINT64_MAX;
   std::deque<std::unique_ptr<Chunk>> chunks_;
   std::unique_ptr<Chunk> spare_;  // reused instead of freed and reallocated
+  Chunk* tail_ = nullptr;         // chunks_.back(), the one being filled
 };
 
 }  // namespace torchmem

@@ -24,7 +24,9 @@ const char* anomaly_name(AnomalyKind kind) {
 }
 
 uint32_t current_thread_id() {
-  thread_local uint32_t tid = static_cast<uint32_t>(syscall(SYS_gettid));
+  // initial-exec: a plain %fs load instead of a __tls_get_addr call.
+  static thread_local uint32_t tid __attribute__((tls_model("initial-exec"))) = 0;
+  if (tid == 0) tid = static_cast<uint32_t>(syscall(SYS_gettid));
   return tid;
 }
 
@@ -46,7 +48,7 @@ int64_t Recorder::now_ns() {
 }
 
 uint16_t Recorder::type_id(const std::string& name) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   auto it = type_ids_.find(name);
   if (it != type_ids_.end()) return it->second;
   if (type_names_.size() >= kTypeNone) return kTypeNone;
@@ -55,11 +57,12 @@ uint16_t Recorder::type_id(const std::string& name) {
   type_ids_.emplace(name, id);
   by_type_.emplace_back();
   by_pair_.emplace_back();
+  cached_type_ = 0xFFFF;  // by_type_ / by_pair_ may have moved
   return id;
 }
 
 std::vector<std::string> Recorder::type_names() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   return type_names_;
 }
 
@@ -73,12 +76,16 @@ uint16_t Recorder::stream_index_locked(uint64_t stream) {
   return static_cast<uint16_t>(streams_.size() - 1);
 }
 
-Counters& Recorder::slice_locked(uint16_t type_id, int16_t device) {
+Recorder::Slices Recorder::slices_slow_locked(uint16_t type_id, int16_t device) {
   size_t d = static_cast<size_t>(device + 1);
+  // Growing a vector moves its elements: drop the cached pointers first.
   if (by_device_.size() <= d) by_device_.resize(d + 1);
   std::vector<Counters>& row = by_pair_[type_id];
   if (row.size() <= d) row.resize(d + 1);
-  return row[d];
+  cached_type_ = type_id;
+  cached_device_ = device;
+  cached_ = Slices{&row[d], &by_type_[type_id], &by_device_[d]};
+  return cached_;
 }
 
 void Recorder::anomaly_locked(AnomalyKind kind, uint64_t address, uint64_t size,
@@ -98,7 +105,7 @@ void Recorder::anomaly_locked(AnomalyKind kind, uint64_t address, uint64_t size,
 void Recorder::record_anomaly(AnomalyKind kind, uint64_t address, uint64_t size,
                               uint64_t expected) {
   uint32_t tid = current_thread_id();
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   anomaly_locked(kind, address, size, expected, now_ns(), tid);
 }
 
@@ -106,11 +113,11 @@ void Recorder::apply_alloc_locked(uint64_t address, uint64_t size, uint16_t type
                                   int16_t device, uint16_t stream_idx,
                                   uint32_t stack_id, int64_t ts, uint64_t step,
                                   uint32_t tid, uint64_t seq) {
-  Counters& pair = slice_locked(type_id, device);
-  pair.add(size);
+  Slices sl = slices_locked(type_id, device);
+  sl.pair->add(size);
+  sl.type->add(size);
+  sl.device->add(size);
   total_.add(size);
-  by_type_[type_id].add(size);
-  by_device_[static_cast<size_t>(device + 1)].add(size);
   live_.put(address, LiveEntry{address, size, ts, seq,
                                static_cast<uint32_t>(std::min<uint64_t>(step, UINT32_MAX)),
                                stack_id, tid, type_id, stream_idx, device});
@@ -131,10 +138,11 @@ bool Recorder::apply_free_locked(uint64_t address, int64_t size, LiveEntry* free
   // The size recorded at allocation is what leaves the counters, so they
   // always equal the sum of live sizes whatever the caller claims.
   uint64_t n = freed->size;
-  slice_locked(freed->type_id, freed->device).remove(n);
+  Slices sl = slices_locked(freed->type_id, freed->device);
+  sl.pair->remove(n);
+  sl.type->remove(n);
+  sl.device->remove(n);
   total_.remove(n);
-  by_type_[freed->type_id].remove(n);
-  by_device_[static_cast<size_t>(freed->device + 1)].remove(n);
   recently_freed_.insert(address);
   return true;
 }
@@ -144,7 +152,7 @@ void Recorder::record_alloc(uint64_t address, uint64_t size, uint16_t type_id,
   if (!enabled()) return;
   if (type_id >= kTypeNone) type_id = kTypeCPU;
   uint32_t tid = current_thread_id();
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   if (type_id >= by_type_.size()) type_id = kTypeCPU;
   int64_t ts = now_ns();
   uint64_t step = step_.load(std::memory_order_relaxed);
@@ -167,7 +175,7 @@ void Recorder::record_alloc(uint64_t address, uint64_t size, uint16_t type_id,
 void Recorder::record_free(uint64_t address, int64_t size) {
   if (!enabled()) return;
   uint32_t tid = current_thread_id();
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   int64_t ts = now_ns();
   LiveEntry gone;
   if (!apply_free_locked(address, size, &gone, ts, tid)) return;
@@ -180,7 +188,7 @@ void Recorder::record_realloc(uint64_t old_address, uint64_t new_address,
                               uint64_t new_size, uint32_t stack_id) {
   if (!enabled()) return;
   uint32_t tid = current_thread_id();
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   int64_t ts = now_ns();
   uint64_t step = step_.load(std::memory_order_relaxed);
   LiveEntry old;
@@ -210,7 +218,7 @@ void Recorder::record_realloc(uint64_t old_address, uint64_t new_address,
 
 uint64_t Recorder::record_marker(EventKind kind, uint64_t payload, uint64_t size) {
   uint32_t tid = current_thread_id();
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   int64_t ts = now_ns();
   return log_.append(ts, kind, payload, size, -1, 0, kTypeNone,
                      step_.load(std::memory_order_relaxed), tid, 0, total_.allocated,
@@ -219,12 +227,12 @@ uint64_t Recorder::record_marker(EventKind kind, uint64_t payload, uint64_t size
 
 void Recorder::record_oom(const OomInfo& info, uint16_t type_id) {
   uint32_t tid = current_thread_id();
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   int64_t ts = now_ns();
   OomInfo stored = info;
   stored.timestamp_ns = ts;
-  stored.live_bytes = slice_locked(type_id < by_type_.size() ? type_id : kTypeCPU,
-                                   info.device).current;
+  stored.live_bytes = slices_locked(type_id < by_type_.size() ? type_id : kTypeCPU,
+                                    info.device).pair->current;
   stored.seq = log_.append(ts, EventKind::OutOfMemory, ooms_.size(), info.requested,
                            info.device, stream_index_locked(info.stream), type_id,
                            step_.load(std::memory_order_relaxed), tid, info.stack_id,
@@ -233,7 +241,7 @@ void Recorder::record_oom(const OomInfo& info, uint16_t type_id) {
 }
 
 void Recorder::replay(const EventRow& row) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   last_ts_ = std::max(last_ts_, row.timestamp_ns);
   if (row.step > step_.load(std::memory_order_relaxed)) step_.store(row.step);
   uint16_t type_id = row.type_id;
@@ -271,30 +279,30 @@ uint64_t Recorder::advance_step() { return step_.fetch_add(1) + 1; }
 void Recorder::set_step(uint64_t step) { step_.store(step); }
 
 Counters Recorder::total() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   return total_;
 }
 
 Counters Recorder::for_type(uint16_t type_id) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   return type_id < by_type_.size() ? by_type_[type_id] : Counters{};
 }
 
 Counters Recorder::for_device(int16_t device) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   size_t d = static_cast<size_t>(device + 1);
   return d < by_device_.size() ? by_device_[d] : Counters{};
 }
 
 Counters Recorder::for_type_device(uint16_t type_id, int16_t device) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   size_t d = static_cast<size_t>(device + 1);
   if (type_id >= by_pair_.size() || d >= by_pair_[type_id].size()) return Counters{};
   return by_pair_[type_id][d];
 }
 
 std::vector<std::pair<uint16_t, Counters>> Recorder::per_type() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   std::vector<std::pair<uint16_t, Counters>> out;
   for (size_t i = 0; i < by_type_.size(); ++i)
     if (by_type_[i].alloc_count) out.emplace_back(static_cast<uint16_t>(i), by_type_[i]);
@@ -302,7 +310,7 @@ std::vector<std::pair<uint16_t, Counters>> Recorder::per_type() const {
 }
 
 std::vector<std::pair<int16_t, Counters>> Recorder::per_device() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   std::vector<std::pair<int16_t, Counters>> out;
   for (size_t d = 0; d < by_device_.size(); ++d)
     if (by_device_[d].alloc_count)
@@ -311,7 +319,7 @@ std::vector<std::pair<int16_t, Counters>> Recorder::per_device() const {
 }
 
 void Recorder::reset_peak(int type_id, int device) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   auto reset = [](Counters& c) { c.peak = c.current; };
   if (type_id < 0 && device < 0) reset(total_);
   for (size_t t = 0; t < by_pair_.size(); ++t) {
@@ -326,7 +334,7 @@ void Recorder::reset_peak(int type_id, int device) {
 }
 
 std::vector<LiveEntry> Recorder::live() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   std::vector<LiveEntry> out;
   out.reserve(live_.size());
   live_.for_each([&](uint64_t, const LiveEntry& e) { out.push_back(e); });
@@ -336,7 +344,7 @@ std::vector<LiveEntry> Recorder::live() const {
 }
 
 bool Recorder::lookup_live(uint64_t address, LiveEntry* out) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   const LiveEntry* e = live_.find(address);
   if (!e) return false;
   *out = *e;
@@ -344,66 +352,66 @@ bool Recorder::lookup_live(uint64_t address, LiveEntry* out) const {
 }
 
 uint64_t Recorder::stream_value(uint16_t stream_idx) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   return stream_idx < streams_.size() ? streams_[stream_idx] : 0;
 }
 
 uint64_t Recorder::live_count() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   return live_.size();
 }
 
 std::vector<EventRow> Recorder::read(uint64_t start_seq, uint64_t end_seq) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   std::vector<EventRow> out;
   log_.read(start_seq, end_seq, streams_, &out);
   return out;
 }
 
 uint64_t Recorder::next_seq() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   return log_.next_seq();
 }
 
 uint64_t Recorder::first_retained_seq() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   return log_.first_seq();
 }
 
 std::pair<uint64_t, uint64_t> Recorder::seq_range_for_steps(uint64_t lo, uint64_t hi) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   uint64_t a = log_.lower_bound_step(lo);
   uint64_t b = hi == UINT64_MAX ? log_.next_seq() : log_.lower_bound_step(hi + 1);
   return {a, std::max(a, b)};
 }
 
 uint64_t Recorder::first_seq_at_or_after_time(int64_t timestamp_ns) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   return log_.lower_bound_time(timestamp_ns);
 }
 
 void Recorder::set_consumer_seq(uint64_t seq) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   log_.set_consumer_seq(seq);
 }
 
 std::vector<uint64_t> Recorder::anomaly_counts() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   return std::vector<uint64_t>(anomaly_counts_, anomaly_counts_ + kAnomalyKinds);
 }
 
 std::vector<AnomalyExample> Recorder::anomaly_examples() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   return {anomaly_examples_.begin(), anomaly_examples_.end()};
 }
 
 std::vector<OomInfo> Recorder::oom_events() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   return ooms_;
 }
 
 size_t Recorder::memory_bytes() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   return log_.memory_bytes() + live_.memory_bytes() + recently_freed_.memory_bytes();
 }
 

@@ -16,6 +16,7 @@
 #include "clock.hpp"
 #include "event_log.hpp"
 #include "live_map.hpp"
+#include "spin_lock.hpp"
 
 namespace torchmem {
 
@@ -156,12 +157,22 @@ class Recorder {
                           int64_t ts, uint64_t step, uint32_t tid, uint64_t seq);
   bool apply_free_locked(uint64_t address, int64_t size, LiveEntry* freed,
                          int64_t ts, uint32_t tid);
-  Counters& slice_locked(uint16_t type_id, int16_t device);
+  // The four counter sets an event of (type, device) updates.
+  struct Slices {
+    Counters* pair;
+    Counters* type;
+    Counters* device;
+  };
+  Slices slices_locked(uint16_t type_id, int16_t device) {
+    if (type_id == cached_type_ && device == cached_device_) return cached_;
+    return slices_slow_locked(type_id, device);
+  }
+  Slices slices_slow_locked(uint16_t type_id, int16_t device);
   void anomaly_locked(AnomalyKind kind, uint64_t address, uint64_t size,
                       uint64_t expected, int64_t ts, uint32_t tid);
   int64_t now_ns();
 
-  mutable std::mutex mu_;
+  mutable SpinLock mu_;
   std::atomic<bool> enabled_{true};
   std::atomic<uint64_t> step_{0};
 
@@ -173,6 +184,10 @@ class Recorder {
   std::vector<Counters> by_type_;
   std::vector<Counters> by_device_;               // index device + 1
   std::vector<std::vector<Counters>> by_pair_;    // [type][device + 1]
+  // Most events hit the same (type, device) as the one before.
+  uint16_t cached_type_ = 0xFFFF;
+  int16_t cached_device_ = -2;
+  Slices cached_{nullptr, nullptr, nullptr};
 
   std::vector<std::string> type_names_;
   std::unordered_map<std::string, uint16_t> type_ids_;
