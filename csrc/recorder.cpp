@@ -1,5 +1,6 @@
 #include "recorder.hpp"
 
+#include <pthread.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -30,6 +31,38 @@ uint32_t current_thread_id() {
   return tid;
 }
 
+namespace {
+std::mutex g_registry_mu;
+std::vector<Recorder*>& registry() {
+  static auto* recorders = new std::vector<Recorder*>();  // outlives every recorder
+  return *recorders;
+}
+void register_atfork_once() {
+  static bool done = [] {
+    pthread_atfork(&Recorder::lock_all_for_fork, &Recorder::unlock_all_after_fork,
+                   &Recorder::unlock_all_after_fork);
+    return true;
+  }();
+  (void)done;
+}
+}  // namespace
+
+void Recorder::lock_all_for_fork() {
+  g_registry_mu.lock();
+  for (Recorder* r : registry()) r->mu_.lock();
+}
+
+void Recorder::unlock_all_after_fork() {
+  for (Recorder* r : registry()) r->mu_.unlock();
+  g_registry_mu.unlock();
+}
+
+Recorder::~Recorder() {
+  std::lock_guard<std::mutex> lock(g_registry_mu);
+  auto& all = registry();
+  all.erase(std::remove(all.begin(), all.end(), this), all.end());
+}
+
 Recorder::Recorder(uint64_t retention_events)
     : log_(retention_events),
       type_names_{"GPU", "CPU", "Pinned"},
@@ -37,6 +70,9 @@ Recorder::Recorder(uint64_t retention_events)
   for (uint16_t i = 0; i < type_names_.size(); ++i) type_ids_[type_names_[i]] = i;
   by_type_.resize(type_names_.size());
   by_pair_.resize(type_names_.size());
+  register_atfork_once();
+  std::lock_guard<std::mutex> lock(g_registry_mu);
+  registry().push_back(this);
 }
 
 int64_t Recorder::now_ns() {

@@ -84,6 +84,15 @@ struct OomInfo {
 class Recorder {
  public:
   explicit Recorder(uint64_t retention_events = uint64_t{1} << 20);
+  ~Recorder();
+  Recorder(const Recorder&) = delete;
+  Recorder& operator=(const Recorder&) = delete;
+
+  // fork() while another thread holds a recorder's lock would leave the
+  // child's copy locked forever (DataLoader workers fork): every recorder's
+  // lock is taken before fork and released after it, in parent and child.
+  static void lock_all_for_fork();
+  static void unlock_all_after_fork();
 
   // Cheap check for the hot paths (relaxed atomic).
   bool enabled() const { return enabled_.load(std::memory_order_relaxed); }
