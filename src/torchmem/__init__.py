@@ -20,6 +20,8 @@ from ._types import (
     StackTrace,
 )
 from .profiler import MemoryProfiler
+from .publisher import EventPublisher
+from .storage import InMemoryStorage, SQLiteStorage, TraceFormatError, load
 from .trace import TraceDelta
 
 # Frames inside the package are torchmem's own machinery, never a user's
@@ -30,6 +32,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Event",
+    "EventPublisher",
+    "InMemoryStorage",
+    "SQLiteStorage",
+    "TraceFormatError",
+    "load",
     "GCRecord",
     "Leak",
     "MemoryEvent",

@@ -2,10 +2,91 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import platform
+import socket
 import sys
 import threading
+import time
 import weakref
 from typing import Any
+
+# Pumps still running at interpreter exit get a final flush, so a script
+# that never calls profiler.close() still leaves a complete trace.
+_live_pumps: "weakref.WeakSet[SinkPump]" = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all_at_exit() -> None:
+    for pump in list(_live_pumps):
+        try:
+            pump.stop()
+        except Exception:
+            pass
+
+
+def _devices() -> list[dict[str, Any]]:
+    """CUDA devices torch sees, without initialising CUDA when it is not yet."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return []
+    try:
+        if not torch.cuda.is_available():
+            return []
+        out = []
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            out.append({"index": i, "name": props.name, "total_memory_bytes": props.total_memory})
+        return out
+    except Exception:
+        return []
+
+
+def run_metadata(profiler: Any, interval_ms: float) -> dict[str, Any]:
+    """What a trace records about its run: versions, host, devices, settings.
+
+    Times are ns since the epoch; ``rank`` / ``world_size`` only when
+    torch.distributed is initialised.
+    """
+    from . import __version__
+
+    meta: dict[str, Any] = {
+        "torchmem_version": __version__,
+        "python_version": platform.python_version(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "argv": list(sys.argv),
+        "start_time_ns": time.time_ns(),
+        "settings": {
+            "capture_stack_traces": bool(profiler.capture_stack_traces),
+            "max_stack_trace_depth": int(profiler.max_stack_trace_depth),
+            "snapshot_interval_ms": profiler.snapshot_interval_ms,
+            "auto_snapshot": bool(profiler.auto_snapshot),
+            "flush_interval_ms": interval_ms,
+        },
+    }
+    torch = sys.modules.get("torch")
+    if torch is None:
+        # Not imported (yet): read the installed version without importing it.
+        try:
+            from importlib.metadata import version
+
+            meta["torch_version"] = version("torch")
+        except Exception:
+            meta["torch_version"] = None
+    else:
+        meta["torch_version"] = str(torch.__version__)
+        meta["cuda_version"] = getattr(torch.version, "cuda", None)
+        meta["devices"] = _devices()
+        try:
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized():
+                meta["rank"] = dist.get_rank()
+                meta["world_size"] = dist.get_world_size()
+        except Exception:
+            pass
+    return meta
 
 
 class SinkPump:
@@ -27,10 +108,12 @@ class SinkPump:
         self._thread: threading.Thread | None = None
         self._failed: set[str] = set()
         if storage is not None:
-            meta = getattr(storage, "open", None)
-            if meta is not None:
-                meta()
+            open_ = getattr(storage, "open", None)
+            if open_ is not None:
+                self._deliver("storage", open_, run_metadata(profiler, interval_ms))
         profiler._set_consumer_seq(0)
+        self._stopped = False
+        _live_pumps.add(self)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="torchmem-sinks", daemon=True)
@@ -64,10 +147,16 @@ class SinkPump:
                 print(f"torchmem: {name} failed: {exc!r}", file=sys.stderr)
 
     def stop(self) -> None:
-        """Final flush, then stops the thread and closes the storage."""
+        """Final flush, then stops the thread and closes the storage and publisher."""
+        if self._stopped:
+            return
+        self._stopped = True
+        _live_pumps.discard(self)
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         self.flush()
         if self.storage is not None and hasattr(self.storage, "close"):
             self._deliver("storage", self.storage.close)
+        if self.publisher is not None and hasattr(self.publisher, "close"):
+            self._deliver("publisher", self.publisher.close)

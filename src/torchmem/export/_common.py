@@ -1,0 +1,103 @@
+"""What the exporters share: reading a profiler's whole trace, progress, sites."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .._types import MemoryEventType
+
+#: progress(done, total) callback; exporters call it a few hundred times at most.
+Progress = Optional[Callable[[int, int], None]]
+
+ALLOC = int(MemoryEventType.ALLOCATION)
+FREE = int(MemoryEventType.DEALLOCATION)
+REALLOC = int(MemoryEventType.REALLOCATION)
+SNAPSHOT = int(MemoryEventType.SNAPSHOT)
+GC_START = int(MemoryEventType.GC_START)
+GC_END = int(MemoryEventType.GC_END)
+OOM = int(MemoryEventType.OUT_OF_MEMORY)
+
+
+def all_events(profiler: Any) -> np.ndarray:
+    """Every event the profiler can still answer for (storage included), by seq."""
+    profiler.flush()
+    return profiler.get_event_rows(0, None)
+
+
+def chunks(n: int, progress: Progress, parts: int = 200):
+    """Yields (start, stop) ranges over ``n`` items, reporting progress after each."""
+    step = max(1, -(-n // parts))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        yield start, stop
+        if progress is not None:
+            progress(stop, n)
+    if n == 0 and progress is not None:
+        progress(0, 0)
+
+
+def signed_sizes(events: np.ndarray) -> np.ndarray:
+    """+size for allocations and reallocations, -size for frees, 0 for markers (int64)."""
+    kind = events["kind"]
+    size = events["size"].astype(np.int64)
+    return np.where((kind == ALLOC) | (kind == REALLOC), size,
+                    np.where(kind == FREE, -size, 0))
+
+
+def site_of(profiler: Any, stack_id: int) -> str:
+    """"file:line:function" of a stack's innermost frame ("<unknown>" without a stack)."""
+    trace = profiler.resolve_stack(int(stack_id)) if stack_id else None
+    if trace is None or not trace.frames:
+        return "<unknown>"
+    f, line, fn = trace.frames[0]
+    return f"{f}:{line}:{fn}"
+
+
+def live_bytes_by_site(profiler: Any) -> dict[str, tuple[int, int]]:
+    """Live allocations at the end of the trace by site: {site: (bytes, count)}."""
+    live = profiler.live_allocations()
+    out: dict[str, tuple[int, int]] = {}
+    if not len(live):
+        return out
+    ids, inverse = np.unique(live["stack_id"], return_inverse=True)
+    sizes = np.bincount(inverse, weights=live["size"].astype(np.float64))
+    counts = np.bincount(inverse)
+    for sid, b, c in zip(ids.tolist(), sizes.tolist(), counts.tolist()):
+        site = site_of(profiler, sid)
+        old = out.get(site, (0, 0))
+        out[site] = (old[0] + int(b), old[1] + int(c))
+    return out
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal
+    (or ``force``), at most every 0.1 s."""
+
+    def __init__(self, label: str, force: bool = False, stream: Any = None) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.enabled = force or getattr(self.stream, "isatty", lambda: False)()
+        self._last = 0.0
+        self._drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if done < total and now - self._last < 0.1:
+            return
+        self._last = now
+        frac = done / total if total else 1.0
+        bar = "#" * int(frac * 30)
+        self.stream.write(f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}%")
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        if self.enabled and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()

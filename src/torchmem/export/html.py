@@ -1,0 +1,217 @@
+"""A self-contained HTML report: one file, no scripts, no network, every string escaped.
+
+Sections: run summary, memory over time by allocation type with training
+steps marked (inline SVG), top allocation sites, potential leaks, GC pauses,
+snapshots with NVML device totals, out-of-memory errors, run metadata.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from html import escape
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ._common import ALLOC, REALLOC, Progress, all_events, live_bytes_by_site, signed_sizes, site_of
+from ._svg import human_bytes, line_chart
+
+__all__ = ["to_html", "export_html"]
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:20px;color:#222;
+background:#ffffff}
+h1{font-size:22px;margin:0 0 8px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px;
+text-align:left;vertical-align:top}th{background:#f4f4f4}td.num{text-align:right;
+font-variant-numeric:tabular-nums}code,pre{font-family:Menlo,Consolas,monospace;font-size:12px}
+pre{margin:4px 0;white-space:pre-wrap}.legend{margin-right:14px;font-size:13px}
+.swatch{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}
+.muted{color:#777}
+"""
+
+
+def _e(value: Any) -> str:
+    return escape(str(value), quote=True)
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: set[int] = frozenset()
+           ) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = []
+        for i, v in enumerate(row):
+            # Cells given as ("html", text) are pre-escaped fragments built here.
+            text = v[1] if isinstance(v, tuple) and v and v[0] == "html" else _e(v)
+            cells.append(f'<td class="num">{text}</td>' if i in numeric else f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    if not body:
+        return '<p class="muted">None.</p>'
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _stack_html(profiler: Any, stack_id: int) -> tuple[str, str]:
+    trace = profiler.resolve_stack(int(stack_id)) if stack_id else None
+    if trace is None or not trace.frames:
+        return ("html", '<span class="muted">no stack captured</span>')
+    return ("html", f"<details><summary><code>{_e(site_of(profiler, stack_id))}</code></summary>"
+                    f"<pre>{_e(trace.format())}</pre></details>")
+
+
+def _time(ns: int) -> str:
+    return datetime.datetime.fromtimestamp(ns / 1e9).isoformat(sep=" ", timespec="milliseconds")
+
+
+def _chart(profiler: Any, events: np.ndarray) -> str:
+    if not len(events):
+        return '<p class="muted">No allocation events.</p>' + line_chart([], [])
+    t0 = int(events["timestamp_ns"][0])
+    t = (events["timestamp_ns"].astype(np.int64) - t0) / 1e9
+    total = events["total_allocated"].astype(np.int64) - events["total_freed"].astype(np.int64)
+    series = [("total", t, total)]
+    delta = signed_sizes(events)
+    for type_id in np.unique(events["type_id"][delta != 0]).tolist():
+        mask = events["type_id"] == type_id
+        series.append((profiler.type_name(type_id), t[mask], np.cumsum(delta[mask])))
+    steps = events["step"]
+    first = np.flatnonzero(np.r_[True, steps[1:] != steps[:-1]])[1:]
+    return line_chart(series, t[first].tolist())
+
+
+def _sites(profiler: Any, events: np.ndarray, top: int) -> str:
+    allocs = events[np.isin(events["kind"], (ALLOC, REALLOC))]
+    if not len(allocs):
+        return _table([], [])
+    ids, inverse = np.unique(allocs["stack_id"], return_inverse=True)
+    nbytes = np.bincount(inverse, weights=allocs["size"].astype(np.float64))
+    counts = np.bincount(inverse)
+    by_site: dict[str, list[Any]] = {}
+    for sid, b, c in zip(ids.tolist(), nbytes.tolist(), counts.tolist()):
+        row = by_site.setdefault(site_of(profiler, sid), [0, 0, sid])
+        row[0] += int(b)
+        row[1] += int(c)
+    live = live_bytes_by_site(profiler)
+    rows = sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]
+    return _table(["Site (innermost frame)", "Allocated", "Allocations", "Live at end"],
+                  [(_stack_html(profiler, sid), human_bytes(b), f"{c:,}",
+                    human_bytes(live.get(site, (0, 0))[0])) for site, (b, c, sid) in rows],
+                  numeric={1, 2, 3})
+
+
+def _leaks(profiler: Any, top: int) -> str:
+    leaks = profiler.detect_potential_leaks()
+    total = sum(leak.size_bytes for leak in leaks)
+    rows = [(f"0x{leak.address:x}", human_bytes(leak.size_bytes),
+             ("html", f"<pre>{_e(leak.stack_trace.format())}</pre>") if leak.stack_trace
+             else ("html", '<span class="muted">no stack captured</span>'))
+            for leak in leaks[:top]]
+    intro = (f"<p>{len(leaks):,} allocations ({_e(human_bytes(total))}) were still live at the "
+             f"end of the trace; the largest {min(top, len(leaks))}:</p>") if leaks else ""
+    return intro + _table(["Address", "Size", "Stack"], rows, numeric={1})
+
+
+def _gc(profiler: Any, top: int) -> str:
+    recs = profiler.gc_records
+    if not recs:
+        return '<p class="muted">No garbage collections recorded.</p>'
+    by_gen: dict[int, list[int]] = {}
+    for r in recs:
+        by_gen.setdefault(r.generation, []).append(r.duration_ns)
+    summary = _table(["Generation", "Collections", "Total pause", "Longest"],
+                     [(g, len(d), f"{sum(d) / 1e6:.2f} ms", f"{max(d) / 1e6:.2f} ms")
+                      for g, d in sorted(by_gen.items())], numeric={1, 2, 3})
+    worst = sorted(recs, key=lambda r: -r.duration_ns)[:top]
+    detail = _table(["Start", "Step", "Generation", "Pause", "Collected", "Tensor bytes freed"],
+                    [(_time(r.start_ns), r.step, r.generation, f"{r.duration_ns / 1e6:.2f} ms",
+                      r.collected, human_bytes(r.tensor_bytes_freed)) for r in worst],
+                    numeric={1, 2, 3, 4, 5})
+    return summary + f"<p>Longest {len(worst)} pauses:</p>" + detail
+
+
+def _devices_cell(devices: Any) -> str:
+    if isinstance(devices, (list, tuple)):
+        parts = []
+        for d in devices:
+            get = d.get if isinstance(d, dict) else (lambda k, _d=d: getattr(_d, k, None))
+            parts.append(f"{get('index')}: {get('name')} used {human_bytes(get('used_bytes') or 0)}"
+                         f" of {human_bytes(get('total_bytes') or 0)}")
+        return "; ".join(parts) or "no devices"
+    return str(devices) if devices is not None else "not queried"
+
+
+def _snapshots(profiler: Any, top: int) -> str:
+    snaps = profiler.snapshots
+    if not snaps:
+        return '<p class="muted">No snapshots.</p>'
+    stride = max(1, len(snaps) // top)
+    rows = [(_time(s.timestamp_ns), s.step, human_bytes(s.current_usage_bytes),
+             human_bytes(s.peak_usage_bytes),
+             ", ".join(f"{k}: {human_bytes(v)}" for k, v in s.usage_by_type.items()),
+             _devices_cell(s.devices)) for s in snaps[::stride]]
+    note = f"<p>{len(snaps):,} snapshots; every {stride}th shown.</p>" if stride > 1 else ""
+    return note + _table(["Time", "Step", "Current", "Peak", "By type", "NVML devices"], rows,
+                         numeric={1, 2, 3})
+
+
+def _ooms(profiler: Any) -> str:
+    rows = [(_time(o.get("timestamp_ns", 0)), o.get("device"), human_bytes(o.get("requested_bytes", 0)),
+             human_bytes(o.get("device_free_bytes", 0)), human_bytes(o.get("device_total_bytes", 0)),
+             human_bytes(o.get("live_bytes", 0)), _stack_html(profiler, o.get("stack_id", 0)))
+            for o in profiler.oom_events]
+    return _table(["Time", "Device", "Requested", "Device free", "Device total", "Live (tracked)",
+                   "Site"], rows, numeric={2, 3, 4, 5})
+
+
+def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
+            progress: Progress = None) -> str:
+    """The report as one HTML string (see module doc); ``top`` rows per table."""
+    events = all_events(profiler)
+    stats = profiler.get_statistics()
+    meta = dict(getattr(profiler, "trace_metadata", None) or {})
+    steps = [0, 6]
+    if progress:
+        progress(1, steps[1])
+    summary = _table(["Total allocated", "Total freed", "Current", "Peak", "Allocations", "Frees",
+                      "Average size", "GC count", "GC time"],
+                     [(human_bytes(stats.total_allocated_bytes), human_bytes(stats.total_freed_bytes),
+                       human_bytes(stats.current_usage_bytes), human_bytes(stats.peak_usage_bytes),
+                       f"{stats.allocation_count:,}", f"{stats.deallocation_count:,}",
+                       human_bytes(stats.average_allocation_size_bytes), stats.gc_count,
+                       f"{stats.total_gc_time.total_seconds() * 1e3:.1f} ms")],
+                     numeric=set(range(9)))
+    by_type = _table(["Type", "Current"], [(k, human_bytes(v)) for k, v in
+                                           sorted(stats.usage_by_type.items())], numeric={1})
+    sections = [("Memory over time by type", _chart(profiler, events)
+                 + '<p class="muted">Dashed lines: training step starts.</p>')]
+    for i, (name, fn) in enumerate([
+            ("Top allocation sites", lambda: _sites(profiler, events, top)),
+            ("Potential leaks", lambda: _leaks(profiler, top)),
+            ("GC pauses", lambda: _gc(profiler, top)),
+            ("Snapshots", lambda: _snapshots(profiler, top)),
+            ("Out-of-memory errors", lambda: _ooms(profiler))], start=2):
+        sections.append((name, fn()))
+        if progress:
+            progress(min(i, steps[1]), steps[1])
+    meta_rows = [(k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else v)
+                 for k, v in sorted(meta.items())]
+    sections.append(("Summary", summary + "<p>Live by type at the end:</p>" + by_type))
+    sections.append(("Run", _table(["Key", "Value"], meta_rows)))
+    body = "".join(f"<h2>{_e(name)}</h2>{html}" for name, html in sections)
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width">'
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+            f"<h1>{_e(title)}</h1><p class=\"muted\">{len(events):,} events; peak "
+            f"{_e(human_bytes(stats.peak_usage_bytes))}; generated "
+            f"{_e(_time(int(datetime.datetime.now().timestamp() * 1e9)))}</p>{body}</body></html>")
+
+
+def export_html(profiler: Any, path: str | os.PathLike, title: str = "torchmem memory report",
+                top: int = 20, progress: Progress = None) -> None:
+    """Writes ``to_html(profiler)`` to ``path`` (UTF-8, mode 0600)."""
+    text = to_html(profiler, title=title, top=top, progress=progress)
+    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)

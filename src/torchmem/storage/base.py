@@ -1,0 +1,126 @@
+"""The storage protocol, the error for unreadable traces, and delta merging.
+
+A storage backend receives every ``TraceDelta`` the profiler's pump hands
+it (``append``), answers queries for events older than the profiler's
+in-memory retention (``read_events``) and gives the whole trace back as one
+delta (``read_trace``) for ``MemoryProfiler.from_trace``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+import numpy as np
+
+from .._events import EVENT_DTYPE, STACK_NODE_DTYPE, empty_events
+from ..trace import TraceDelta
+
+__all__ = ["StorageBackend", "TraceFormatError", "merge_deltas", "select_events"]
+
+
+class TraceFormatError(Exception):
+    """A file is missing, not a torchmem trace, corrupt or truncated.
+
+    ``str(error)`` is one line naming the file and what is wrong with it.
+    """
+
+
+@runtime_checkable
+class StorageBackend(Protocol):
+    """Where a profiler's events go besides its in-memory ring.
+
+    Backends must never raise into the training run from ``append``: a
+    write error is reported once and the backend stops storing.
+    """
+
+    def open(self, metadata: dict[str, Any]) -> None:
+        """Records run metadata (torch version, devices, start time, settings)."""
+
+    def append(self, delta: TraceDelta) -> None:
+        """Stores everything new in ``delta`` (called every flush interval)."""
+
+    def read_events(self, *, before_seq: int, start_step: int | None = None,
+                    end_step: int | None = None, since_ns: int | None = None) -> np.ndarray:
+        """Stored events with ``seq < before_seq``, filtered, as an EVENT_DTYPE array by seq.
+
+        Steps are inclusive; ``since_ns`` keeps events at or after that
+        wall-clock time (ns since the epoch).
+        """
+
+    def read_trace(self) -> TraceDelta:
+        """Everything stored, as one delta starting at seq 0."""
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The run metadata given to ``open``."""
+
+    def flush(self) -> None:
+        """Blocks until everything appended so far is stored."""
+
+    def close(self) -> None:
+        """Flushes and releases the backend; later appends are ignored."""
+
+
+def select_events(events: np.ndarray, *, before_seq: int, start_step: int | None = None,
+                  end_step: int | None = None, since_ns: int | None = None) -> np.ndarray:
+    """The rows of ``events`` that ``StorageBackend.read_events`` would return."""
+    keep = events["seq"] < np.uint64(before_seq)
+    if start_step is not None:
+        keep &= events["step"] >= np.uint64(start_step)
+    if end_step is not None:
+        keep &= events["step"] <= np.uint64(end_step)
+    if since_ns is not None:
+        keep &= events["timestamp_ns"] >= np.int64(since_ns)
+    return events[keep]
+
+
+def merge_deltas(deltas: Iterable[TraceDelta]) -> TraceDelta:
+    """One delta holding all of ``deltas`` (consecutive, oldest first).
+
+    Frames, stack nodes and side records are placed by their start index,
+    so a delta that repeats entries (it never should) cannot shift the rest.
+    """
+    events: list[np.ndarray] = []
+    frames: list[tuple[str, int, str]] = []
+    nodes: list[np.ndarray] = []
+    n_nodes = 0
+    gc: list[Any] = []
+    snaps: list[Any] = []
+    ooms: list[Any] = []
+    out = TraceDelta()
+    for d in deltas:
+        if len(d.events):
+            events.append(np.asarray(d.events, dtype=EVENT_DTYPE))
+        if len(d.type_names) >= len(out.type_names):
+            out.type_names = list(d.type_names)
+        del frames[d.frames_start:]
+        frames.extend(tuple(f) for f in d.frames)
+        if len(d.stack_nodes):
+            start = d.nodes_start
+            if start < n_nodes:  # overlap: cut what we had from ``start`` on
+                keep, acc = [], 0
+                for chunk in nodes:
+                    take = max(0, min(len(chunk), start - acc))
+                    if take:
+                        keep.append(chunk[:take])
+                    acc += len(chunk)
+                nodes, n_nodes = keep, start
+            elif start > n_nodes:  # a gap (node 0, the root, is implicit)
+                nodes.append(np.zeros(start - n_nodes, STACK_NODE_DTYPE))
+                n_nodes = start
+            nodes.append(np.asarray(d.stack_nodes, dtype=STACK_NODE_DTYPE))
+            n_nodes += len(d.stack_nodes)
+        del gc[d.gc_start:]
+        gc.extend(d.gc_records)
+        del snaps[d.snapshots_start:]
+        snaps.extend(d.snapshots)
+        del ooms[d.ooms_start:]
+        ooms.extend(d.ooms)
+        if d.anomalies:
+            out.anomalies = dict(d.anomalies)
+    out.events = np.concatenate(events) if events else empty_events()
+    out.frames = frames
+    out.stack_nodes = (np.concatenate(nodes) if nodes
+                       else np.zeros(0, STACK_NODE_DTYPE))
+    out.gc_records, out.snapshots, out.ooms = gc, snaps, ooms
+    return out

@@ -1,0 +1,83 @@
+"""A process killed with SIGKILL leaves a trace that opens and holds every flushed event."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from torchmem.storage import load
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+
+# The child tracks allocation i at address 0x1000 + 16 * i and prints, after
+# each batch, how many it has tracked and (with explicit flushes) that they
+# are committed. It never stops by itself.
+CHILD = textwrap.dedent("""
+    import sys, time
+    import torchmem
+    from torchmem.storage import SQLiteStorage
+    explicit = sys.argv[2] == "explicit"
+    storage = SQLiteStorage(sys.argv[1])
+    p = torchmem.MemoryProfiler(storage=storage, auto_snapshot=False)
+    n = 0
+    while True:
+        for _ in range(500):
+            p.track_allocation(0x1000 + 16 * n, 16)
+            n += 1
+        if explicit:
+            p.flush()
+            storage.flush()
+        print(n, time.monotonic(), flush=True)
+        time.sleep(0.01)
+""")
+
+
+def _run_and_kill(tmp_path, mode, min_lines):
+    path = tmp_path / f"{mode}.db"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), mode],
+                             stdout=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        while len(lines) < min_lines:
+            line = child.stdout.readline()
+            assert line, "child died"
+            lines.append(line.split())
+    finally:
+        child.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    return path, [(int(n), float(t)) for n, t in lines], killed_at
+
+
+def _check_prefix(path, n_expected_at_least):
+    prof = load(path)
+    rows = prof.get_event_rows()
+    assert len(rows) >= n_expected_at_least
+    # Exactly the first len(rows) allocations, in order, nothing torn.
+    np.testing.assert_array_equal(rows["seq"], np.arange(len(rows)))
+    np.testing.assert_array_equal(rows["address"], 0x1000 + 16 * np.arange(len(rows)))
+    assert prof.get_statistics().allocation_count == len(rows)
+    return len(rows)
+
+
+def test_killed_writer_keeps_everything_explicitly_flushed(tmp_path):
+    path, lines, _ = _run_and_kill(tmp_path, "explicit", 20)
+    assert os.path.exists(str(path) + "-wal"), "a killed writer leaves its WAL behind"
+    _check_prefix(path, lines[-1][0])
+
+
+def test_killed_writer_keeps_events_older_than_the_flush_interval(tmp_path):
+    path, lines, killed_at = _run_and_kill(tmp_path, "timed", 200)
+    # The pump flushes every 200 ms and the writer commits at once; allow
+    # 800 ms more for a loaded 2-core machine.
+    old_enough = [n for n, t in lines if t <= killed_at - 1.0]
+    assert old_enough, "the child should have run for more than a second"
+    _check_prefix(path, old_enough[-1])
