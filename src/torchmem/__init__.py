@@ -19,6 +19,9 @@ from ._types import (
     Snapshot,
     StackTrace,
 )
+from ._session import disable, enable, get_profiler, is_enabled, trace_path
+from .epoch import LeakError, epoch, mark_epoch
+from .oom import oom_guard
 from .profiler import MemoryProfiler
 from .publisher import EventPublisher
 from .storage import InMemoryStorage, SQLiteStorage, TraceFormatError, load
@@ -31,6 +34,15 @@ _native.set_skip_prefixes([_os.path.dirname(_os.path.abspath(__file__)) + _os.se
 __version__ = "0.1.0"
 
 __all__ = [
+    "enable",
+    "disable",
+    "get_profiler",
+    "is_enabled",
+    "trace_path",
+    "epoch",
+    "mark_epoch",
+    "LeakError",
+    "oom_guard",
     "Event",
     "EventPublisher",
     "InMemoryStorage",

@@ -13,7 +13,6 @@ stderr and exit status 2. docs/cli.md has examples.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 import traceback
@@ -155,30 +154,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_profiler(storage: Any, stacks: bool) -> tuple[Any, list[Any]]:
-    """A profiler writing to ``storage`` with the sources this machine has."""
-    import torchmem
+def _start_profiler(storage: Any, stacks: bool) -> Any:
+    """The process-wide profiler (torchmem.enable), writing to ``storage``.
 
-    enable = getattr(torchmem, "enable", None)
-    if enable is not None:
-        params = inspect.signature(enable).parameters
-        if "storage" in params:
-            kwargs = {"storage": storage}
-            if "capture_stack_traces" in params:
-                kwargs["capture_stack_traces"] = stacks
-            return enable(**kwargs), []
-    profiler = torchmem.MemoryProfiler(storage=storage, capture_stack_traces=stacks)
-    started = []
-    from .sources.host import HostTracker
+    The CLI prints its own summary, so enable()'s at-exit one is off.
+    """
+    from ._session import enable
 
-    started.append(HostTracker(profiler).start())
-    try:
-        from .sources.gc_monitor import GCMonitor
-
-        started.append(GCMonitor(profiler).start())
-    except Exception:  # GC events are a bonus, never a reason not to run
-        pass
-    return profiler, started
+    return enable(storage=storage, capture_stack_traces=stacks, summary=False)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -195,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(f"{output} exists; use --overwrite or another -o") from None
     except OSError as exc:
         raise CliError(f"cannot create {output}: {exc.strerror or exc}") from None
-    profiler, sources = _start_profiler(storage, args.stacks)
+    profiler = _start_profiler(storage, args.stacks)
     old_argv, old_path0 = sys.argv, sys.path[0] if sys.path else None
     old_main = sys.modules.get("__main__")
     sys.argv = [script, *args.args]
@@ -226,11 +209,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.modules["__main__"] = old_main
         if sys.path and sys.path[0] != old_path0:
             sys.path.pop(0)
-        for source in reversed(sources):
-            try:
-                source.stop()
-            except Exception:
-                pass
+        from ._session import disable
+
+        disable()
         profiler.close()
     del module
     print(f"\ntorchmem: trace written to {output}", file=sys.stderr)

@@ -436,6 +436,12 @@ class MemoryProfiler(_native.Recorder):
         return [Leak(int(r["address"]), int(r["size"]), self.resolve_stack(int(r["stack_id"])))
                 for r in live[order]]
 
+    def mark_epoch(self):
+        """Ends an epoch: GC, then the sites whose live bytes grew (see torchmem.epoch)."""
+        from .epoch import mark_epoch
+
+        return mark_epoch(self)
+
     # -- lifecycle -------------------------------------------------------------
     def flush(self) -> None:
         """Hands every event recorded so far to the storage and publisher."""

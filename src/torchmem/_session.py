@@ -1,0 +1,495 @@
+"""``torchmem.enable()``: one process-wide profiler with the right sources.
+
+``enable()`` builds (once per process) a MemoryProfiler and starts, for the
+machine it runs on:
+
+- GPU: the torchmem CUDA plugin when CUDA is present and not yet
+  initialised, else torch's allocation history (``torchmem.cuda``
+  decides and warns on a fallback); nothing without CUDA;
+- the host tracker (CPU and pinned tensors) on the calling thread;
+- the GC monitor, and timed snapshots with NVML device totals;
+- a SQLite trace in ``trace_dir`` (rank in the file name in a distributed
+  job), when the storage package is available;
+- the out-of-memory report hooks (``torchmem.oom``);
+- an optimizer-step hook that advances ``profiler.step()`` (``auto_step``);
+- at exit, a short summary on stderr.
+
+Calling it again returns the same profiler (applying the settings that can
+change while running); ``disable()`` stops recording and ``enable()``
+resumes it. Every function here is safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from .epoch import Site, epoch_results, format_bytes, live_by_site, top_sites
+from .profiler import MemoryProfiler
+
+__all__ = ["enable", "disable", "get_profiler", "is_enabled", "trace_path", "format_summary"]
+
+DEFAULT_TRACE_DIR = "torchmem-traces"
+# Settings that can change on a running profiler (enable() applies them again).
+_LIVE_SETTINGS = ("capture_stack_traces", "max_stack_trace_depth", "snapshot_interval_ms",
+                  "auto_snapshot")
+
+_lock = threading.RLock()
+_session: "_Session | None" = None
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def _rank() -> int | None:
+    """This process's rank in a distributed job, or None outside one."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank())
+    except Exception:
+        pass
+    value = os.environ.get("RANK")
+    if value is not None and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+class _Session:
+    """Everything enable() started, so disable() and exit can undo it."""
+
+    def __init__(self, profiler: MemoryProfiler, settings: dict[str, Any]) -> None:
+        self.profiler = profiler
+        self.settings = settings
+        self.pid = os.getpid()
+        self.start_ns = time.time_ns()
+        self.trace_path: str | None = None
+        self.rank: int | None = None
+        self.host: Any = None
+        self.host_thread: int | None = None
+        self.gc: Any = None
+        self.gpu: Any = None  # torchmem.cuda.GpuRecording
+        self.step_hook: Any = None
+        self.active = False
+        self.finished = False
+
+
+def _trace_dir(settings: dict[str, Any]) -> str:
+    return os.path.abspath(settings["trace_dir"] or os.environ.get("TORCHMEM_DIR")
+                           or DEFAULT_TRACE_DIR)
+
+
+def _run_metadata(settings: dict[str, Any], rank: int | None) -> dict[str, Any]:
+    """What enable() adds to the trace's run metadata (the pump adds torch
+    version, devices, host and start time)."""
+    return {"rank": rank, "world_size": _world_size(), "argv": list(sys.argv), "pid": os.getpid(),
+            "enable_settings": {k: v for k, v in settings.items()
+                                if isinstance(v, (bool, int, str, type(None)))}}
+
+
+def _world_size() -> int | None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_world_size())
+    except Exception:
+        pass
+    value = os.environ.get("WORLD_SIZE", "")
+    return int(value) if value.isdigit() else None
+
+
+def _make_storage(settings: dict[str, Any], rank: int | None) -> tuple[Any, str | None]:
+    if not settings["trace"]:
+        return None, None
+    try:
+        from .storage import SQLiteStorage
+    except ImportError:
+        return None, None  # the storage package is optional at this stage
+    directory = _trace_dir(settings)
+    os.makedirs(directory, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    suffix = f"-rank{rank}" if rank is not None else ""
+    path = os.path.abspath(os.path.join(directory, f"torchmem-{stamp}-{os.getpid()}{suffix}.db"))
+    storage = SQLiteStorage(path)
+    storage.open(_run_metadata(settings, rank))
+    return storage, path
+
+
+def _start_sources(s: _Session) -> None:
+    prof, settings = s.profiler, s.settings
+    if settings["gpu_source"] != "none":
+        from .cuda import start_gpu_recording
+
+        s.gpu = start_gpu_recording(prof, settings["gpu_source"])
+    if settings["host"] and s.host is None:
+        from .sources.host import HostTracker
+
+        s.host = HostTracker(prof).start()
+        s.host_thread = threading.get_ident()
+    if settings["gc"] and s.gc is None:
+        from .sources.gc_monitor import GCMonitor
+
+        s.gc = GCMonitor(prof).start()
+    if settings["auto_step"] and s.step_hook is None:
+        try:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            # Every optimizer.step() ends a training step: events then carry
+            # the step they belong to without a line of user code.
+            s.step_hook = register_optimizer_step_post_hook(lambda *_: prof.step())
+        except Exception:
+            s.step_hook = None
+    if settings["oom_report"]:
+        from . import oom
+
+        oom.install(prof, directory=_trace_dir(settings))
+
+
+def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
+           **settings: Any) -> MemoryProfiler:
+    """Starts (or resumes) the process-wide profiler and returns it.
+
+    Settings (all optional):
+        storage: a StorageBackend to write to instead of the SQLite trace
+            enable() would create (``torchmem run -o FILE`` passes its own).
+        capture_stack_traces (bool, default True; env TORCHMEM_STACKS): record
+            the Python stack of every allocation, so reports name lines.
+        max_stack_trace_depth (int, 10): frames kept per stack.
+        snapshot_interval_ms (int, 1000) and auto_snapshot (bool, True):
+            timed snapshots with NVML device totals.
+        retention_events (int, 2**20): events kept in memory.
+        trace (bool, True): write a SQLite trace.
+        trace_dir (str; env TORCHMEM_DIR; default ./torchmem-traces): where.
+        gpu_source ("auto" | "plugin" | "history" | "none", default "auto").
+        host (bool, True): track CPU and pinned tensors on this thread.
+        gc (bool, True): monitor garbage collections.
+        auto_step (bool, True): each optimizer.step() advances profiler.step();
+            turn off if you call profiler.step() yourself.
+        oom_report (bool, True): write a report when an OOM reaches user code.
+        summary (bool, True; env TORCHMEM_SUMMARY): print a summary at exit.
+
+    Idempotent and thread safe: every call returns the same profiler; a later
+    call applies the settings that can change while running
+    (capture_stack_traces, max_stack_trace_depth, snapshot_interval_ms,
+    auto_snapshot) and ignores the others with a warning.
+    """
+    global _session
+    if capture_stack_traces is not None:
+        settings["capture_stack_traces"] = capture_stack_traces
+    with _lock:
+        s = _session
+        if s is not None:
+            if storage is not None and storage is not s.profiler.storage:
+                warnings.warn("torchmem is already enabled; its storage cannot change (ignored)",
+                              RuntimeWarning, stacklevel=2)
+            _apply_live_settings(s, settings)
+            if not s.active:
+                s.profiler.enable()
+                _start_sources(s)
+                s.active = True
+            return s.profiler
+        opts = _defaults()
+        unknown = set(settings) - set(opts)
+        if unknown:
+            raise TypeError(f"enable() got unknown settings: {', '.join(sorted(unknown))}")
+        opts.update(settings)
+        rank = _rank()
+        if storage is not None:
+            path = getattr(storage, "path", None)
+            if hasattr(storage, "open"):
+                storage.open(_run_metadata(opts, rank))
+        else:
+            storage, path = _make_storage(opts, rank)
+        prof = MemoryProfiler(
+            storage,
+            retention_events=opts["retention_events"],
+            capture_stack_traces=opts["capture_stack_traces"],
+            max_stack_trace_depth=opts["max_stack_trace_depth"],
+            snapshot_interval_ms=opts["snapshot_interval_ms"],
+            auto_snapshot=opts["auto_snapshot"],
+        )
+        # The CUDA plugin records into the global profiler and reads its stack
+        # settings from native globals; _sync_gpu_settings() publishes them.
+        prof._is_global = True
+        prof._sync_gpu_settings()
+        s = _Session(prof, opts)
+        s.trace_path, s.rank = path, rank
+        _session = s
+        _start_sources(s)
+        s.active = True
+        atexit.register(_at_exit)
+        return prof
+
+
+def _defaults() -> dict[str, Any]:
+    return {
+        "capture_stack_traces": _env_flag("TORCHMEM_STACKS", True),
+        "max_stack_trace_depth": 10,
+        "snapshot_interval_ms": 1000,
+        "auto_snapshot": True,
+        "retention_events": 1 << 20,
+        "trace": True,
+        "trace_dir": None,
+        "gpu_source": os.environ.get("TORCHMEM_GPU_SOURCE") or "auto",
+        "host": True,
+        "gc": True,
+        "auto_step": True,
+        "oom_report": True,
+        "summary": _env_flag("TORCHMEM_SUMMARY", True),
+    }
+
+
+def _apply_live_settings(s: _Session, settings: dict[str, Any]) -> None:
+    fixed = []
+    for name, value in settings.items():
+        if name in _LIVE_SETTINGS:
+            setattr(s.profiler, name, value)
+            s.settings[name] = value
+        elif name == "summary":
+            s.settings["summary"] = bool(value)
+        elif name not in s.settings:
+            raise TypeError(f"enable() got an unknown setting: {name}")
+        elif s.settings[name] != value:
+            fixed.append(name)
+    if fixed:
+        warnings.warn(f"torchmem is already enabled; {', '.join(sorted(fixed))} cannot change "
+                      "while it runs (ignored)", RuntimeWarning, stacklevel=3)
+
+
+def _stop_sources(s: _Session) -> None:
+    if s.host is not None:
+        try:
+            s.host.stop()
+            s.host = None
+        except RuntimeError as exc:  # another thread, or a mode pushed above ours
+            warnings.warn(f"torchmem: host tracker left running: {exc}", RuntimeWarning)
+    if s.gc is not None:
+        s.gc.stop()
+        s.gc = None
+    if s.gpu is not None and s.gpu.history is not None:
+        s.gpu.history.stop()
+        s.gpu = None
+    # The plugin stays installed (the swap cannot be undone); it keeps
+    # recording into the profiler, which ignores events while disabled.
+    if s.step_hook is not None:
+        s.step_hook.remove()
+        s.step_hook = None
+
+
+def disable() -> None:
+    """Stops recording: sources stopped, profiler disabled, trace flushed.
+
+    The profiler stays readable (``get_profiler()``); ``enable()`` resumes it.
+    Frees that happen while disabled are not seen, so memory freed meanwhile
+    may still count as live after resuming. Call it on the thread that called
+    enable() (the host tracker lives on that thread).
+    """
+    with _lock:
+        s = _session
+        if s is None or not s.active:
+            return
+        _stop_sources(s)
+        s.profiler.disable()
+        s.profiler.flush()
+        s.active = False
+
+
+def get_profiler() -> MemoryProfiler | None:
+    """The process-wide profiler made by enable(), or None before the first call."""
+    s = _session
+    return s.profiler if s is not None else None
+
+
+def is_enabled() -> bool:
+    """Whether the process-wide profiler exists and is recording."""
+    s = _session
+    return s is not None and s.active
+
+
+def trace_path() -> str | None:
+    """Path of the SQLite trace being written, or None (no storage, not enabled)."""
+    s = _session
+    return s.trace_path if s is not None else None
+
+
+def _poll_sources(profiler: Any) -> None:
+    """Brings sources that read in batches (CUDA history) up to date."""
+    s = _session
+    if s is None or s.profiler is not profiler or s.gpu is None or s.gpu.history is None:
+        return
+    try:
+        s.gpu.history.poll()
+    except Exception:
+        pass
+
+
+# -- the summary ------------------------------------------------------------------------
+def _group_rows(prof: MemoryProfiler, rows: np.ndarray) -> list[tuple[Site, int, int]]:
+    # Event rows and live rows share the stack_id / type_id / device / size
+    # columns, so one grouping serves both.
+    return [(u.site, u.bytes, u.count) for u in top_sites(live_by_site(prof, rows), n=1 << 30)]
+
+
+def allocation_sites(prof: MemoryProfiler, n: int = 5) -> list[tuple[Site, int, int]]:
+    """Top ``n`` sites by bytes allocated over the events kept in memory: (site, bytes, count)."""
+    from ._events import ALLOCATING_KINDS
+
+    rows = prof._read_rows(prof._first_retained_seq(), prof._next_seq())
+    rows = rows[np.isin(rows["kind"], ALLOCATING_KINDS)]
+    return _group_rows(prof, rows)[:n]
+
+
+def growing_sites(prof: MemoryProfiler, min_steps: int = 3) -> list[tuple[Site, int, int]]:
+    """Sites still holding allocations made in at least ``min_steps`` different steps.
+
+    A loop that does not leak keeps, at any moment, what the model needs plus
+    the last step's tensors; a site that holds tensors from many steps keeps
+    them on purpose (a cache) or by mistake (a leak). Returns (site, live
+    bytes, live count), largest first.
+    """
+    from .epoch import _site_keys
+
+    live = prof.live_allocations()
+    if not len(live):
+        return []
+    keys = _site_keys(live)
+    # Distinct (site, step) pairs, then pairs per site = steps the site spans.
+    pairs = np.unique(np.stack([keys, live["step"].astype(np.uint64)], axis=1), axis=0)
+    site_keys, n_steps = np.unique(pairs[:, 0], return_counts=True)
+    wanted = set(site_keys[n_steps >= min_steps].tolist())
+    if not wanted:
+        return []
+    return _group_rows(prof, live[np.isin(keys, list(wanted))])
+
+
+def _by_label(sites: list[tuple[Site, int, int]]) -> list[tuple[str, int, int]]:
+    # Stacks that differ only inside torch (the two Linear layers of one
+    # model(x) call) are one line of user code: merge them for display.
+    merged: dict[str, list[int]] = {}
+    for site, nbytes, count in sites:
+        m = merged.setdefault(site.label, [0, 0])
+        m[0] += nbytes
+        m[1] += count
+    return sorted(((k, v[0], v[1]) for k, v in merged.items()), key=lambda x: (-x[1], x[0]))
+
+
+def format_summary(profiler: MemoryProfiler | None = None, *, trace: str | None = None,
+                   max_sites: int = 5) -> str:
+    """The at-exit summary as text: peaks by type and device, top sites, leaks, trace path."""
+    prof = profiler if profiler is not None else get_profiler()
+    if prof is None:
+        return "torchmem: not enabled"
+    s = _session
+    if trace is None and s is not None and s.profiler is prof:
+        trace = s.trace_path
+    stats = prof.get_statistics()
+    names = prof._type_names()
+    lines = [f"torchmem summary: {stats.allocation_count} allocations, "
+             f"{format_bytes(stats.total_allocated_bytes)} allocated in total, "
+             f"{prof.current_step} steps; peak {format_bytes(stats.peak_usage_bytes)}, "
+             f"live now {format_bytes(stats.current_usage_bytes)}"]
+    devices = [d for d, _ in prof._per_device()]
+    for t, _c in prof._per_type():
+        for d in sorted(devices):
+            c = prof._counters(t, d)
+            if c[4]:  # this type was ever allocated on this device
+                where = "host" if d < 0 else f"device {d}"
+                lines.append(f"  peak {names[t]:<8} {where:<9} {format_bytes(c[3]):>12}"
+                             f"   (live now {format_bytes(c[2])})")
+    sites = _by_label(allocation_sites(prof, 1 << 30))[:max_sites]
+    if sites:
+        lines.append("  top allocation sites (bytes allocated):")
+        for label, nbytes, count in sites:
+            lines.append(f"    {format_bytes(nbytes):>12} in {count:>7} allocations  {label}")
+    results = epoch_results(prof)
+    if results and not results[-1].baseline:
+        last = results[-1]
+        lines.append(f"  epoch leak check: {len(last.leaks)} site(s) grew by "
+                     f"{format_bytes(last.total_grown_bytes)} in epoch {last.index}")
+        for g in last.leaks[:max_sites]:
+            lines.append("    " + g.format(with_stack=False))
+    growing = growing_sites(prof)
+    if growing:
+        lines.append("  possible leaks (sites holding tensors from 3 or more steps):")
+        for label, nbytes, count in _by_label(growing)[:max_sites]:
+            lines.append(f"    {format_bytes(nbytes):>12} in {count:>7} allocations  {label}")
+    elif prof.current_step >= 3 and not results:
+        lines.append("  possible leaks: none found")
+    if stats.gc_count:
+        lines.append(f"  GC: {stats.gc_count} collections, "
+                     f"{stats.total_gc_time.total_seconds() * 1e3:.1f} ms in total")
+    if prof.oom_events:
+        lines.append(f"  out-of-memory errors: {len(prof.oom_events)}")
+    anomalies = prof.anomalies["total"]
+    if anomalies:
+        lines.append(f"  anomalies (bad frees etc.): {anomalies}")
+    if trace:
+        lines.append(f"  trace: {trace}  (torchmem summary {trace})")
+    return "\n".join(lines)
+
+
+def _at_exit() -> None:
+    s = _session
+    if s is None or s.finished or os.getpid() != s.pid:
+        return  # a forked child inherits the handler but not the run
+    s.finished = True
+    prof = s.profiler
+    try:
+        _poll_sources(prof)
+        if s.settings.get("oom_report"):
+            from . import oom
+
+            oom.report_pending(prof)
+        text = format_summary(prof) if s.settings.get("summary") else None
+        with _lock:
+            if s.active:
+                _stop_sources(s)
+                s.active = False
+        prof.close()
+        if text:
+            print(text, file=sys.stderr)
+    except Exception as exc:  # the exit path must never hide the user's own error
+        print(f"torchmem: summary failed: {exc!r}", file=sys.stderr)
+
+
+def _detach_gpu_recorder() -> None:
+    """The CUDA plugin records into nothing from now on."""
+    from . import _native
+
+    try:
+        _native.set_gpu_recorder(None)
+    except TypeError:  # a module that wants a recorder: give it a disabled one
+        idle = _native.Recorder(1024)
+        idle.enabled = False
+        _native.set_gpu_recorder(idle)
+
+
+def _reset_for_tests() -> None:
+    """Closes and forgets the global profiler (tests only; the CUDA plugin stays)."""
+    global _session
+    with _lock:
+        s = _session
+        if s is None:
+            return
+        if s.active:
+            _stop_sources(s)
+        s.finished = True
+        s.profiler.close()
+        _detach_gpu_recorder()
+        from . import oom
+
+        oom.uninstall()
+        _session = None

@@ -1,0 +1,237 @@
+"""pytest plugin: memory limits and leak checks on tests (entry point ``pytest11``).
+
+- ``@pytest.mark.torchmem_limit("512 MiB", allocation_type=None)`` fails a
+  test whose peak memory, above what was live when it started, exceeds the
+  limit (all tracked memory, or one allocation type: "CPU", "GPU", ...).
+- ``@pytest.mark.torchmem_no_leaks(tolerance=0)`` fails a test that, after a
+  garbage collection, still holds more than ``tolerance`` bytes it allocated.
+- ``--torchmem`` enables torchmem for the whole session (every source,
+  including the CUDA plugin when CUDA is present) and records every test; the
+  terminal summary lists the tests with the highest peaks.
+
+Without ``--torchmem`` (and without ``torchmem.enable()`` in the process), a
+marked test is measured by its own profiler with the host tracker: CPU and
+pinned tensors only. GPU limits need ``--torchmem`` (or ``torchmem.enable()``
+before CUDA is first used). The measured window is the test's call phase;
+tensors that exist before it (module globals, fixtures) are adopted at its
+start, so they count as neither allocated nor leaked by the test. On the
+global profiler, a measured test resets its peak counters.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+
+from .epoch import format_bytes, live_by_site, top_sites
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+_RESULTS = pytest.StashKey[list]()
+
+
+def parse_size(value: Any) -> int:
+    """Bytes in ``value``: an int, or text like "512 MiB", "1.5 GB", "100kB".
+
+    IEC units (KiB, MiB, GiB, TiB; K/M/G) are powers of 1024, SI units
+    (kB, MB, GB, TB) powers of 1000.
+    """
+    if isinstance(value, bool):
+        raise TypeError("a size must be an int or a string like '512 MiB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size must be >= 0, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"a size must be an int or a string like '512 MiB', not {type(value).__name__}")
+    m = _SIZE.match(value)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"cannot read {value!r} as a size (try '512 MiB' or an int of bytes)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def pytest_addoption(parser: Any) -> None:
+    group = parser.getgroup("torchmem", "memory profiling with torchmem")
+    group.addoption("--torchmem", action="store_true", default=False,
+                    help="enable torchmem for the session and record every test's memory")
+    group.addoption("--torchmem-top", type=int, default=10,
+                    help="tests listed in the --torchmem summary (default 10)")
+
+
+def pytest_configure(config: Any) -> None:
+    # Registered here too, so projects that install torchmem need no config.
+    config.addinivalue_line("markers", "torchmem_limit(limit, allocation_type=None): fail the "
+                            "test when its peak memory exceeds limit (bytes or '512 MiB')")
+    config.addinivalue_line("markers", "torchmem_no_leaks(tolerance=0): fail the test when it "
+                            "leaves more than tolerance bytes allocated")
+    config.stash[_RESULTS] = []
+    if config.getoption("torchmem", False):
+        from . import _session
+
+        # Early (before test modules import torch.cuda work), so the CUDA
+        # plugin can still be installed.
+        _session.enable(trace=False, summary=False)
+
+
+def _tensors_alive() -> list:
+    import torch
+
+    tensor = torch.Tensor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # type() rather than isinstance(): some module-level proxies warn
+        # when their __class__ is read.
+        return [o for o in gc.get_objects() if issubclass(type(o), tensor)]
+
+
+def _is_pytest_frame(filename: str) -> bool:
+    parts = filename.replace("\\", "/").split("/")
+    return "_pytest" in parts or "pluggy" in parts
+
+
+class _Measure:
+    """One test's measurement window on a profiler."""
+
+    def __init__(self, type_name: str | None, want_leaks: bool) -> None:
+        from . import _session
+
+        self.type_name = type_name
+        self.want_leaks = want_leaks
+        self.tracker = None
+        prof = _session.get_profiler() if _session.is_enabled() else None
+        if prof is None:
+            from .profiler import MemoryProfiler
+            from .sources.host import HostTracker
+
+            prof = MemoryProfiler(auto_snapshot=False, capture_stack_traces=True)
+            self.tracker = HostTracker(prof)
+            self.own = True
+        else:
+            session = _session._session
+            self.tracker = session.host if session is not None else None
+            self.own = False
+        self.prof = prof
+
+    def start(self) -> None:
+        if self.own:
+            self.tracker.start()
+        if self.tracker is not None:
+            self.tracker.adopt(_tensors_alive())
+        if self.want_leaks:
+            gc.collect()
+        prof = self.prof
+        self.start_seq = prof._next_seq()
+        self.base = self._current()
+        prof.reset_peak(self.type_name)
+
+    def _stats(self) -> Any:
+        prof = self.prof
+        return prof.get_statistics_for_type(self.type_name) if self.type_name else prof.get_statistics()
+
+    def _current(self) -> int:
+        return self._stats().current_usage_bytes
+
+    def stop(self) -> None:
+        stats = self._stats()
+        self.peak = max(0, stats.peak_usage_bytes - self.base)
+        if self.want_leaks:
+            gc.collect()
+        live = self.prof.live_allocations()
+        live = live[live["seq"] >= self.start_seq]
+        if self.type_name:
+            live = live[np.array([self.prof.type_name(int(t)) == self.type_name
+                                  for t in live["type_id"]], dtype=bool)]
+        self.leaked_rows = live
+        self.leaked = int(live["size"].sum()) if len(live) else 0
+        self.allocated_rows = self._allocated_rows()
+        if self.own:
+            self.tracker.stop()
+
+    def _allocated_rows(self) -> np.ndarray:
+        from ._events import ALLOCATING_KINDS
+
+        rows = self.prof._read_rows(max(self.start_seq, self.prof._first_retained_seq()),
+                                    self.prof._next_seq())
+        return rows[np.isin(rows["kind"], ALLOCATING_KINDS)]
+
+    def sites_text(self, rows: np.ndarray, title: str, n: int = 5) -> str:
+        sites = top_sites(live_by_site(self.prof, rows), n)
+        if not sites:
+            return ""
+        lines = [title]
+        for u in sites:
+            lines.append(f"  {format_bytes(u.bytes):>12} in {u.count:>5} allocations  {u.site.label}")
+            if u.site.stack is not None:
+                for f in u.site.stack.frames:
+                    if _is_pytest_frame(f[0]):
+                        break  # the rest is pytest calling the test
+                    lines.append(f'      File "{f[0]}", line {f[1]}, in {f[2]}')
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        if self.own:
+            self.prof.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: Any) -> Any:
+    limit_m = item.get_closest_marker("torchmem_limit")
+    leak_m = item.get_closest_marker("torchmem_no_leaks")
+    record = item.config.getoption("torchmem", False)
+    if limit_m is None and leak_m is None and not record:
+        return (yield)
+    limit = type_name = None
+    if limit_m is not None:
+        if not limit_m.args and "limit" not in limit_m.kwargs:
+            raise pytest.UsageError(f"{item.nodeid}: torchmem_limit needs a limit, e.g. "
+                                    "@pytest.mark.torchmem_limit('512 MiB')")
+        limit = parse_size(limit_m.args[0] if limit_m.args else limit_m.kwargs["limit"])
+        type_name = limit_m.kwargs.get("allocation_type")
+    tolerance = None
+    if leak_m is not None:
+        tolerance = parse_size(leak_m.args[0] if leak_m.args else leak_m.kwargs.get("tolerance", 0))
+    m = _Measure(type_name, tolerance is not None)
+    m.start()
+    try:
+        result = yield
+    finally:
+        m.stop()
+        m.close()
+        if record:
+            item.config.stash[_RESULTS].append(
+                (item.nodeid, m.peak, int(m.allocated_rows["size"].sum()), m.leaked))
+    problems = []
+    what = f"{type_name} memory" if type_name else "memory"
+    if limit is not None and m.peak > limit:
+        problems.append(
+            f"torchmem_limit: peak {what} {format_bytes(m.peak)} ({m.peak} bytes) exceeds the "
+            f"limit {format_bytes(limit)} ({limit} bytes)\n"
+            + m.sites_text(m.allocated_rows, "largest allocation sites during the test:"))
+    if tolerance is not None and m.leaked > tolerance:
+        problems.append(
+            f"torchmem_no_leaks: the test left {format_bytes(m.leaked)} ({m.leaked} bytes) in "
+            f"{len(m.leaked_rows)} allocations live (tolerance {tolerance} bytes)\n"
+            + m.sites_text(m.leaked_rows, "still live, by allocation site:"))
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+    return result
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: Any, config: Any) -> None:
+    results = config.stash.get(_RESULTS, [])
+    if not config.getoption("torchmem", False) or not results:
+        return
+    n = config.getoption("torchmem_top", 10)
+    tr = terminalreporter
+    tr.section("torchmem: tests by peak memory")
+    for nodeid, peak, allocated, leaked in sorted(results, key=lambda r: -r[1])[:n]:
+        tr.write_line(f"{format_bytes(peak):>12} peak  {format_bytes(allocated):>12} allocated  "
+                      f"{format_bytes(leaked):>12} live after  {nodeid}")
