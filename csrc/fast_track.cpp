@@ -8,7 +8,10 @@ namespace torchmem {
 
 namespace {
 HandleGetter g_get = nullptr;
-constexpr long long kMaxValue = INT64_MAX;  // sizes, addresses: int64 in files
+constexpr long long kMaxValue = INT64_MAX;  // addresses, streams: int64 in files
+// No device or host has 256 TiB; the bound also keeps every counter (a sum
+// of sizes) far from wrapping.
+constexpr long long kMaxSize = (1LL << 48) - 1;
 
 // A parsed argument list: positional args first, then keywords by name.
 struct Args {
@@ -52,42 +55,54 @@ bool parse(const char* fname, PyObject* const* args, Py_ssize_t nargs, PyObject*
   return true;
 }
 
-// A non-negative int below 2**63, or a TypeError / ValueError naming `what`.
-bool to_u64(PyObject* obj, const char* what, uint64_t* out) {
+// A non-negative int (or an object with __index__, such as a numpy
+// integer) up to `max_value`, or a TypeError / ValueError naming `what`.
+bool to_u64(PyObject* obj, const char* what, uint64_t* out, long long max_value = kMaxValue) {
+  PyObject* index = nullptr;
   if (!PyLong_Check(obj) || PyBool_Check(obj)) {
-    PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", what,
-                 Py_TYPE(obj)->tp_name);
-    return false;
+    if (PyBool_Check(obj) || !PyIndex_Check(obj) || !(index = PyNumber_Index(obj))) {
+      PyErr_Clear();
+      PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", what,
+                   Py_TYPE(obj)->tp_name);
+      return false;
+    }
+    obj = index;
   }
   int overflow = 0;
   long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
-  if (overflow > 0 || (v == -1 && PyErr_Occurred()) || v > kMaxValue) {
-    PyErr_Clear();
-    PyErr_Format(PyExc_ValueError, "%s must be below 2**63, got %R", what, obj);
-    return false;
-  }
-  if (overflow < 0 || v < 0) {
+  bool failed = v == -1 && PyErr_Occurred();
+  PyErr_Clear();
+  bool ok = false;
+  if (overflow > 0 || failed || v > max_value) {
+    PyErr_Format(PyExc_ValueError, "%s must be at most %lld, got %R", what, max_value, obj);
+  } else if (overflow < 0 || v < 0) {
     PyErr_Format(PyExc_ValueError, "%s must be >= 0, got %R", what, obj);
-    return false;
+  } else {
+    *out = static_cast<uint64_t>(v);
+    ok = true;
   }
-  *out = static_cast<uint64_t>(v);
-  return true;
+  Py_XDECREF(index);
+  return ok;
 }
 
 bool to_device(PyObject* obj, int16_t* out) {
+  PyObject* index = nullptr;
   if (!PyLong_Check(obj) || PyBool_Check(obj)) {
-    PyErr_Format(PyExc_TypeError, "device must be an int, not %.100s",
-                 Py_TYPE(obj)->tp_name);
-    return false;
+    if (PyBool_Check(obj) || !PyIndex_Check(obj) || !(index = PyNumber_Index(obj))) {
+      PyErr_Clear();
+      PyErr_Format(PyExc_TypeError, "device must be an int, not %.100s",
+                   Py_TYPE(obj)->tp_name);
+      return false;
+    }
+    obj = index;
   }
   long v = PyLong_AsLong(obj);
-  if ((v == -1 && PyErr_Occurred()) || v < -1 || v > 32767) {
-    PyErr_Clear();
-    PyErr_Format(PyExc_ValueError, "device must be -1 (host) or 0..32767, got %R", obj);
-    return false;
-  }
-  *out = static_cast<int16_t>(v);
-  return true;
+  bool ok = !(v == -1 && PyErr_Occurred()) && v >= -1 && v <= 32767;
+  PyErr_Clear();
+  if (ok) *out = static_cast<int16_t>(v);
+  else PyErr_Format(PyExc_ValueError, "device must be -1 (host) or 0..32767, got %R", obj);
+  Py_XDECREF(index);
+  return ok;
 }
 
 uint32_t stack_for(const RecorderHandle& h) {
@@ -112,7 +127,7 @@ PyObject* track_allocation(PyObject* self, PyObject* const* args, Py_ssize_t nar
   uint64_t address, size, stream = 0;
   int16_t device = -1;
   int type = kTypeCPU;
-  if (!to_u64(v[0], "address", &address) || !to_u64(v[1], "size_bytes", &size))
+  if (!to_u64(v[0], "address", &address) || !to_u64(v[1], "size_bytes", &size, kMaxSize))
     return nullptr;
   if (v[2] && (type = h->type_id_of(v[2])) < 0) return nullptr;
   if (v[3] && !to_device(v[3], &device)) return nullptr;
@@ -137,7 +152,7 @@ PyObject* track_deallocation(PyObject* self, PyObject* const* args, Py_ssize_t n
   uint64_t address, size = 0;
   if (!to_u64(a.values[0], "address", &address)) return nullptr;
   bool sized = a.values[1] && a.values[1] != Py_None;
-  if (sized && !to_u64(a.values[1], "size_bytes", &size)) return nullptr;
+  if (sized && !to_u64(a.values[1], "size_bytes", &size, kMaxSize)) return nullptr;
   h->recorder->record_free(address, sized ? static_cast<int64_t>(size) : -1);
   Py_RETURN_NONE;
 }
@@ -153,7 +168,7 @@ PyObject* track_reallocation(PyObject* self, PyObject* const* args, Py_ssize_t n
   uint64_t old_address, new_address, size;
   if (!to_u64(a.values[0], "old_address", &old_address) ||
       !to_u64(a.values[1], "new_address", &new_address) ||
-      !to_u64(a.values[2], "new_size_bytes", &size))
+      !to_u64(a.values[2], "new_size_bytes", &size, kMaxSize))
     return nullptr;
   h->recorder->record_realloc(old_address, new_address, size, stack_for(*h));
   Py_RETURN_NONE;

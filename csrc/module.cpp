@@ -61,6 +61,8 @@ Recorder& rec(RecorderHandle& h) { return *h.recorder; }
 
 }  // namespace
 
+void bind_cuda(nanobind::module_& m);  // csrc/cuda_bindings.cpp
+
 NB_MODULE(_native, m) {
   m.doc() = "torchmem's native recorder (C++): live map, counters, event log, stacks.";
   // The process-wide profiler lives until the interpreter is gone, by
@@ -247,5 +249,6 @@ NB_MODULE(_native, m) {
     RecorderHandle* h = handle_of(recorder.ptr());
     if (!h) throw nb::python_error();
     set_gpu_recorder(h->recorder);
-  });
+  }, nb::arg("recorder").none(), "The profiler the CUDA plugin feeds (None: none).");
+  bind_cuda(m);
 }

@@ -113,7 +113,10 @@ uint16_t Recorder::stream_index_locked(uint64_t stream) {
 }
 
 Recorder::Slices Recorder::slices_slow_locked(uint16_t type_id, int16_t device) {
-  size_t d = static_cast<size_t>(device + 1);
+  // The Python layer rejects devices below -1, but a corrupt trace row or a
+  // native caller may pass one: count it with the host slot rather than
+  // index before the tables.
+  size_t d = device < -1 ? 0 : static_cast<size_t>(device + 1);
   // Growing a vector moves its elements: drop the cached pointers first.
   if (by_device_.size() <= d) by_device_.resize(d + 1);
   std::vector<Counters>& row = by_pair_[type_id];
@@ -452,21 +455,30 @@ size_t Recorder::memory_bytes() const {
 }
 
 namespace {
-std::mutex g_gpu_mu;
-std::shared_ptr<Recorder> g_gpu_owner;
-std::atomic<Recorder*> g_gpu_recorder{nullptr};
+// Never destroyed: torch frees its last CUDA blocks (cuBLAS workspaces)
+// during interpreter teardown, after static destructors may have run, and
+// the plugin may still reach the recorder then.
+struct GpuRecorderSlot {
+  std::mutex mu;
+  std::vector<std::shared_ptr<Recorder>> owners;  // every recorder ever set
+  std::atomic<Recorder*> current{nullptr};
+};
+GpuRecorderSlot& gpu_slot() {
+  static auto* slot = new GpuRecorderSlot();
+  return *slot;
+}
 }  // namespace
 
-Recorder* gpu_recorder() { return g_gpu_recorder.load(std::memory_order_acquire); }
+Recorder* gpu_recorder() { return gpu_slot().current.load(std::memory_order_acquire); }
 
 void set_gpu_recorder(std::shared_ptr<Recorder> recorder) {
-  // The old recorder stays owned until process exit: a plugin call racing
-  // with the swap may still hold its raw pointer.
-  static std::vector<std::shared_ptr<Recorder>> retired;
-  std::lock_guard<std::mutex> lock(g_gpu_mu);
-  if (g_gpu_owner) retired.push_back(g_gpu_owner);
-  g_gpu_owner = std::move(recorder);
-  g_gpu_recorder.store(g_gpu_owner.get(), std::memory_order_release);
+  // Old recorders stay owned until process exit: a plugin call racing with
+  // the swap may still hold the raw pointer.
+  GpuRecorderSlot& slot = gpu_slot();
+  std::lock_guard<std::mutex> lock(slot.mu);
+  Recorder* raw = recorder.get();
+  if (recorder) slot.owners.push_back(std::move(recorder));
+  slot.current.store(raw, std::memory_order_release);
 }
 
 }  // namespace torchmem
