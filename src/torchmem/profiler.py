@@ -174,6 +174,7 @@ class MemoryProfiler(_native.Recorder):
 
     def _sync_snapshotter(self) -> None:
         want = self._auto_snapshot and self.enabled
+        to_stop = None
         with self._lock:
             if want and self._snapshotter is None:
                 from .sources.snapshots import AutoSnapshotter
@@ -181,8 +182,10 @@ class MemoryProfiler(_native.Recorder):
                 self._snapshotter = AutoSnapshotter(self, self._snapshot_interval_ms)
                 self._snapshotter.start()
             elif not want and self._snapshotter is not None:
-                snapshotter, self._snapshotter = self._snapshotter, None
-                snapshotter.stop()
+                to_stop, self._snapshotter = self._snapshotter, None
+        # Joined outside the lock: a snapshot in progress takes self._lock.
+        if to_stop is not None:
+            to_stop.stop()
 
     def _sync_gpu_settings(self) -> None:
         # The CUDA plugin has no profiler object in hand; it reads these.
