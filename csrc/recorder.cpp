@@ -186,6 +186,26 @@ bool Recorder::apply_free_locked(uint64_t address, int64_t size, LiveEntry* free
   return true;
 }
 
+bool Recorder::free_and_log_locked(uint64_t address, int64_t size, LiveEntry* gone,
+                                   int64_t ts, uint64_t step, uint32_t tid) {
+  if (!apply_free_locked(address, size, gone, ts, tid)) return false;
+  log_.append(ts, EventKind::Deallocation, address, gone->size, gone->device,
+              gone->stream_idx, gone->type_id, step, tid, gone->stack_id,
+              total_.allocated, total_.freed - gone->size);
+  return true;
+}
+
+void Recorder::close_if_live_locked(uint64_t address, uint64_t new_size, int64_t ts,
+                                    uint64_t step, uint32_t tid) {
+  LiveEntry* old = live_.find(address);
+  if (!old) return;
+  // The allocator reused a live address, so we missed its free: close the
+  // old allocation so the counters keep matching the live set.
+  anomaly_locked(AnomalyKind::AllocOverLive, address, new_size, old->size, ts, tid);
+  LiveEntry gone;
+  free_and_log_locked(address, -1, &gone, ts, step, tid);
+}
+
 void Recorder::record_alloc(uint64_t address, uint64_t size, uint16_t type_id,
                             int16_t device, uint64_t stream, uint32_t stack_id) {
   if (!enabled()) return;
@@ -195,16 +215,7 @@ void Recorder::record_alloc(uint64_t address, uint64_t size, uint16_t type_id,
   if (type_id >= by_type_.size()) type_id = kTypeCPU;
   int64_t ts = now_ns();
   uint64_t step = step_.load(std::memory_order_relaxed);
-  if (LiveEntry* old = live_.find(address)) {
-    // The allocator reused a live address, so we missed its free: close the
-    // old allocation so the counters keep matching the live set.
-    anomaly_locked(AnomalyKind::AllocOverLive, address, size, old->size, ts, tid);
-    LiveEntry gone;
-    apply_free_locked(address, -1, &gone, ts, tid);
-    log_.append(ts, EventKind::Deallocation, address, gone.size, gone.device,
-                gone.stream_idx, gone.type_id, step, tid, gone.stack_id,
-                total_.allocated, total_.freed - gone.size);
-  }
+  close_if_live_locked(address, size, ts, step, tid);
   uint16_t si = stream_index_locked(stream);
   uint64_t seq = log_.append(ts, EventKind::Allocation, address, size, device, si,
                              type_id, step, tid, stack_id, total_.allocated, total_.freed);
@@ -217,10 +228,7 @@ void Recorder::record_free(uint64_t address, int64_t size) {
   std::lock_guard<SpinLock> lock(mu_);
   int64_t ts = now_ns();
   LiveEntry gone;
-  if (!apply_free_locked(address, size, &gone, ts, tid)) return;
-  log_.append(ts, EventKind::Deallocation, address, gone.size, gone.device,
-              gone.stream_idx, gone.type_id, step_.load(std::memory_order_relaxed),
-              tid, gone.stack_id, total_.allocated, total_.freed - gone.size);
+  free_and_log_locked(address, size, &gone, ts, step_.load(std::memory_order_relaxed), tid);
 }
 
 void Recorder::record_realloc(uint64_t old_address, uint64_t new_address,
@@ -233,21 +241,12 @@ void Recorder::record_realloc(uint64_t old_address, uint64_t new_address,
   LiveEntry old;
   uint16_t type_id = kTypeCPU, si = 0;
   int16_t device = -1;
-  if (apply_free_locked(old_address, -1, &old, ts, tid)) {
+  if (free_and_log_locked(old_address, -1, &old, ts, step, tid)) {
     type_id = old.type_id;
     si = old.stream_idx;
     device = old.device;
-    log_.append(ts, EventKind::Deallocation, old_address, old.size, device, si, type_id,
-                step, tid, old.stack_id, total_.allocated, total_.freed - old.size);
   }
-  if (LiveEntry* clash = live_.find(new_address)) {
-    anomaly_locked(AnomalyKind::AllocOverLive, new_address, new_size, clash->size, ts, tid);
-    LiveEntry gone;
-    apply_free_locked(new_address, -1, &gone, ts, tid);
-    log_.append(ts, EventKind::Deallocation, new_address, gone.size, gone.device,
-                gone.stream_idx, gone.type_id, step, tid, gone.stack_id,
-                total_.allocated, total_.freed - gone.size);
-  }
+  close_if_live_locked(new_address, new_size, ts, step, tid);
   uint64_t seq = log_.append(ts, EventKind::Reallocation, new_address, new_size, device,
                              si, type_id, step, tid, stack_id, total_.allocated,
                              total_.freed);
@@ -299,11 +298,7 @@ void Recorder::replay(const EventRow& row) {
       return;
     case EventKind::Deallocation: {
       LiveEntry gone;
-      if (!apply_free_locked(row.address, -1, &gone, row.timestamp_ns, row.thread_id))
-        return;
-      log_.append(row.timestamp_ns, row.kind, row.address, gone.size, gone.device,
-                  gone.stream_idx, gone.type_id, row.step, row.thread_id, gone.stack_id,
-                  total_.allocated, total_.freed - gone.size);
+      free_and_log_locked(row.address, -1, &gone, row.timestamp_ns, row.step, row.thread_id);
       return;
     }
     default:

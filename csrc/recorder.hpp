@@ -166,6 +166,12 @@ class Recorder {
                           int64_t ts, uint64_t step, uint32_t tid, uint64_t seq);
   bool apply_free_locked(uint64_t address, int64_t size, LiveEntry* freed,
                          int64_t ts, uint32_t tid);
+  // apply_free_locked, then the DEALLOCATION event; false when not live.
+  bool free_and_log_locked(uint64_t address, int64_t size, LiveEntry* gone, int64_t ts,
+                           uint64_t step, uint32_t tid);
+  // An allocation at a live address: count the anomaly, close the old one.
+  void close_if_live_locked(uint64_t address, uint64_t new_size, int64_t ts,
+                            uint64_t step, uint32_t tid);
   // The four counter sets an event of (type, device) updates.
   struct Slices {
     Counters* pair;
