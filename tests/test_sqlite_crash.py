@@ -1,4 +1,8 @@
-"""A process killed with SIGKILL leaves a trace that opens and holds every flushed event."""
+"""A process killed with SIGKILL leaves a trace that opens and holds every flushed event.
+
+The trace is written by a writer child process: when the training process is
+killed, the child still stores everything it was sent, commits and exits.
+"""
 
 from __future__ import annotations
 
@@ -81,3 +85,52 @@ def test_killed_writer_keeps_events_older_than_the_flush_interval(tmp_path):
     old_enough = [n for n, t in lines if t <= killed_at - 1.0]
     assert old_enough, "the child should have run for more than a second"
     _check_prefix(path, old_enough[-1])
+
+
+# Sends a large backlog (the writer is still storing it when the parent dies)
+# and prints the writer's pid and how many events are in the pipe; never
+# flushes the storage, so only the writer's drain on EOF can store them all.
+SENDER = textwrap.dedent("""
+    import sys, time
+    import torchmem
+    from torchmem.storage import SQLiteStorage
+    storage = SQLiteStorage(sys.argv[1])
+    p = torchmem.MemoryProfiler(storage=storage, auto_snapshot=False, flush_interval_ms=100000)
+    n = int(sys.argv[2])
+    for i in range(n):
+        p.track_allocation(0x1000 + 16 * i, 16)
+    p.flush()
+    assert storage._wait_sent(60)
+    print(storage.writer_pid, n, flush=True)
+    time.sleep(3600)
+""")
+
+
+def _wait_gone(pid, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True  # exited; its new parent has yet to reap it
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_killed_training_process_leaves_everything_it_sent(tmp_path):
+    path = tmp_path / "sent.db"
+    child = subprocess.Popen([sys.executable, "-c", SENDER, str(path), "200000"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()
+        assert line, "child died"
+        writer_pid, sent = map(int, line.split())
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    # The writer outlives the training process only to drain, then exits.
+    assert _wait_gone(writer_pid, 60), "the writer child did not exit after its parent died"
+    assert os.path.exists(str(path) + "-wal"), "drained after EOF: no checkpoint, like a crash"
+    assert _check_prefix(path, sent) == sent

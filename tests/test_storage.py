@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import sys
 import warnings
 
 import numpy as np
@@ -61,7 +62,7 @@ def test_sqlite_roundtrip_is_identical(tmp_path):
     assert loaded.snapshots[0].current_usage_bytes == 24 * KB
     assert [e.step for e in loaded.get_events(3, 3)] == [3, 3]
     meta = loaded.trace_metadata
-    assert meta["format"] == "torchmem-trace" and meta["schema_version"] == 1
+    assert meta["format"] == "torchmem-trace" and meta["schema_version"] == 2
     assert meta["pid"] == os.getpid() and meta["torch_version"]
     assert meta["settings"]["capture_stack_traces"] is True
 
@@ -148,9 +149,9 @@ def test_existing_file_is_not_clobbered(tmp_path):
 
 
 def test_disk_full_warns_once_and_profiling_goes_on(tmp_path):
-    storage = SQLiteStorage(tmp_path / "g.db")
-    # max_page_count makes SQLite answer SQLITE_FULL, like a full disk.
-    storage._con.execute("PRAGMA max_page_count = 8")
+    # max_page_count makes SQLite answer SQLITE_FULL, like a full disk; the
+    # writer child reports it and the warning is raised in this process.
+    storage = SQLiteStorage(tmp_path / "g.db", _pragmas={"max_page_count": 8})
     p = torchmem.MemoryProfiler(storage=storage, auto_snapshot=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -225,3 +226,215 @@ def test_newer_schema_is_refused(tmp_path):
     con.commit()
     con.close()
     assert "newer" in _one_line_error(path)
+
+
+# -- the step / time side tables -------------------------------------------------
+def _steps_trace(path, steps=6, per_step=700):
+    p = torchmem.MemoryProfiler(storage=SQLiteStorage(path), auto_snapshot=False,
+                                flush_interval_ms=20)
+    for s in range(steps):
+        for i in range(per_step):
+            p.track_allocation(0x10000 + i * 64, 64)
+            p.track_deallocation(0x10000 + i * 64)
+        if s % 2:
+            p.flush()  # a step spread over several hand-overs
+        p.step()
+    p.close()
+    return p
+
+
+def test_side_tables_cover_every_step_and_time(tmp_path):
+    path = tmp_path / "s.db"
+    _steps_trace(path)
+    con = sqlite3.connect(path)
+    names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+    assert "step_index" in names and "time_index" in names
+    assert "events_by_step" not in names and "events_by_time" not in names
+    spans = con.execute("SELECT step, MIN(seq), MAX(seq) FROM events GROUP BY step").fetchall()
+    assert con.execute("SELECT step, first_seq, last_seq FROM step_index ORDER BY step"
+                       ).fetchall() == spans
+    assert len(spans) == 6
+    chunks = con.execute("SELECT first_seq, last_seq, min_timestamp_ns, max_timestamp_ns "
+                         "FROM time_index ORDER BY first_seq").fetchall()
+    # Chunks tile the events without gaps or overlaps and bound their times.
+    assert chunks[0][0] == 0 and chunks[-1][1] == 6 * 1400 - 1
+    for (a0, a1, _, _), (b0, _, _, _) in zip(chunks, chunks[1:]):
+        assert b0 == a1 + 1
+    for first, last, lo, hi in chunks:
+        assert (lo, hi) == con.execute("SELECT MIN(timestamp_ns), MAX(timestamp_ns) FROM events "
+                                       "WHERE seq BETWEEN ? AND ?", (first, last)).fetchone()
+        assert last - first < 1024
+
+
+def test_documented_plain_sql_uses_rowid_ranges(tmp_path):
+    path = tmp_path / "q.db"
+    _steps_trace(path)
+    con = sqlite3.connect(path)
+    by_step = ("SELECT e.* FROM step_index s JOIN events e ON e.seq BETWEEN s.first_seq "
+               "AND s.last_seq WHERE s.step = ? AND e.step = ? ORDER BY e.seq")
+    since = ("SELECT * FROM events WHERE seq >= (SELECT MIN(first_seq) FROM time_index "
+             "WHERE max_timestamp_ns >= :t) AND timestamp_ns >= :t ORDER BY seq")
+    for step in range(6):
+        assert con.execute(by_step, (step, step)).fetchall() == con.execute(
+            "SELECT * FROM events WHERE step = ? ORDER BY seq", (step,)).fetchall()
+    ts = con.execute("SELECT timestamp_ns FROM events ORDER BY seq").fetchall()
+    for t in (ts[0][0], ts[len(ts) // 3][0], ts[-1][0], ts[-1][0] + 1):
+        assert con.execute(since, {"t": t}).fetchall() == con.execute(
+            "SELECT * FROM events WHERE timestamp_ns >= ? ORDER BY seq", (t,)).fetchall()
+    # Neither query scans the whole events table: both are rowid range searches.
+    for sql, args in ((by_step, (3, 3)), (since, {"t": ts[-1][0]})):
+        plan = " ".join(r[-1] for r in con.execute("EXPLAIN QUERY PLAN " + sql, args))
+        assert "SCAN e" not in plan and "SCAN events" not in plan, plan
+        assert "INTEGER PRIMARY KEY" in plan, plan
+
+
+def test_storage_queries_match_a_full_scan(tmp_path):
+    from torchmem.storage._sqlite_schema import seq_bounds
+    from torchmem.storage.base import select_events
+
+    path = tmp_path / "r.db"
+    _steps_trace(path)
+    with TraceReader(path) as reader:
+        every = reader.read_events()
+        ts = every["timestamp_ns"]
+        cases = [dict(start_step=2, end_step=3), dict(start_step=5), dict(end_step=0),
+                 dict(start_step=9), dict(since_ns=int(ts[3000])), dict(since_ns=int(ts[-1]) + 1),
+                 dict(start_step=1, end_step=4, since_ns=int(ts[2500]), before_seq=6000)]
+        for q in cases:
+            got = reader.read_events(**q)
+            want = select_events(every, before_seq=q.pop("before_seq", 2**62), **q)
+            np.testing.assert_array_equal(got, want)
+        assert seq_bounds(reader._con, start_step=9) is None
+        lo, hi = seq_bounds(reader._con, start_step=3, end_step=3)
+        assert (lo, hi) == (3 * 1400, 4 * 1400 - 1)
+
+
+def test_schema_1_traces_without_side_tables_still_answer(tmp_path):
+    path = tmp_path / "v1.db"
+    _steps_trace(path)
+    con = sqlite3.connect(path)
+    con.execute("DROP TABLE step_index")
+    con.execute("DROP TABLE time_index")
+    con.execute("UPDATE metadata SET value = '1' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    with TraceReader(path) as reader:
+        assert len(reader.read_events(start_step=2, end_step=2)) == 1400
+    assert len(load(path).get_event_rows(2, 2)) == 1400
+
+
+# -- the writer process ------------------------------------------------------------
+def _gone(pid):
+    """Whether process ``pid`` has exited (a zombie of another parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_flush_is_a_handshake_with_the_writer(tmp_path):
+    import signal
+
+    storage = SQLiteStorage(tmp_path / "h.db")
+    assert storage.writer_pid and not storage.in_process
+    p = torchmem.MemoryProfiler(storage=storage, auto_snapshot=False, flush_interval_ms=100000)
+    try:
+        for i in range(5000):
+            p.track_allocation(0x1000 + i * 16, 16)
+        p.flush()
+        assert storage.flush() is True and storage.events_written == 5000
+        con = sqlite3.connect(tmp_path / "h.db")
+        assert con.execute("SELECT COUNT(*) FROM events").fetchone() == (5000,)
+        os.kill(storage.writer_pid, signal.SIGSTOP)  # a writer that cannot answer
+        try:
+            p.track_allocation(0x900000, 16)
+            p.flush()
+            assert storage.flush(timeout=0.3) is False
+        finally:
+            os.kill(storage.writer_pid, signal.SIGCONT)
+        assert storage.flush() is True and storage.events_written == 5001
+        assert con.execute("SELECT COUNT(*) FROM events").fetchone() == (5001,)
+        con.close()
+    finally:
+        p.close()
+
+
+def test_no_writer_process_or_thread_remains_after_close(tmp_path):
+    import threading
+
+    storage = SQLiteStorage(tmp_path / "z.db")
+    pid = storage.writer_pid
+    p = torchmem.MemoryProfiler(storage=storage, auto_snapshot=False)
+    make_workload(p)
+    p.close()
+    assert _gone(pid)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # already reaped: no zombie left
+    assert not [t for t in threading.enumerate() if t.name.startswith("torchmem-sqlite")]
+    assert not os.path.exists(tmp_path / "z.db-wal"), "a clean close checkpoints the WAL"
+    assert load(tmp_path / "z.db").get_statistics() == p.get_statistics()
+
+
+@pytest.mark.parametrize("command", [["/nonexistent/python"],
+                                     [sys.executable, "-c", "import sys; sys.exit(3)"],
+                                     [sys.executable, "-c", "import time; time.sleep(60)"]])
+def test_writer_that_cannot_start_falls_back_to_a_thread(tmp_path, monkeypatch, command):
+    import torchmem.storage.sqlite as sqlite_mod
+
+    monkeypatch.setattr(sqlite_mod, "_writer_command", lambda path, options: command)
+    monkeypatch.setattr(sqlite_mod, "START_TIMEOUT_S", 1.0)  # the silent one is killed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        storage = SQLiteStorage(tmp_path / "fb.db")
+    msgs = [str(w.message) for w in caught if "writer process" in str(w.message)]
+    assert len(msgs) == 1 and "thread in this process" in msgs[0]
+    assert storage.in_process and storage.writer_pid is None
+    live = _record(storage)
+    _same_profile(live, load(tmp_path / "fb.db"))
+
+
+def test_killed_writer_process_warns_once_and_profiling_goes_on(tmp_path):
+    import signal
+
+    storage = SQLiteStorage(tmp_path / "k.db")
+    p = torchmem.MemoryProfiler(storage=storage, auto_snapshot=False, flush_interval_ms=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(3000):
+            p.track_allocation(0x1000 + i * 16, 16)
+        p.flush()
+        storage.flush()
+        os.kill(storage.writer_pid, signal.SIGKILL)
+        for i in range(3000):
+            p.track_allocation(0x100000 + i * 16, 16)
+            if i % 500 == 0:
+                p.flush()
+                storage.flush()
+        p.close()
+    msgs = [str(w.message) for w in caught if "k.db" in str(w.message)]
+    assert len(msgs) == 1 and "exited unexpectedly" in msgs[0], msgs
+    assert "goes on in memory" in msgs[0]
+    assert p.get_statistics().allocation_count == 6000
+    loaded = load(tmp_path / "k.db").get_event_rows()
+    assert len(loaded) >= 3000
+    np.testing.assert_array_equal(loaded["seq"], np.arange(len(loaded)))
+
+
+def test_every_documented_query_runs(tmp_path):
+    doc = os.path.join(os.path.dirname(__file__), "..", "docs", "trace-format.md")
+    text = open(doc).read()
+    block = text.split("## Example queries", 1)[1].split("```sql", 1)[1].split("```", 1)[0]
+    queries = [q.strip() for q in block.split(";") if q.strip()]
+    queries = ["\n".join(ln for ln in q.splitlines() if not ln.lstrip().startswith("--"))
+               for q in queries]
+    assert len(queries) >= 6
+    path = tmp_path / "doc.db"
+    live = _record(SQLiteStorage(path))
+    con = sqlite3.connect(path)
+    stamps = live.get_event_rows()["timestamp_ns"].tolist()
+    t0 = stamps[5]
+    results = [con.execute(q, {"t": t0} if ":t" in q else {}).fetchall() for q in queries]
+    assert all(results[i] for i in range(len(results)) if "step = 10" not in queries[i])
+    since = next(r for q, r in zip(queries, results) if ":t" in q)
+    assert [row[0] for row in since] == [i for i, t in enumerate(stamps) if t >= t0]

@@ -119,9 +119,27 @@ class SinkPump:
         self._thread = threading.Thread(target=self._run, name="torchmem-sinks", daemon=True)
         self._thread.start()
 
+    #: Hand over early once this many events are pending: the recorder's rows
+    #: are copied out under the GIL, and one large read costs ~5x more per
+    #: event than reads of <= 64K events (page faults and cache misses on a
+    #: fresh multi-MB buffer: ~130 vs ~25 ns/event measured on 2 cores).
+    batch_events = 1 << 16
+    #: How often (seconds) the pump looks at the pending count between hand-overs.
+    poll_s = 0.01
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.flush()
+        due = time.monotonic() + self.interval_s
+        while not self._stop.wait(max(0.0, min(self.poll_s, due - time.monotonic()))):
+            if time.monotonic() >= due or self._pending() >= self.batch_events:
+                self.flush()
+                due = time.monotonic() + self.interval_s
+
+    def _pending(self) -> int:
+        """Events recorded but not yet handed over (a cheap native read)."""
+        profiler = self._profiler()
+        if profiler is None:
+            return 0
+        return profiler._next_seq() - self._cursors.get("seq", 0)
 
     def flush(self) -> None:
         """Delivers everything recorded so far (synchronously)."""

@@ -37,7 +37,7 @@ def load(path: str | os.PathLike) -> Any:
         meta = reader.metadata
     try:
         profiler = MemoryProfiler.from_trace(delta)
-    except (ValueError, TypeError, IndexError) as exc:
+    except (ValueError, TypeError, IndexError, OverflowError, AttributeError) as exc:
         raise TraceFormatError(f"{os.fspath(path)}: corrupt trace ({' '.join(str(exc).split())})") \
             from None
     profiler.trace_metadata = meta

@@ -1,6 +1,6 @@
-"""The SQLite trace schema, and turning its rows back into a TraceDelta.
+"""The SQLite trace schema (from ``_writer``), ``TraceReader``, and rows back into a TraceDelta.
 
-Shared by the writer (``SQLiteStorage``) and the reader (``TraceReader``).
+Shared by ``SQLiteStorage`` (its reads) and ``load`` (via ``TraceReader``).
 docs/trace-format.md documents the same schema for plain SQL; change both.
 """
 
@@ -19,60 +19,23 @@ from .._types import GCRecord, Snapshot
 from ..trace import TraceDelta
 from .base import TraceFormatError
 
-FORMAT = "torchmem-trace"
-SCHEMA_VERSION = 1
+# The writer process imports nothing from torchmem, so the schema lives in
+# _writer.py; this module checks it against the binary layouts.
+from ._writer import (  # noqa: E402
+    EVENT_COLUMNS,
+    FORMAT,
+    GC_COLUMNS,
+    OOM_COLUMNS,
+    ROW_BYTES,
+    SCHEMA,
+    SCHEMA_VERSION,
+)
 
-#: Event columns in table order: every EVENT_DTYPE field but the padding.
-EVENT_COLUMNS = tuple(n for n in EVENT_DTYPE.names if not n.startswith("_"))
-GC_COLUMNS = tuple(f.name for f in dataclasses.fields(GCRecord))
-OOM_COLUMNS = ("seq", "timestamp_ns", "requested_bytes", "device", "stream",
-               "device_free_bytes", "device_total_bytes", "live_bytes", "stack_id")
-
-SCHEMA = f"""
-CREATE TABLE metadata (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE events (
-  seq INTEGER PRIMARY KEY, timestamp_ns INTEGER NOT NULL, address INTEGER NOT NULL,
-  size INTEGER NOT NULL, stream INTEGER NOT NULL, step INTEGER NOT NULL,
-  total_allocated INTEGER NOT NULL, total_freed INTEGER NOT NULL,
-  thread_id INTEGER NOT NULL, stack_id INTEGER NOT NULL, type_id INTEGER NOT NULL,
-  device INTEGER NOT NULL, kind INTEGER NOT NULL);
-CREATE INDEX events_by_step ON events (step);
-CREATE INDEX events_by_time ON events (timestamp_ns);
-CREATE TABLE types (type_id INTEGER PRIMARY KEY, name TEXT NOT NULL);
-CREATE TABLE frames (frame_id INTEGER PRIMARY KEY, filename TEXT NOT NULL,
-  lineno INTEGER NOT NULL, function TEXT NOT NULL);
-CREATE TABLE stack_nodes (node_id INTEGER PRIMARY KEY, parent INTEGER NOT NULL,
-  frame_id INTEGER NOT NULL);
-CREATE TABLE gc_records (gc_index INTEGER PRIMARY KEY,
-  {", ".join(c + " INTEGER NOT NULL" for c in GC_COLUMNS)});
-CREATE TABLE snapshots (snapshot_index INTEGER PRIMARY KEY, timestamp_ns INTEGER NOT NULL,
-  step INTEGER NOT NULL, current_usage_bytes INTEGER NOT NULL,
-  peak_usage_bytes INTEGER NOT NULL, usage_by_type TEXT NOT NULL,
-  usage_by_device TEXT NOT NULL, devices TEXT);
-CREATE TABLE ooms (oom_index INTEGER PRIMARY KEY,
-  {", ".join(c + " INTEGER" for c in OOM_COLUMNS)}, extra TEXT);
-CREATE TABLE anomalies (kind TEXT PRIMARY KEY, count INTEGER NOT NULL);
-"""
-
-INSERT_EVENTS = (f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) "
-                 f"VALUES ({', '.join('?' * len(EVENT_COLUMNS))})")
-#: struct format of the int64 rows ``events_to_int64`` produces.
-EVENT_ROW_FORMAT = "<" + "q" * len(EVENT_COLUMNS)
+assert EVENT_COLUMNS == tuple(n for n in EVENT_DTYPE.names if not n.startswith("_"))
+assert ROW_BYTES == EVENT_DTYPE.itemsize
+assert GC_COLUMNS == tuple(f.name for f in dataclasses.fields(GCRecord))
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-def events_to_int64(events: np.ndarray) -> bytes:
-    """Event rows as packed little-endian int64s in EVENT_COLUMNS order.
-
-    SQLite integers are signed 64-bit: unsigned columns are stored
-    bit-for-bit, so a value >= 2**63 (none is expected: the API rejects
-    such addresses and sizes) reads back exactly instead of failing.
-    """
-    out = np.empty((len(events), len(EVENT_COLUMNS)), dtype="<i8")
-    for i, name in enumerate(EVENT_COLUMNS):
-        out[:, i] = events[name].astype(np.int64, casting="unsafe")
-    return out.tobytes()
 
 
 def rows_to_events(rows: list[tuple]) -> np.ndarray:
@@ -165,6 +128,10 @@ def check_file(path: str) -> None:
     page_size = 65536 if page_size == 1 else page_size
     pages = int.from_bytes(header[28:32], "big")
     valid = header[24:28] == header[92:96]  # the in-header size is trusted only then
+    # A live writer's checkpoint writes page 1 (the new size) before it
+    # extends the file; with a WAL beside it SQLite itself checks the rest.
+    if os.path.exists(path + "-wal") and os.path.getsize(path + "-wal") > 0:
+        valid = False
     if page_size < 512 or size % page_size or (valid and size < pages * page_size):
         raise TraceFormatError(
             f"{path}: truncated trace ({size} bytes; expected {pages * page_size})")
@@ -195,14 +162,49 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _tables(con: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def seq_bounds(con: sqlite3.Connection, *, start_step: int | None = None,
+               end_step: int | None = None, since_ns: int | None = None) -> tuple[int, int] | None:
+    """The seq range ``[lo, hi]`` that can hold the selected events, or None if none can.
+
+    Uses step_index (first/last seq of each step) and time_index (min/max
+    time of each chunk of events); both cover their rows whatever the order,
+    so the exact filters applied inside the range stay correct. A schema 1
+    trace (no side tables) gives the whole range.
+    """
+    lo, hi = 0, 2**63 - 1
+    tables = _tables(con)
+    if "step_index" in tables and (start_step is not None or end_step is not None):
+        a = min(int(start_step or 0), 2**63 - 1)
+        b = min(int(end_step), 2**63 - 1) if end_step is not None else 2**63 - 1
+        first, last = con.execute("SELECT MIN(first_seq), MAX(last_seq) FROM step_index "
+                                  "WHERE step BETWEEN ? AND ?", (a, b)).fetchone()
+        if first is None:
+            return None
+        lo, hi = max(lo, int(first)), min(hi, int(last))
+    if "time_index" in tables and since_ns is not None:
+        first = con.execute("SELECT MIN(first_seq) FROM time_index WHERE max_timestamp_ns >= ?",
+                            (int(since_ns),)).fetchone()[0]
+        if first is None:
+            return None
+        lo = max(lo, int(first))
+    return (lo, hi) if lo <= hi else None
+
+
 def query_events(con: sqlite3.Connection, *, before_seq: int | None = None,
                  start_step: int | None = None, end_step: int | None = None,
                  since_ns: int | None = None) -> np.ndarray:
-    """Selected events as an EVENT_DTYPE array, by seq."""
-    where, args = [], []
+    """Selected events as an EVENT_DTYPE array, by seq (a rowid range scan)."""
+    bounds = seq_bounds(con, start_step=start_step, end_step=end_step, since_ns=since_ns)
+    if bounds is None:
+        return empty_events()
+    lo, hi = bounds
     if before_seq is not None:
-        where.append("seq < ?")
-        args.append(min(int(before_seq), 2**63 - 1))
+        hi = min(hi, int(before_seq) - 1)
+    where, args = ["seq BETWEEN ? AND ?"], [lo, hi]
     if start_step is not None:
         where.append("step >= ?")
         args.append(int(start_step))
@@ -212,9 +214,7 @@ def query_events(con: sqlite3.Connection, *, before_seq: int | None = None,
     if since_ns is not None:
         where.append("timestamp_ns >= ?")
         args.append(int(since_ns))
-    sql = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
+    sql = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE {' AND '.join(where)}"
     return rows_to_events(con.execute(sql + " ORDER BY seq", args).fetchall())
 
 
@@ -226,6 +226,10 @@ def read_delta(con: sqlite3.Connection) -> TraceDelta:
                 con.execute("SELECT filename, lineno, function FROM frames ORDER BY frame_id")]
     nodes = con.execute("SELECT node_id, parent, frame_id FROM stack_nodes").fetchall()
     size = max((n for n, _, _ in nodes), default=0) + 1
+    # Node ids are written without gaps; a far larger id is corruption, and
+    # allocating for it could ask for terabytes.
+    if not isinstance(size, int) or size > len(nodes) + 1:
+        raise ValueError(f"stack node id {size - 1} with only {len(nodes)} nodes stored")
     d.stack_nodes = np.zeros(size, STACK_NODE_DTYPE)  # node 0 is the root
     for n, parent, frame in nodes:
         d.stack_nodes[n] = (parent, frame)
@@ -247,3 +251,66 @@ def read_delta(con: sqlite3.Connection) -> TraceDelta:
         d.ooms.append(oom)
     d.anomalies = dict(con.execute("SELECT kind, count FROM anomalies"))
     return d
+
+
+def connect(path: str, *, read_only: bool) -> sqlite3.Connection:
+    if read_only:
+        try:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            return con
+        except sqlite3.OperationalError:
+            # A trace left by a killed writer still has its -wal file, and
+            # recovering it needs write access to the -shm file.
+            pass
+    return sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+
+
+class TraceReader:
+    """Read access to a saved trace; every problem is a one-line TraceFormatError."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        check_file(self.path)
+        try:
+            self._con = connect(self.path, read_only=True)
+        except (sqlite3.DatabaseError, ValueError) as exc:  # ValueError: undecodable schema text
+            raise TraceFormatError(f"{self.path}: cannot open trace ({one_line(exc)})") \
+                from None
+        try:
+            self._meta = read_metadata(self._con, self.path)
+        except BaseException:
+            self._con.close()
+            raise
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Run metadata (torch version, devices, start time, settings, ...)."""
+        return dict(self._meta)
+
+    def _guard(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self._con, *args, **kwargs)
+        except (sqlite3.DatabaseError, ValueError, TypeError, KeyError, IndexError,
+                AttributeError, OverflowError) as exc:  # hostile values in any column
+            raise TraceFormatError(f"{self.path}: corrupt trace ({one_line(exc)})") \
+                from None
+
+    def read_events(self, *, before_seq: int | None = None, start_step: int | None = None,
+                    end_step: int | None = None, since_ns: int | None = None) -> np.ndarray:
+        """Stored events matching the filters (steps inclusive, time in epoch ns), by seq."""
+        return self._guard(query_events, before_seq=before_seq, start_step=start_step,
+                           end_step=end_step, since_ns=since_ns)
+
+    def read_trace(self) -> TraceDelta:
+        """The whole trace as one TraceDelta."""
+        return self._guard(read_delta)
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> TraceReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

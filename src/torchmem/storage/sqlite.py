@@ -1,118 +1,92 @@
-"""SQLiteStorage: a durable, crash-safe trace written by a background thread.
+"""SQLiteStorage: a durable, crash-safe trace written by a child process.
 
 Each ``append`` (the profiler's pump calls it every flush interval, 200 ms
-by default) is queued; a writer thread stores everything queued in one
-transaction and commits. WAL mode makes every commit survive a crash of the
-process (SIGKILL included): a reader then sees every event up to the last
-commit. Write errors (disk full, I/O errors, a deleted directory) produce
-one warning; the profiler goes on in memory and nothing raises into the
-training run. The schema is in ``_sqlite_schema.py`` and docs/trace-format.md.
+by default) turns the delta into frames: the event rows as the recorder's
+raw bytes (no per-event Python work), the side records as JSON. A sender
+thread writes them to a pipe; the writer child (``_writer.py``) stores them
+in transactions in WAL mode. The training process thus pays no GIL time for
+SQLite's per-value binding. WAL makes every commit survive a crash of either
+process; when the training process dies (SIGKILL included) the child still
+stores and commits everything already sent, then exits.
+
+``flush()`` is a handshake: a FLUSH frame, answered once everything before
+it is committed. Write errors (disk full, I/O errors) produce one warning;
+the profiler goes on in memory and nothing raises into the training run. If
+the child cannot start, the same writer runs in a thread of this process
+(with a warning), as it did before the child existed.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
+import json
 import os
 import sqlite3
-import struct
+import subprocess
 import sys
 import threading
-import time
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
 
+from .._events import EVENT_DTYPE
 from ..trace import TraceDelta
 from . import _sqlite_schema as schema
-from .base import TraceFormatError
+from . import _writer
+from ._sqlite_schema import TraceReader, connect as _connect
 
 __all__ = ["SQLiteStorage", "TraceReader"]
 
-_ROW = struct.Struct(schema.EVENT_ROW_FORMAT)
+_F_SETPIPE_SZ = 1031  # Linux: a 1 MiB pipe lets one hand-over flow with fewer wake-ups
+#: Seconds to wait for the child's "ready" line before falling back to a thread.
+START_TIMEOUT_S = 20.0
+#: Seconds ``close`` waits for the child to store its backlog (~1 s per 500k events).
+CLOSE_TIMEOUT_S = 300.0
 
 
-class _Batch:
-    """What one append adds, converted on the caller's thread to plain data."""
-
-    __slots__ = ("events", "n_events", "type_names", "frames", "frames_start", "nodes",
-                 "nodes_start", "gc", "gc_start", "snapshots", "snapshots_start", "ooms",
-                 "ooms_start", "anomalies")
-
-    def __init__(self, d: TraceDelta) -> None:
-        self.n_events = len(d.events)
-        # One vectorised copy; the writer thread unpacks it with struct, which
-        # costs far less time holding the GIL than a Python object per field.
-        self.events = schema.events_to_int64(d.events) if self.n_events else b""
-        self.type_names = list(d.type_names)
-        self.frames, self.frames_start = list(d.frames), d.frames_start
-        self.nodes = [(int(p), int(f)) for p, f in d.stack_nodes.tolist()]
-        self.nodes_start = d.nodes_start
-        self.gc, self.gc_start = list(d.gc_records), d.gc_start
-        self.snapshots, self.snapshots_start = list(d.snapshots), d.snapshots_start
-        self.ooms, self.ooms_start = [dict(o) for o in d.ooms], d.ooms_start
-        self.anomalies = dict(d.anomalies)
+def _writer_command(path: str, options: dict) -> list[str]:
+    """The child's command line (tests replace this to make the start fail)."""
+    return [sys.executable, "-I", "-S", os.path.abspath(_writer.__file__), path,
+            json.dumps(options)]
 
 
-def _connect(path: str, *, read_only: bool) -> sqlite3.Connection:
-    if read_only:
-        try:
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-            con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-            return con
-        except sqlite3.OperationalError:
-            # A trace left by a killed writer still has its -wal file, and
-            # recovering it needs write access to the -shm file.
-            pass
-    return sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+def _side_payload(d: TraceDelta, n_types: int, meta: list | None = None) -> bytes | None:
+    """The side records of ``d`` as one JSON frame payload (None when there are none)."""
+    side: dict[str, Any] = {}
+    if meta:
+        side["meta"] = meta
+    if len(d.type_names) > n_types:
+        side["types"] = list(d.type_names)
+    if d.frames:
+        side["frames"] = [d.frames_start, [(str(f), int(ln), str(fn)) for f, ln, fn in d.frames]]
+    if len(d.stack_nodes):
+        side["nodes"] = [d.nodes_start, d.stack_nodes.tolist()]
+    if d.gc_records:
+        side["gc"] = [d.gc_start, [[getattr(r, c) for c in schema.GC_COLUMNS]
+                                   for r in d.gc_records]]
+    if d.snapshots:
+        side["snapshots"] = [d.snapshots_start, [schema.snapshot_row(0, s)[1:]
+                                                 for s in d.snapshots]]
+    if d.ooms:
+        side["ooms"] = [d.ooms_start, [schema.oom_row(0, dict(o))[1:] for o in d.ooms]]
+    if d.anomalies:
+        side["anomalies"] = {str(k): int(v) for k, v in d.anomalies.items()}
+    return json.dumps(side, default=_json_default).encode() if side else None
 
 
-class TraceReader:
-    """Read access to a saved trace; every problem is a one-line TraceFormatError."""
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    return str(o)
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = os.fspath(path)
-        schema.check_file(self.path)
-        try:
-            self._con = _connect(self.path, read_only=True)
-        except sqlite3.DatabaseError as exc:
-            raise TraceFormatError(f"{self.path}: cannot open trace ({schema.one_line(exc)})") \
-                from None
-        try:
-            self._meta = schema.read_metadata(self._con, self.path)
-        except BaseException:
-            self._con.close()
-            raise
 
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """Run metadata (torch version, devices, start time, settings, ...)."""
-        return dict(self._meta)
-
-    def _guard(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(self._con, *args, **kwargs)
-        except (sqlite3.DatabaseError, ValueError, TypeError, KeyError) as exc:
-            raise TraceFormatError(f"{self.path}: corrupt trace ({schema.one_line(exc)})") \
-                from None
-
-    def read_events(self, *, before_seq: int | None = None, start_step: int | None = None,
-                    end_step: int | None = None, since_ns: int | None = None) -> np.ndarray:
-        """Stored events matching the filters (steps inclusive, time in epoch ns), by seq."""
-        return self._guard(schema.query_events, before_seq=before_seq, start_step=start_step,
-                           end_step=end_step, since_ns=since_ns)
-
-    def read_trace(self) -> TraceDelta:
-        """The whole trace as one TraceDelta."""
-        return self._guard(schema.read_delta)
-
-    def close(self) -> None:
-        self._con.close()
-
-    def __enter__(self) -> TraceReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def _frame(kind: bytes, payload: bytes) -> bytes:
+    return _writer.HEADER.pack(kind, len(payload)) + payload
 
 
 class SQLiteStorage:
@@ -122,40 +96,120 @@ class SQLiteStorage:
         path: the trace file; created with mode 0600.
         overwrite: replace an existing file (else FileExistsError).
         batch_interval_ms: the writer waits at least this long between two
-            commits (0 = commit whatever is queued at once). The pump already
-            appends every 200 ms, so the default adds no delay.
+            commits while the pipe is idle (0 = commit as soon as it runs
+            dry); while data streams in it commits every 100 ms regardless
+            of it, or every ``batch_interval_ms`` when that is longer.
 
     ``write_error`` holds the reason storing stopped (None while healthy);
-    ``events_written`` counts committed events.
+    ``events_written`` counts committed events (as of the last flush or
+    close); ``writer_pid`` is the writer process (None when it runs as a
+    thread in this process: ``in_process`` is then True).
     """
 
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = False,
-                 batch_interval_ms: float = 0.0) -> None:
+                 batch_interval_ms: float = 0.0, _pragmas: dict | None = None,
+                 _in_process: bool = False) -> None:
         self.path = os.fspath(path)
         schema.create_private_file(self.path, overwrite)
-        self._con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._con.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: a commit survives the process dying (WAL is already on
-        # disk); only an OS crash or power loss may lose the last commits.
-        self._con.execute("PRAGMA synchronous=NORMAL")
-        self._con.executescript(schema.SCHEMA)
-        self._con.execute("INSERT INTO metadata VALUES ('format', ?), ('schema_version', ?)",
-                          (schema.to_json(schema.FORMAT), schema.to_json(schema.SCHEMA_VERSION)))
+        options = {"batch_interval_ms": float(batch_interval_ms), "pragmas": _pragmas or {}}
         self._metadata: dict[str, Any] = {}
-        self._batch_interval_s = max(float(batch_interval_ms), 0.0) / 1000.0
         self._cond = threading.Condition()
-        self._queue: list[_Batch] = []
-        self._queued = 0  # appends accepted
-        self._done = 0  # appends committed (or dropped after an error)
+        self._outbox: collections.deque = collections.deque()
+        self._queued = 0  # frames handed to the sender
+        self._sent = 0  # frames written whole into the pipe
+        self._token = 0  # flush tokens sent
+        self._acked = 0  # flush tokens answered
+        self._ready = False
+        self._dead = False  # the pipe is gone (closed, or the writer died)
+        self._closed_ack = False
         self._n_types = 0
         self._closing = False
         self.closed = False
         self.write_error: str | None = None
         self.events_written = 0
+        self.writer_pid: int | None = None
+        self.in_process = False
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
         self._read_lock = threading.Lock()
         self._reader: sqlite3.Connection | None = None
-        self._thread = threading.Thread(target=self._run, name="torchmem-sqlite", daemon=True)
+        # _in_process: the writer thread without the child (benchmarks compare them).
+        why = None if _in_process else self._start_child(options)
+        if _in_process:
+            self._start_thread(options)
+        elif why is not None:
+            # A child that started but never answered may have made the schema.
+            schema.create_private_file(self.path, True)
+            self._warn(f"torchmem: cannot start the SQLite writer process ({why}); the trace "
+                       f"{self.path} is written by a thread in this process instead")
+            self._start_thread(options)
+        _live.add(self)
+
+    # -- starting the writer -----------------------------------------------------
+    def _start_io(self, data_fd: int, reply_fd: int) -> None:
+        self._data_fd, self._reply_fd = data_fd, reply_fd
+        self._sender = threading.Thread(target=self._send_loop, name="torchmem-sqlite-send",
+                                        daemon=True)
+        self._replies = threading.Thread(target=self._reply_loop, name="torchmem-sqlite-reply",
+                                         daemon=True)
+        self._sender.start()
+        self._replies.start()
+
+    def _start_child(self, options: dict) -> str | None:
+        """Starts the writer process; the reason it could not, or None."""
+        data_r, data_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        try:
+            import fcntl
+
+            fcntl.fcntl(data_w, _F_SETPIPE_SZ, 1 << 20)
+        except (ImportError, OSError):
+            pass
+        try:
+            self._proc = subprocess.Popen(_writer_command(self.path, options), stdin=data_r,
+                                          stdout=reply_w, close_fds=True)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            for fd in (data_r, data_w, reply_r, reply_w):
+                os.close(fd)
+            return schema.one_line(exc)
+        finally:
+            if self._proc is not None:
+                os.close(data_r)
+                os.close(reply_w)
+        self._start_io(data_w, reply_r)
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready or self._dead, START_TIMEOUT_S)
+            ok = self._ready
+        if ok:
+            self.writer_pid = self._proc.pid
+            return None
+        self._stop_io(kill=True)
+        code = self._proc.returncode
+        self._proc = None
+        with self._cond:
+            self._dead = False
+            self._outbox.clear()
+        return f"exit code {code}" if code is not None else "no answer"
+
+    def _start_thread(self, options: dict) -> None:
+        data_r, data_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+
+        def run() -> None:
+            try:
+                writer = _writer.serve(data_r, reply_w, self.path, options)
+                if writer is not None:
+                    writer.close(checkpoint=True)
+            finally:
+                os.close(data_r)
+                os.close(reply_w)
+
+        self.in_process = True
+        self._thread = threading.Thread(target=run, name="torchmem-sqlite", daemon=True)
         self._thread.start()
+        self._start_io(data_w, reply_r)
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready or self._dead)
 
     # -- the StorageBackend protocol -------------------------------------------
     def open(self, metadata: dict[str, Any] | None = None) -> None:
@@ -164,7 +218,8 @@ class SQLiteStorage:
                 if k not in ("format", "schema_version")}
         self._metadata.update(meta)
         rows = [(k, schema.to_json(v)) for k, v in meta.items()]
-        self._submit(("meta", rows))
+        if rows:
+            self._send([_frame(_writer.SIDE, json.dumps({"meta": rows}).encode())])
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -172,17 +227,33 @@ class SQLiteStorage:
         return dict(self._metadata)
 
     def append(self, delta: TraceDelta) -> None:
-        """Queues ``delta`` for the writer thread; never blocks on the disk."""
+        """Queues ``delta`` for the writer; never blocks on the disk or the pipe."""
         if self.closed or self.write_error is not None:
             return
-        self._submit(_Batch(delta))
+        frames = []
+        side = _side_payload(delta, self._n_types)
+        self._n_types = max(self._n_types, len(delta.type_names))
+        if side is not None:
+            frames.append(_frame(_writer.SIDE, side))  # before the events that use it
+        events = np.ascontiguousarray(delta.events, dtype=EVENT_DTYPE)
+        if len(events):
+            if events.flags.writeable:  # someone may reuse the buffer: keep a copy
+                events = events.copy()
+            frames.append(_writer.HEADER.pack(_writer.EVENTS, events.nbytes))
+            frames.append(memoryview(events.view(np.uint8)))  # the recorder's bytes, no copy
+        self._send(frames)
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Blocks until everything appended so far is committed; False on timeout."""
         with self._cond:
-            target = self._queued
-            return self._cond.wait_for(lambda: self._done >= target or not self._thread.is_alive(),
-                                       timeout)
+            if self._dead or self._closing:
+                return True
+            self._token += 1
+            token = self._token
+            self._outbox.append(_frame(_writer.FLUSH, _writer.TOKEN.pack(token)))
+            self._queued += 1
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._acked >= token or self._dead, timeout)
 
     def read_events(self, *, before_seq: int | None = None, start_step: int | None = None,
                     end_step: int | None = None, since_ns: int | None = None) -> np.ndarray:
@@ -200,116 +271,176 @@ class SQLiteStorage:
             return schema.read_delta(self._reader_con())
 
     def close(self) -> None:
-        """Commits what is queued, checkpoints the WAL into the file and closes it."""
+        """Stores what is queued, checkpoints the WAL into the file, and ends the writer.
+
+        Returns once the writer process has exited and been reaped (or its
+        thread has ended); it is killed if it has not within CLOSE_TIMEOUT_S.
+        """
         if self.closed:
             return
+        self.closed = True
+        _live.discard(self)
         with self._cond:
             self._closing = True
+            if not self._dead:
+                self._outbox.append(_frame(_writer.CLOSE, b""))
+            self._outbox.append(None)  # the sender closes the pipe after it
             self._cond.notify_all()
-        self._thread.join(timeout=60)
-        self.closed = True
+            done = self._cond.wait_for(lambda: self._closed_ack or self._dead, CLOSE_TIMEOUT_S)
+        if not done:
+            self._fail("the writer did not finish in time; the trace ends at its last commit")
+        self._stop_io(kill=not done)
         with self._read_lock:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
-        try:
-            if self.write_error is None:
-                # Leaves one self-contained file (no -wal) after a clean exit.
-                self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._con.close()
-        except sqlite3.Error as exc:
-            self._fail(exc)
 
     # -- internals ---------------------------------------------------------------
-    def _reader_con(self) -> sqlite3.Connection:
-        if self._reader is None:
-            self._reader = sqlite3.connect(self.path, check_same_thread=False)
-        return self._reader
-
-    def _submit(self, item: Any) -> None:
+    def _send(self, frames: list) -> None:
         with self._cond:
-            self._queue.append(item)
-            self._queued += 1
+            if self._dead or self._closing:
+                return
+            self._outbox.extend(frames)
+            self._queued += len(frames)
             self._cond.notify_all()
 
-    def _run(self) -> None:
-        last = 0.0
+    def _wait_sent(self, timeout: float | None = 30.0) -> bool:
+        """Blocks until every appended frame is in the pipe (not yet committed)."""
+        with self._cond:
+            target = self._queued
+            return self._cond.wait_for(lambda: self._sent >= target or self._dead, timeout)
+
+    def _send_loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closing)
-                if not self._queue and self._closing:
-                    return
-            wait = last + self._batch_interval_s - time.monotonic()
-            if wait > 0 and not self._closing:
-                time.sleep(wait)
-            with self._cond:
-                items, self._queue = self._queue, []
-            if self.write_error is None:
-                try:
-                    self._write(items)
-                except (sqlite3.Error, OSError, ValueError, OverflowError) as exc:
-                    self._fail(exc)
-            last = time.monotonic()
-            with self._cond:
-                self._done += len(items)
-                self._cond.notify_all()
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.write_error is not None:
-            return
-        self.write_error = schema.one_line(exc)
+                self._cond.wait_for(lambda: self._outbox)
+                item = self._outbox.popleft()
+            if item is None:
+                break
+            try:
+                view = memoryview(item)
+                while view:  # os.write releases the GIL while the pipe is full
+                    view = view[os.write(self._data_fd, view):]
+                with self._cond:
+                    self._sent += 1
+                    self._cond.notify_all()
+            except OSError:  # EPIPE: the writer is gone; _reply_loop reports it
+                with self._cond:
+                    self._outbox.clear()
+                    self._dead = True
+                    self._cond.notify_all()
+                break
         try:
-            if self._con.in_transaction:
-                self._con.execute("ROLLBACK")
-        except sqlite3.Error:
+            os.close(self._data_fd)  # EOF for the writer
+        except OSError:
             pass
-        message = (f"torchmem: writing the trace {self.path} failed ({self.write_error}); "
-                   f"it holds the events up to the last commit, profiling goes on in memory")
+
+    def _reply_loop(self) -> None:
+        with os.fdopen(self._reply_fd, "rb") as replies:
+            for line in replies:
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                if msg.get("error"):
+                    self._fail(msg["error"])
+                with self._cond:
+                    self.events_written = int(msg.get("written", self.events_written))
+                    if "ready" in msg:
+                        self._ready = True
+                    if "ack" in msg:
+                        self._acked = max(self._acked, int(msg["ack"]))
+                    if "closed" in msg:
+                        self._closed_ack = True
+                    self._cond.notify_all()
+        with self._cond:
+            was_ready, self._dead = self._ready, True
+            self._cond.notify_all()
+        if was_ready and not self._closed_ack:
+            code = None
+            if self._proc is not None:
+                try:
+                    code = self._proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._fail("the writer process exited unexpectedly"
+                       + (f" (exit code {code})" if code is not None else ""))
+
+    def _stop_io(self, kill: bool) -> None:
+        """Ends the pipes and threads, and reaps the writer process."""
+        with self._cond:
+            if not self._outbox or self._outbox[-1] is not None:
+                self._outbox.append(None)
+            self._cond.notify_all()
+        if self._proc is not None:
+            if kill:
+                self._proc.kill()
+            try:
+                self._proc.wait(timeout=CLOSE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._sender.join(timeout=10)
+        self._replies.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=CLOSE_TIMEOUT_S)
+
+    def _reader_con(self) -> sqlite3.Connection:
+        if self._reader is None:
+            self._reader = _connect(self.path, read_only=True)
+        return self._reader
+
+    def _fail(self, reason: str) -> None:
+        with self._cond:
+            if self.write_error is not None:
+                return
+            self.write_error = reason
+        self._warn(f"torchmem: writing the trace {self.path} failed ({reason}); it holds "
+                   f"the events up to the last commit, profiling goes on in memory")
+
+    @staticmethod
+    def _warn(message: str) -> None:
         try:
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-        except Exception:  # warnings turned into errors must not kill the writer
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        except Exception:  # warnings turned into errors must not kill a writer thread
             print(message, file=sys.stderr)
 
-    def _write(self, items: list[Any]) -> None:
-        con = self._con
-        con.execute("BEGIN")
-        n_events = 0
-        for item in items:
-            if isinstance(item, tuple):  # ("meta", rows)
-                con.executemany("INSERT OR REPLACE INTO metadata VALUES (?, ?)", item[1])
-                continue
-            n_events += self._write_batch(con, item)
-        con.execute("COMMIT")
-        self.events_written += n_events
+    def _forget_after_fork(self) -> None:
+        # A forked child (a DataLoader worker) must not hold the pipe open:
+        # the writer would never see EOF after the training process dies.
+        self.closed = True
+        self._dead = True
+        for fd in (getattr(self, "_data_fd", None), getattr(self, "_reply_fd", None)):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._proc = None
 
-    def _write_batch(self, con: sqlite3.Connection, b: _Batch) -> int:
-        if b.n_events:
-            con.executemany(schema.INSERT_EVENTS, _ROW.iter_unpack(b.events))
-        if len(b.type_names) > self._n_types:
-            con.executemany("INSERT OR REPLACE INTO types VALUES (?, ?)",
-                            list(enumerate(b.type_names))[self._n_types:])
-            self._n_types = len(b.type_names)
-        if b.frames:
-            con.executemany("INSERT OR REPLACE INTO frames VALUES (?, ?, ?, ?)",
-                            [(b.frames_start + i, str(f), int(line), str(fn))
-                             for i, (f, line, fn) in enumerate(b.frames)])
-        if b.nodes:
-            con.executemany("INSERT OR REPLACE INTO stack_nodes VALUES (?, ?, ?)",
-                            [(b.nodes_start + i, p, f) for i, (p, f) in enumerate(b.nodes)])
-        if b.gc:
-            con.executemany(
-                f"INSERT OR REPLACE INTO gc_records VALUES ({', '.join('?' * (len(schema.GC_COLUMNS) + 1))})",
-                [(b.gc_start + i, *(getattr(r, c) for c in schema.GC_COLUMNS))
-                 for i, r in enumerate(b.gc)])
-        if b.snapshots:
-            con.executemany("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            [schema.snapshot_row(b.snapshots_start + i, s)
-                             for i, s in enumerate(b.snapshots)])
-        if b.ooms:
-            n = len(schema.OOM_COLUMNS) + 2
-            con.executemany(f"INSERT OR REPLACE INTO ooms VALUES ({', '.join('?' * n)})",
-                            [schema.oom_row(b.ooms_start + i, o) for i, o in enumerate(b.ooms)])
-        if b.anomalies:
-            con.executemany("INSERT OR REPLACE INTO anomalies VALUES (?, ?)",
-                            list(b.anomalies.items()))
-        return b.n_events
+
+# Storages not closed by their profiler are closed at exit, after the pumps'
+# final flush (so the trace is complete) and before the interpreter dies.
+_live: "weakref.WeakSet[SQLiteStorage]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    pump = sys.modules.get("torchmem._pump")
+    if pump is not None:
+        pump._flush_all_at_exit()
+    for storage in list(_live):
+        try:
+            storage.close()
+        except Exception:
+            pass
+
+
+def _after_fork_in_child() -> None:
+    for storage in list(_live):
+        storage._forget_after_fork()
+    _live.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
