@@ -115,7 +115,14 @@ NB_MODULE(_native, m) {
              return id;
            })
       .def("_read_events", [](RecorderHandle& h, uint64_t a, uint64_t b) {
-             return as_bytes(rec(h).read(a, b));
+             // The copy needs only the recorder's lock: training threads keep
+             // running Python while a sink reads.
+             std::vector<EventRow> rows;
+             {
+               nb::gil_scoped_release release;
+               rows = rec(h).read(a, b);
+             }
+             return as_bytes(rows);
            })
       .def("_next_seq", [](RecorderHandle& h) { return rec(h).next_seq(); })
       .def("_first_retained_seq", [](RecorderHandle& h) { return rec(h).first_retained_seq(); })

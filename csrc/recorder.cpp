@@ -396,9 +396,23 @@ uint64_t Recorder::live_count() const {
 }
 
 std::vector<EventRow> Recorder::read(uint64_t start_seq, uint64_t end_seq) const {
-  std::lock_guard<SpinLock> lock(mu_);
+  // One chunk per lock hold: copying a whole range at once kept writers
+  // waiting for milliseconds while a sink read 64K events.
   std::vector<EventRow> out;
-  log_.read(start_seq, end_seq, streams_, &out);
+  {
+    std::lock_guard<SpinLock> lock(mu_);
+    end_seq = std::min(end_seq, log_.next_seq());  // not a tail that keeps moving
+    if (end_seq > start_seq) out.reserve(end_seq - std::max(start_seq, log_.first_seq()));
+  }
+  uint64_t pos = start_seq;
+  while (pos < end_seq) {
+    std::lock_guard<SpinLock> lock(mu_);
+    pos = std::max(pos, log_.first_seq());
+    if (pos >= end_seq) break;
+    uint64_t slice_end = std::min(end_seq, (pos / EventLog::kChunkEvents + 1) * EventLog::kChunkEvents);
+    log_.read(pos, slice_end, streams_, &out);
+    pos = slice_end;
+  }
   return out;
 }
 
