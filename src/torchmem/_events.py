@@ -55,6 +55,34 @@ ALLOCATING_KINDS = (int(MemoryEventType.ALLOCATION), int(MemoryEventType.REALLOC
 TYPE_NONE = 0xFFFF  # markers (snapshot, GC) carry no allocation type
 
 
+MAX_SIZE_BYTES = 2**48 - 1  # the largest size the API takes
+
+
+def check_event_rows(rows: np.ndarray, n_types: int) -> None:
+    """Raises ValueError (one line) unless ``rows`` could have come from a recorder.
+
+    A saved trace is outside data: a row the recorder could never have
+    written (an unknown kind, a device below -1, a size no API call takes,
+    a type id with no name, seq out of order) is refused before it reaches
+    the native replay.
+    """
+    if not len(rows):
+        return
+    checks = (
+        ("kind", rows["kind"] > max(MemoryEventType)),
+        ("device", rows["device"] < -1),
+        ("size", (rows["size"] > MAX_SIZE_BYTES) & np.isin(rows["kind"], (0, 1, 2))),
+        ("type_id", (rows["type_id"] >= n_types) & (rows["type_id"] != TYPE_NONE)),
+    )
+    for name, bad in checks:
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"event seq {int(rows['seq'][i])}: impossible {name} "
+                             f"{rows[name][i]!r}")
+    if len(rows) > 1 and (np.diff(rows["seq"].astype(np.int64)) <= 0).any():
+        raise ValueError("event seq numbers are not increasing")
+
+
 def events_from_bytes(data: bytes) -> np.ndarray:
     """A read-only EVENT_DTYPE array over native event rows."""
     return np.frombuffer(data, dtype=EVENT_DTYPE)

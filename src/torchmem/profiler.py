@@ -12,6 +12,7 @@ import numpy as np
 from . import _native
 from ._events import (
     ALLOCATING_KINDS,
+    check_event_rows,
     LIVE_DTYPE,
     STACK_NODE_DTYPE,
     TYPE_NONE,
@@ -488,8 +489,13 @@ class MemoryProfiler(_native.Recorder):
 
     @classmethod
     def from_trace(cls, delta: Any) -> "MemoryProfiler":
-        """A read-only profiler over a saved trace (one TraceDelta holding it all)."""
+        """A read-only profiler over a saved trace (one TraceDelta holding it all).
+
+        Raises ValueError or TypeError (one line) for content no recorder
+        could have written; the storage loaders turn it into TraceFormatError.
+        """
         events = delta.events
+        check_event_rows(events, len(delta.type_names))
         prof = cls(retention_events=max(len(events), 1), auto_snapshot=False)
         prof.disable()
         for name in delta.type_names:
@@ -499,6 +505,11 @@ class MemoryProfiler(_native.Recorder):
         prof._stacks = stacks
         prof._gc_records = list(delta.gc_records)
         for rec in prof._gc_records:
+            # A pause of more than a day or a generation Python does not have
+            # is corruption, and would overflow timedelta later.
+            if rec.generation not in (0, 1, 2) or not 0 <= rec.duration_ns < 86_400 * 10**9:
+                raise ValueError(f"impossible GC record (generation {rec.generation!r}, "
+                                 f"duration {rec.duration_ns!r} ns)")
             prof._gc_count_by_generation[rec.generation] = (
                 prof._gc_count_by_generation.get(rec.generation, 0) + 1)
             prof._gc_total_ns += rec.duration_ns
