@@ -12,6 +12,9 @@ Prints:
   * loop CPU: the training thread's own CPU time (time.thread_time), which
     leaves out time spent waiting for the GIL or descheduled by other load;
   * end to end: loop + close, until every event is committed;
+  * expansion tail: how long the writer still runs after close, turning the
+    event chunks it stored into ``events`` rows (the training process does
+    not wait for it unless asked);
   * writer CPU: CPU seconds the writer child used (getrusage of reaped children).
   Goal: loop wall with SQLite <= 1.10x in-memory.
 Runs alternate between the configurations (R each) so drifting machine load
@@ -69,11 +72,16 @@ def run_tracking(n: int, mode: str, directory: str, work: int = 0) -> dict[str, 
     cpu0 = _children_cpu()
     t0 = time.perf_counter()
     loop, loop_cpu = _track(p, n, work)
-    p.close()
+    p.close()  # returns once everything is committed (in chunks or rows)
     end = time.perf_counter() - t0
+    tail = 0.0
     if storage is not None:
         assert storage.events_written == n, (storage.events_written, n)
-    return {"loop": loop, "cpu": loop_cpu, "end": end, "writer": _children_cpu() - cpu0}
+        t1 = time.perf_counter()
+        storage.wait()  # the writer expanding what is left into events rows
+        tail = time.perf_counter() - t1
+    return {"loop": loop, "cpu": loop_cpu, "end": end, "tail": tail,
+            "writer": _children_cpu() - cpu0}
 
 
 def writer_throughput(n: int, directory: str, mode: str = "child") -> float:
@@ -131,7 +139,9 @@ def main() -> None:
         print(f"  {mode:7s} loop wall {_fmt([x['loop'] for x in rs], n)}; "
               f"loop CPU {_fmt([x['cpu'] for x in rs], n)}")
         print(f"  {'':7s} end to end {_fmt([x['end'] for x in rs], n)}; writer CPU "
-              f"{statistics.median(x['writer'] for x in rs) / n * 1e9:6.0f} ns/event (median)")
+              f"{statistics.median(x['writer'] for x in rs) / n * 1e9:6.0f} ns/event (median)"
+              + (f"; expansion tail after close: median "
+                 f"{statistics.median(x['tail'] for x in rs):.2f} s" if mode != "memory" else ""))
     mem = runs["memory"]
     for mode in modes[1:]:
         rs = runs[mode]

@@ -156,7 +156,9 @@ def run_disk_full(path: str, limit: int) -> dict:
 
 
 def test_file_size_limit_acts_as_disk_full(tmp_path):
-    result = run_disk_full(str(tmp_path / "limited.db"), 256 * 1024)
+    # 4 MiB: room for the empty schema and its WAL (64 KiB pages), not for
+    # 120K events (9.6 MB of rows).
+    result = run_disk_full(str(tmp_path / "limited.db"), 4 * 1024 * 1024)
     assert 0 < result["written"] < 120001
 
 
@@ -170,7 +172,7 @@ def _mount_tmpfs(where: str, size: str) -> bool:
 
 def test_disk_full_on_a_small_tmpfs():
     where = tempfile.mkdtemp(prefix="torchmem-full-")
-    if not _mount_tmpfs(where, "512k"):
+    if not _mount_tmpfs(where, "4m"):
         os.rmdir(where)
         pytest.skip("cannot mount a tmpfs here (needs root); "
                     "test_file_size_limit_acts_as_disk_full covers the same path")

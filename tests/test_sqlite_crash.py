@@ -134,3 +134,117 @@ def test_killed_training_process_leaves_everything_it_sent(tmp_path):
     assert _wait_gone(writer_pid, 60), "the writer child did not exit after its parent died"
     assert os.path.exists(str(path) + "-wal"), "drained after EOF: no checkpoint, like a crash"
     assert _check_prefix(path, sent) == sent
+
+
+# -- events still in event_chunks (a live run, or a writer killed before expanding) --
+def _rechunk_tail(path, first_seq):
+    """Moves the rows from ``first_seq`` on back into chunks of 3 events, as a writer
+    killed before expanding them leaves them."""
+    import sqlite3
+
+    from torchmem.storage import TraceReader
+
+    with TraceReader(path) as r:
+        tail = r.read_events(start_step=None)[first_seq:]
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("DELETE FROM events WHERE seq >= ?", (first_seq,))
+    for i in range(0, len(tail), 3):
+        part = tail[i:i + 3]
+        con.execute("INSERT INTO event_chunks VALUES (?, ?, ?)",
+                    (int(part["seq"][0]), len(part), part.tobytes()))
+    con.execute("UPDATE metadata SET value = '0' WHERE key = 'expanded'")
+    con.close()
+
+
+def _workload_trace(tmp_path, name="w.db"):
+    from _trace_helpers import make_workload
+
+    import torchmem
+    from torchmem.storage import SQLiteStorage
+
+    path = tmp_path / name
+    p = torchmem.MemoryProfiler(storage=SQLiteStorage(path), auto_snapshot=False)
+    make_workload(p)
+    p.close()
+    return path
+
+
+def test_unexpanded_chunks_load_identically(tmp_path):
+    from torchmem.storage import TraceReader
+    from torchmem.storage.base import select_events
+
+    path = _workload_trace(tmp_path)
+    with TraceReader(path) as r:
+        assert r.metadata["expanded"] == 1
+        want, want_trace = r.read_events(), r.read_trace()
+    before = load(path)
+    _rechunk_tail(path, 4)
+    with TraceReader(path) as r:
+        assert r.metadata["expanded"] == 0
+        np.testing.assert_array_equal(r.read_events(), want)
+        np.testing.assert_array_equal(r.read_trace().events, want_trace.events)
+        t = int(want["timestamp_ns"][len(want) // 2])
+        for q in ({"start_step": 2, "end_step": 2}, {"since_ns": t}, {"before_seq": 6},
+                  {"start_step": 1, "since_ns": t, "before_seq": 9}):
+            np.testing.assert_array_equal(
+                r.read_events(**q),
+                select_events(want, before_seq=q.pop("before_seq", 2**62), **q))
+    after = load(path)
+    assert after.get_statistics() == before.get_statistics()
+    assert after.get_events() == before.get_events()
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE event_chunks SET rows = substr(rows, 1, 79)",
+    "UPDATE event_chunks SET n = n + 1",
+    "UPDATE event_chunks SET n = 0",
+    "UPDATE event_chunks SET rows = 'text'",
+    "UPDATE event_chunks SET first_seq = first_seq + 1000",
+    "UPDATE event_chunks SET rows = zeroblob(length(rows))",
+    "INSERT INTO events SELECT * FROM events WHERE seq = 0",  # no-op: already a row
+    "UPDATE event_chunks SET first_seq = 0 WHERE first_seq = 4",  # seq 0 twice
+], ids=lambda s: s[:40])
+def test_corrupt_chunks_give_one_line_errors(tmp_path, statement):
+    import sqlite3
+
+    from torchmem.storage import TraceFormatError
+
+    path = _workload_trace(tmp_path)
+    _rechunk_tail(path, 4)
+    con = sqlite3.connect(path, isolation_level=None)
+    try:
+        con.execute(statement)
+    except sqlite3.IntegrityError:
+        pass
+    con.close()
+    try:
+        prof = load(path)
+        prof.get_statistics()
+    except TraceFormatError as exc:
+        assert "\n" not in str(exc) and str(path) in str(exc)
+
+
+def test_close_without_waiting_leaves_the_child_to_expand(tmp_path):
+    import torchmem
+    from torchmem.storage import SQLiteStorage, TraceReader
+
+    path = tmp_path / "nw.db"
+    storage = SQLiteStorage(path)
+    p = torchmem.MemoryProfiler(storage=storage, auto_snapshot=False)
+    for i in range(200_000):
+        p.track_allocation(0x1000 + 16 * i, 16)
+    p.flush()
+    storage.close(wait=False)  # returns once committed, before the expansion
+    with TraceReader(path) as r:  # readable meanwhile: rows plus chunks
+        assert len(r.read_events()) == 200_000
+    assert storage.wait(timeout=120)
+    with TraceReader(path) as r:
+        assert r.metadata["expanded"] == 1
+        assert len(r.read_events()) == 200_000
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT COUNT(*), MAX(seq) FROM events").fetchone() == (200_000, 199_999)
+    assert con.execute("SELECT COUNT(*) FROM event_chunks").fetchone() == (0,)
+    con.close()
+    p.close()

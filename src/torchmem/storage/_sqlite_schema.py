@@ -147,7 +147,7 @@ def read_metadata(con: sqlite3.Connection, path: str) -> dict[str, Any]:
         meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM metadata")}
     except sqlite3.DatabaseError as exc:
         raise TraceFormatError(f"{path}: corrupt trace ({one_line(exc)})") from None
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # TypeError: a NULL or BLOB value
         raise TraceFormatError(f"{path}: corrupt trace metadata ({one_line(exc)})") from None
     if meta.get("format") != FORMAT:
         raise TraceFormatError(f"{path}: not a torchmem trace (format {meta.get('format')!r})")
@@ -215,11 +215,75 @@ def query_events(con: sqlite3.Connection, *, before_seq: int | None = None,
         where.append("timestamp_ns >= ?")
         args.append(int(since_ns))
     sql = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE {' AND '.join(where)}"
-    return rows_to_events(con.execute(sql + " ORDER BY seq", args).fetchall())
+    with _snapshot(con):  # rows and chunks as of one commit: the writer moves events
+        rows = rows_to_events(con.execute(sql + " ORDER BY seq", args).fetchall())
+        if "event_chunks" not in _tables(con):  # schema 1 and 2
+            return rows
+        chunks = chunk_events(con, lo, hi)
+    if not len(chunks):
+        return rows
+    keep = (chunks["seq"] >= lo) & (chunks["seq"] <= hi)
+    if start_step is not None:
+        keep &= chunks["step"] >= int(start_step)
+    if end_step is not None and end_step < 2**63:
+        keep &= chunks["step"] <= int(end_step)
+    if since_ns is not None:
+        keep &= chunks["timestamp_ns"] >= int(since_ns)
+    out = np.concatenate([rows, chunks[keep]])
+    out = out[np.argsort(out["seq"], kind="stable")]
+    if len(out) > 1 and not (np.diff(out["seq"].astype(np.int64)) != 0).all():
+        raise ValueError("an event is stored both as a row and in a chunk")
+    return out
+
+
+class _snapshot:
+    """One read transaction around several SELECTs (none when one is already open)."""
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self.con, self.began = con, False
+
+    def __enter__(self) -> None:
+        if not self.con.in_transaction:
+            self.con.execute("BEGIN")
+            self.began = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.began and self.con.in_transaction:
+            self.con.execute("ROLLBACK")  # read only: nothing to keep
+
+
+def chunk_events(con: sqlite3.Connection, lo: int = 0, hi: int = 2**63 - 1) -> np.ndarray:
+    """Events of the ``event_chunks`` that overlap seqs ``[lo, hi]``, decoded, by seq.
+
+    A chunk is raw EVENT_DTYPE rows with consecutive seqs from ``first_seq``;
+    any other length or seq is corruption (ValueError, a TraceFormatError to
+    the caller of TraceReader).
+    """
+    parts = []
+    for first, n, blob in con.execute(
+            "SELECT first_seq, n, rows FROM event_chunks WHERE first_seq <= ? "
+            "AND first_seq + n > ? ORDER BY first_seq", (hi, lo)):
+        if not isinstance(first, int) or not isinstance(n, int) or not isinstance(blob, bytes):
+            raise ValueError(f"event chunk {first!r}: wrong column types")
+        if n <= 0 or len(blob) != n * ROW_BYTES:
+            raise ValueError(f"event chunk {first}: {len(blob)} bytes for {n} events")
+        raw = np.frombuffer(blob, dtype=EVENT_DTYPE)
+        if raw["seq"][0] != first or (n > 1 and not (np.diff(raw["seq"]) == 1).all()):
+            raise ValueError(f"event chunk {first}: its seqs are not {first}..{first + n - 1}")
+        events = np.zeros(n, EVENT_DTYPE)  # padding zeroed, as rows from ``events`` have it
+        for name in EVENT_COLUMNS:
+            events[name] = raw[name]
+        parts.append(events)
+    return np.concatenate(parts) if parts else empty_events()
 
 
 def read_delta(con: sqlite3.Connection) -> TraceDelta:
     """The whole stored trace as one TraceDelta (seq, frames and nodes from 0)."""
+    with _snapshot(con):
+        return _read_delta(con)
+
+
+def _read_delta(con: sqlite3.Connection) -> TraceDelta:
     d = TraceDelta(events=query_events(con))
     d.type_names = [n for _, n in con.execute("SELECT type_id, name FROM types ORDER BY type_id")]
     d.frames = [(f, int(line), fn) for f, line, fn in

@@ -43,8 +43,12 @@ __all__ = ["SQLiteStorage", "TraceReader"]
 _F_SETPIPE_SZ = 1031  # Linux: a 1 MiB pipe lets one hand-over flow with fewer wake-ups
 #: Seconds to wait for the child's "ready" line before falling back to a thread.
 START_TIMEOUT_S = 20.0
-#: Seconds ``close`` waits for the child to store its backlog (~1 s per 500k events).
+#: Seconds ``close`` waits for the child to commit what it was sent.
 CLOSE_TIMEOUT_S = 300.0
+#: ``close()`` waits for the expansion of chunks into rows only when at most
+#: this many events are left (~0.1 s of writer time): a small trace is then
+#: final when close returns; a big one is finished by the child on its own.
+CLOSE_WAIT_BACKLOG = 50_000
 
 
 def _writer_command(path: str, options: dict) -> list[str]:
@@ -122,6 +126,7 @@ class SQLiteStorage:
         self._ready = False
         self._dead = False  # the pipe is gone (closed, or the writer died)
         self._closed_ack = False
+        self._close_backlog = 0  # unexpanded events when the writer acknowledged CLOSE
         self._n_types = 0
         self._closing = False
         self.closed = False
@@ -166,8 +171,11 @@ class SQLiteStorage:
         except (ImportError, OSError):
             pass
         try:
+            # A new session: the child may outlive the training process while
+            # it expands the trace, and must not get the terminal's signals.
             self._proc = subprocess.Popen(_writer_command(self.path, options), stdin=data_r,
-                                          stdout=reply_w, close_fds=True)
+                                          stdout=reply_w, close_fds=True,
+                                          start_new_session=True)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             for fd in (data_r, data_w, reply_r, reply_w):
                 os.close(fd)
@@ -197,7 +205,8 @@ class SQLiteStorage:
 
         def run() -> None:
             try:
-                writer = _writer.serve(data_r, reply_w, self.path, options)
+                writer = _writer.serve(data_r, reply_w, self.path,
+                                       dict(options, expand_idle=False))
                 if writer is not None:
                     writer.close(checkpoint=True)
             finally:
@@ -270,13 +279,19 @@ class SQLiteStorage:
         with self._read_lock:
             return schema.read_delta(self._reader_con())
 
-    def close(self) -> None:
-        """Stores what is queued, checkpoints the WAL into the file, and ends the writer.
+    def close(self, wait: bool | None = None) -> None:
+        """Stores what is queued and ends the writer; returns once it is all committed.
 
-        Returns once the writer process has exited and been reaped (or its
-        thread has ended); it is killed if it has not within CLOSE_TIMEOUT_S.
+        The writer then expands the remaining event chunks into ``events``
+        rows and checkpoints the WAL. ``wait=True`` waits for that (the file
+        is then final), ``wait=False`` does not (the child finishes on its
+        own, after this process has exited if need be); None (the default)
+        waits only when at most CLOSE_WAIT_BACKLOG events are left. The
+        writer is killed if it has not committed within CLOSE_TIMEOUT_S.
         """
         if self.closed:
+            if wait:
+                self.wait()
             return
         self.closed = True
         _live.discard(self)
@@ -289,11 +304,25 @@ class SQLiteStorage:
             done = self._cond.wait_for(lambda: self._closed_ack or self._dead, CLOSE_TIMEOUT_S)
         if not done:
             self._fail("the writer did not finish in time; the trace ends at its last commit")
-        self._stop_io(kill=not done)
+        if wait is None:
+            wait = self._close_backlog <= CLOSE_WAIT_BACKLOG
+        self._stop_io(kill=not done, wait=wait)
         with self._read_lock:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """After ``close``: blocks until the writer has expanded every event and exited."""
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return False
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+            return not self._thread.is_alive()
+        return True
 
     # -- internals ---------------------------------------------------------------
     def _send(self, frames: list) -> None:
@@ -352,6 +381,7 @@ class SQLiteStorage:
                         self._acked = max(self._acked, int(msg["ack"]))
                     if "closed" in msg:
                         self._closed_ack = True
+                        self._close_backlog = int(msg.get("backlog") or 0)
                     self._cond.notify_all()
         with self._cond:
             was_ready, self._dead = self._ready, True
@@ -366,8 +396,9 @@ class SQLiteStorage:
             self._fail("the writer process exited unexpectedly"
                        + (f" (exit code {code})" if code is not None else ""))
 
-    def _stop_io(self, kill: bool) -> None:
-        """Ends the pipes and threads, and reaps the writer process."""
+    def _stop_io(self, kill: bool, wait: bool = True) -> None:
+        """Ends the pipes and threads, and reaps the writer process (``wait``: now,
+        else from a daemon thread once it has finished expanding)."""
         with self._cond:
             if not self._outbox or self._outbox[-1] is not None:
                 self._outbox.append(None)
@@ -375,15 +406,22 @@ class SQLiteStorage:
         if self._proc is not None:
             if kill:
                 self._proc.kill()
+            if not (wait or kill):
+                self._sender.join(timeout=10)
+                threading.Thread(target=self._proc.wait, name="torchmem-sqlite-reap",
+                                 daemon=True).start()
+                return  # the reply pipe stays open until the child exits
             try:
                 self._proc.wait(timeout=CLOSE_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
         self._sender.join(timeout=10)
-        self._replies.join(timeout=10)
         if self._thread is not None:
+            if not wait:
+                return  # a daemon thread: what it has not expanded stays in chunks
             self._thread.join(timeout=CLOSE_TIMEOUT_S)
+        self._replies.join(timeout=10)
 
     def _reader_con(self) -> sqlite3.Connection:
         if self._reader is None:
