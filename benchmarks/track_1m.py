@@ -2,7 +2,7 @@
 
 Patterns: "pairs" (allocate, free, allocate, free, ...) and "batched"
 (allocate 1000, free those 1000, ...); addresses are reused in both.
-Each figure is the best of --repeat runs; the dict baseline runs in the same
+Each figure is the best of --repeat runs (default 5); the dict baseline runs in the same
 process, so the ratio holds on any machine. Also prints the cost of the bare
 Python loop (two no-op calls per pair), the floor any per-call API pays.
 
@@ -99,7 +99,7 @@ def best(fn, make, n: int, repeat: int) -> tuple[float, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     n = args.n
     print(f"torchmem {torchmem.__version__}, python {sys.version.split()[0]}, {n} pairs, best of {args.repeat}")
