@@ -36,7 +36,7 @@ def traces(tmp_path_factory):
     out = {}
     for n in (2, 5):
         path = d / f"run{n}.db"
-        r = subprocess.run([sys.executable, "-m", "torchmem", "run", "-o", str(path), "--stacks",
+        r = subprocess.run([sys.executable, "-m", "torchmem", "run", "-o", str(path),
                             str(script), str(n)], capture_output=True, text=True, timeout=300)
         assert r.returncode == 3, r.stderr  # the script's own exit status
         assert f"script done {n}" in r.stdout
@@ -53,6 +53,18 @@ def test_run_writes_a_trace_with_the_scripts_allocations(traces):
     kept = [l for l in prof.detect_potential_leaks() if l.size_bytes == 2048]
     assert len(kept) == 5
     assert prof.trace_metadata["argv"][-1] == "5"
+
+
+def test_run_without_stacks(tmp_path):
+    script = tmp_path / "t.py"
+    script.write_text("import torch\nkeep = torch.zeros(512)\n")
+    path = tmp_path / "nostack.db"
+    r = subprocess.run([sys.executable, "-m", "torchmem", "run", "-o", str(path), "--no-stacks",
+                        str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    leaks = load(path).detect_potential_leaks()
+    assert any(l.size_bytes == 2048 for l in leaks)
+    assert all(l.stack_trace is None for l in leaks)
 
 
 def test_summary_merges_several_traces(traces, capsys):

@@ -1,6 +1,6 @@
 """The ``torchmem`` command: run a script under the profiler, then summarise, diff and export traces.
 
-    torchmem run [-o TRACE] [--stacks] SCRIPT [ARGS...]
+    torchmem run [-o TRACE] [--no-stacks] SCRIPT [ARGS...]
     torchmem summary TRACE [TRACE...]
     torchmem leaks TRACE [--top N] [--min-age-steps K]
     torchmem export TRACE --format memory_viz|perfetto|html -o OUT
@@ -227,7 +227,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="run a Python script under the profiler, writing a trace")
     r.add_argument("-o", "--output", help="trace file (default torchmem-SCRIPT-PID.db)")
-    r.add_argument("--stacks", action="store_true", help="capture the Python stack of each allocation")
+    # Stacks are on by default, as in torchmem.enable(): leaks and reports
+    # without an allocation site answer the wrong question.
+    r.add_argument("--no-stacks", dest="stacks", action="store_false",
+                   help="do not capture the Python stack of each allocation")
     r.add_argument("--overwrite", action="store_true", help="replace an existing trace file")
     r.add_argument("script")
     r.add_argument("args", nargs=argparse.REMAINDER)
