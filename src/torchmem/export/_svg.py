@@ -72,15 +72,20 @@ def line_chart(series: Sequence[tuple[str, np.ndarray, np.ndarray]], markers: Se
         parts.append(f'<line class="marker" x1="{xx:.1f}" x2="{xx:.1f}" y1="{_TOP}" '
                      f'y2="{_TOP + ph}" stroke="#bbbbbb" stroke-dasharray="3,3">'
                      f'<title>{escape(marker_label)} {i * stride}</title></line>')
-    for k, (name, t, y) in enumerate(series):
+    # Drawn last to first: the first series (the total) ends up on top, so
+    # a single type's identical line does not hide it; it is dashed so the
+    # line beneath still shows.
+    for k, (name, t, y) in reversed(list(enumerate(series))):
         if not len(t):
             continue
         t, y = downsample(np.asarray(t, dtype=float), np.asarray(y, dtype=float))
         # Step-wise: usage holds its value until the next event.
         xs, ys = x(np.repeat(t, 2)[1:]), yv(np.repeat(y, 2)[:-1])
         pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(xs.tolist(), ys.tolist()))
+        dash = ' stroke-dasharray="6,4"' if k == 0 and len(series) > 1 else ""
         parts.append(f'<polyline class="series" fill="none" stroke="{COLORS[k % len(COLORS)]}" '
-                     f'stroke-width="2" points="{pts}"><title>{escape(name)}</title></polyline>')
+                     f'stroke-width="2"{dash} points="{pts}"><title>{escape(name)}</title>'
+                     '</polyline>')
     parts.append("</svg>")
     legend = "".join(
         f'<span class="legend"><span class="swatch" style="background:{COLORS[k % len(COLORS)]}">'
