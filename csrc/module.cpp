@@ -134,15 +134,14 @@ NB_MODULE(_native, m) {
            [](RecorderHandle& h, int64_t ts) { return rec(h).first_seq_at_or_after_time(ts); })
       .def("_set_consumer_seq", [](RecorderHandle& h, uint64_t s) { rec(h).set_consumer_seq(s); })
       .def("_live", [](RecorderHandle& h) {
-             std::vector<LiveEntry> entries;
              std::vector<uint64_t> streams;
-             entries = rec(h).live();
+             std::vector<LiveEntry> entries = rec(h).live(&streams);
              std::vector<LiveRow> rows;
              rows.reserve(entries.size());
              for (const LiveEntry& e : entries)
                rows.push_back(LiveRow{e.address, e.size, e.timestamp_ns, e.seq,
-                                      rec(h).stream_value(e.stream_idx), e.step, e.stack_id,
-                                      e.thread_id, e.type_id, e.device});
+                                      e.stream_idx < streams.size() ? streams[e.stream_idx] : 0,
+                                      e.step, e.stack_id, e.thread_id, e.type_id, e.device});
              return as_bytes(rows);
            })
       .def("_live_count", [](RecorderHandle& h) { return rec(h).live_count(); })

@@ -367,8 +367,9 @@ void Recorder::reset_peak(int type_id, int device) {
       if (device < 0 || d == static_cast<size_t>(device + 1)) reset(by_device_[d]);
 }
 
-std::vector<LiveEntry> Recorder::live() const {
+std::vector<LiveEntry> Recorder::live(std::vector<uint64_t>* streams) const {
   std::lock_guard<SpinLock> lock(mu_);
+  if (streams) *streams = streams_;
   std::vector<LiveEntry> out;
   out.reserve(live_.size());
   live_.for_each([&](uint64_t, const LiveEntry& e) { out.push_back(e); });
@@ -383,11 +384,6 @@ bool Recorder::lookup_live(uint64_t address, LiveEntry* out) const {
   if (!e) return false;
   *out = *e;
   return true;
-}
-
-uint64_t Recorder::stream_value(uint16_t stream_idx) const {
-  std::lock_guard<SpinLock> lock(mu_);
-  return stream_idx < streams_.size() ? streams_[stream_idx] : 0;
 }
 
 uint64_t Recorder::live_count() const {

@@ -137,10 +137,11 @@ class Recorder {
   // Peak := current, for every slice matching (type, device); -1 = any.
   void reset_peak(int type_id, int device);
 
-  std::vector<LiveEntry> live() const;
+  // Every live allocation, oldest first; `streams` (optional) receives the
+  // stream table, read under the same lock, to resolve stream_idx.
+  std::vector<LiveEntry> live(std::vector<uint64_t>* streams = nullptr) const;
   bool lookup_live(uint64_t address, LiveEntry* out) const;
   uint64_t live_count() const;
-  uint64_t stream_value(uint16_t stream_idx) const;
 
   std::vector<EventRow> read(uint64_t start_seq, uint64_t end_seq) const;
   uint64_t next_seq() const;
