@@ -3,11 +3,13 @@
 Configurations, each timed over the same steps:
   (a) nothing,
   (m) an empty TorchDispatchMode (the floor any dispatch-mode tracker pays),
-  (b) torchmem's HostTracker feeding a MemoryProfiler,
+  (b) torchmem's HostTracker (dispatch mode) feeding a MemoryProfiler,
+  (h) torchmem's CPU allocator hook (the default host source), and (h+s)
+      the same with Python stacks captured at each allocation,
   (c) torch.profiler.profile(profile_memory=True).
 Prints the step time, the ratio to (a), and the microseconds added per
 dispatched op ((x - a) / ops per step; ops counted with a counting dispatch
-mode). Goal for (b): <= 10 us per op.
+mode). Goal for the default host source: <= 10 us per op.
 
 Step time is the thread's CPU time (time.thread_time), best of the repeats of
 the median over steps: on a shared machine wall time mostly measures the
@@ -31,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchmem import MemoryProfiler
+from torchmem.sources.cpu_allocator import CPUAllocatorHook
 from torchmem.sources.host import HostTracker, _ModeBase
 
 
@@ -96,10 +99,17 @@ def bench(name: str, step, steps: int, repeats: int) -> None:
         step()
     ops = counter.ops
     prof = MemoryProfiler(auto_snapshot=False)
+    hooked = MemoryProfiler(auto_snapshot=False)
+    hooked_stacks = MemoryProfiler(auto_snapshot=False, capture_stack_traces=True)
+    with CPUAllocatorHook(hooked):
+        step()
+    allocs = hooked.get_statistics().allocation_count
     configs = {
         "a nothing": contextlib.nullcontext,
         "m empty dispatch mode": EmptyMode,
-        "b torchmem host tracker": lambda: HostTracker(prof),
+        "b torchmem dispatch-mode tracker": lambda: HostTracker(prof),
+        "h torchmem CPU allocator hook": lambda: CPUAllocatorHook(hooked),
+        "h+s allocator hook, stacks on": lambda: CPUAllocatorHook(hooked_stacks),
         "c torch.profiler(profile_memory=True)": lambda: profile(
             activities=[ProfilerActivity.CPU], profile_memory=True),
     }
@@ -108,13 +118,15 @@ def bench(name: str, step, steps: int, repeats: int) -> None:
         for k, factory in configs.items():
             results[k].append(timed(step, factory, steps))
     base = min(results["a nothing"])
-    print(f"\n{name}: {ops} dispatched ops per step, {steps} steps x {repeats} repeats")
+    print(f"\n{name}: {ops} dispatched ops and {allocs} CPU allocations per step, "
+          f"{steps} steps x {repeats} repeats")
     print(f"  {'configuration':40s} {'step ms':>9s} {'ratio':>7s} {'us/op added':>12s}")
     for k, ts in results.items():
         t = min(ts)
         print(f"  {k:40s} {t * 1e3:9.3f} {t / base:7.2f} {(t - base) / ops * 1e6:12.2f}")
-    assert prof.anomalies["total"] == 0, prof.anomalies
-    prof.close()
+    for p in (prof, hooked, hooked_stacks):
+        assert p.anomalies["total"] == 0, p.anomalies
+        p.close()
 
 
 def main() -> None:

@@ -163,30 +163,6 @@ Backend* backend() {
   return b;
 }
 
-// torch calls the allocator with the GIL released (its op bindings drop it),
-// so the stack of the Python code behind an allocation is only readable with
-// the GIL taken back. Rules: only when capture is on and a recorder listens;
-// never during interpreter shutdown (PyGILState_Ensure would hang a daemon
-// thread); never on a thread that has never run Python (autograd's device
-// threads, NCCL's): such a thread has no Python frames, and taking the GIL
-// there would build and tear down a thread state for nothing. We hold no
-// lock of ours here. torch's own _record_memory_history(stacks="python")
-// takes the GIL at the same point of its allocator.
-uint32_t maybe_capture_stack() {
-  if (!stack_capture_enabled()) return 0;
-  if (!Py_IsInitialized()) return 0;
-#if PY_VERSION_HEX >= 0x030D0000
-  if (Py_IsFinalizing()) return 0;
-#else
-  if (_Py_IsFinalizing()) return 0;
-#endif
-  if (PyGILState_GetThisThreadState() == nullptr) return 0;
-  PyGILState_STATE state = PyGILState_Ensure();
-  uint32_t id = capture_python_stack(stack_capture_depth());
-  PyGILState_Release(state);
-  return id;
-}
-
 // The same units and rounding as torch's c10 format_size, so the message
 // reads like torch's own.
 std::string format_size(uint64_t size) {
@@ -282,7 +258,7 @@ void* torchmem_malloc(size_t size, int device, void* stream) {
   (void)at_exit_registered;
   Backend* b = backend();
   Recorder* rec = live_recorder();
-  uint32_t stack = (rec && rec->enabled()) ? maybe_capture_stack() : 0;
+  uint32_t stack = (rec && rec->enabled()) ? capture_stack_in_allocator() : 0;
   if (!b) return fail(AllocStatus::Error, nullptr, size, device, stream, stack, false);
   DeviceState& c = state_for(device);
   if (!c.used.load(std::memory_order_relaxed)) c.used.store(true, std::memory_order_relaxed);

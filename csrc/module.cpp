@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "fast_track.hpp"
+#include "host_bridge.hpp"
 #include "recorder.hpp"
 #include "stack_capture.hpp"
 
@@ -247,14 +248,21 @@ NB_MODULE(_native, m) {
   m.def("set_skip_prefixes", &set_skip_prefixes);
   m.def("set_stack_capture", &set_stack_capture, nb::arg("enabled"), nb::arg("depth"));
   m.def("capture_stack", &capture_python_stack, nb::arg("max_depth"));
-  m.def("set_gpu_recorder", [](nb::handle recorder) {
-    if (recorder.is_none()) {
-      set_gpu_recorder(nullptr);
-      return;
-    }
+  // None, or a Recorder (a MemoryProfiler): the recorder an allocator hook feeds.
+  auto recorder_or_null = [](nb::handle recorder) -> std::shared_ptr<Recorder> {
+    if (recorder.is_none()) return nullptr;
     RecorderHandle* h = handle_of(recorder.ptr());
     if (!h) throw nb::python_error();
-    set_gpu_recorder(h->recorder);
+    return h->recorder;
+  };
+  m.def("set_gpu_recorder", [recorder_or_null](nb::handle recorder) {
+    set_gpu_recorder(recorder_or_null(recorder));
   }, nb::arg("recorder").none(), "The profiler the CUDA plugin feeds (None: none).");
+  m.def("set_host_recorder", [recorder_or_null](nb::handle recorder) {
+    set_host_recorder(recorder_or_null(recorder));
+  }, nb::arg("recorder").none(), "The profiler the CPU allocator hook feeds (None: none).");
+  m.def("host_bridge_addresses", [] {
+    return std::make_pair(host_alloc_fn_address(), host_free_fn_address());
+  }, "Addresses of torchmem_host_alloc and torchmem_host_free, for the CPU allocator hook.");
   bind_cuda(m);
 }

@@ -231,6 +231,16 @@ void Recorder::record_free(uint64_t address, int64_t size) {
   free_and_log_locked(address, size, &gone, ts, step_.load(std::memory_order_relaxed), tid);
 }
 
+bool Recorder::record_free_if_live(uint64_t address) {
+  if (!enabled()) return false;
+  uint32_t tid = current_thread_id();
+  std::lock_guard<SpinLock> lock(mu_);
+  if (!live_.find(address)) return false;
+  LiveEntry gone;
+  return free_and_log_locked(address, -1, &gone, now_ns(), step_.load(std::memory_order_relaxed),
+                             tid);
+}
+
 void Recorder::record_realloc(uint64_t old_address, uint64_t new_address,
                               uint64_t new_size, uint32_t stack_id) {
   if (!enabled()) return;
@@ -460,30 +470,73 @@ size_t Recorder::memory_bytes() const {
 }
 
 namespace {
-// Never destroyed: torch frees its last CUDA blocks (cuBLAS workspaces)
-// during interpreter teardown, after static destructors may have run, and
-// the plugin may still reach the recorder then.
-struct GpuRecorderSlot {
+// Never destroyed: torch frees its last blocks (cuBLAS workspaces, CPU
+// storages) during interpreter teardown, after static destructors may have
+// run, and the allocator hooks may still reach the recorder then.
+struct RecorderSlot {
   std::mutex mu;
   std::vector<std::shared_ptr<Recorder>> owners;  // every recorder ever set
   std::atomic<Recorder*> current{nullptr};
+  // The owners' raw pointers, newest first, replaced whole on each set() so
+  // readers need no lock (old lists are kept: a reader may still be in one).
+  std::atomic<const std::vector<Recorder*>*> all{empty_list()};
+  std::vector<std::unique_ptr<std::vector<Recorder*>>> lists;  // every list published
+
+  static const std::vector<Recorder*>* empty_list() {
+    static const auto* empty = new std::vector<Recorder*>();
+    return empty;
+  }
+
+  void set(std::shared_ptr<Recorder> recorder) {
+    // Old recorders stay owned until process exit: an allocator call racing
+    // with the swap may still hold the raw pointer.
+    std::lock_guard<std::mutex> lock(mu);
+    Recorder* raw = recorder.get();
+    if (recorder &&
+        std::find(owners.begin(), owners.end(), recorder) == owners.end()) {
+      owners.push_back(std::move(recorder));
+      lists.push_back(std::make_unique<std::vector<Recorder*>>());
+      for (auto it = owners.rbegin(); it != owners.rend(); ++it)
+        lists.back()->push_back(it->get());
+      all.store(lists.back().get(), std::memory_order_release);
+    }
+    current.store(raw, std::memory_order_release);
+  }
+
+  // In a forked child: nothing is fed any more (no lock: another thread of
+  // the parent may have held `mu` at the fork).
+  void forget() {
+    current.store(nullptr, std::memory_order_release);
+    all.store(empty_list(), std::memory_order_release);
+  }
 };
-GpuRecorderSlot& gpu_slot() {
-  static auto* slot = new GpuRecorderSlot();
+RecorderSlot& gpu_slot() {
+  static auto* slot = new RecorderSlot();
+  return *slot;
+}
+RecorderSlot& host_slot() {
+  static auto* slot = new RecorderSlot();
   return *slot;
 }
 }  // namespace
 
 Recorder* gpu_recorder() { return gpu_slot().current.load(std::memory_order_acquire); }
+void set_gpu_recorder(std::shared_ptr<Recorder> recorder) { gpu_slot().set(std::move(recorder)); }
 
-void set_gpu_recorder(std::shared_ptr<Recorder> recorder) {
-  // Old recorders stay owned until process exit: a plugin call racing with
-  // the swap may still hold the raw pointer.
-  GpuRecorderSlot& slot = gpu_slot();
-  std::lock_guard<std::mutex> lock(slot.mu);
-  Recorder* raw = recorder.get();
-  if (recorder) slot.owners.push_back(std::move(recorder));
-  slot.current.store(raw, std::memory_order_release);
+Recorder* host_recorder() { return host_slot().current.load(std::memory_order_acquire); }
+void set_host_recorder(std::shared_ptr<Recorder> recorder) {
+  host_slot().set(std::move(recorder));
+}
+void forget_host_recorders() { host_slot().forget(); }
+
+bool record_host_free(uint64_t address) {
+  RecorderSlot& slot = host_slot();
+  Recorder* first = slot.current.load(std::memory_order_acquire);
+  if (first && first->record_free_if_live(address)) return true;
+  // Recorded by a recorder fed before the current one: its free belongs there.
+  for (Recorder* r : *slot.all.load(std::memory_order_acquire))
+    if (r != first && r->record_free_if_live(address)) return true;
+  return false;
 }
 
 }  // namespace torchmem

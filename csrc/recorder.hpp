@@ -103,6 +103,10 @@ class Recorder {
                     int16_t device, uint64_t stream, uint32_t stack_id);
   // size < 0 means "not given by the caller".
   void record_free(uint64_t address, int64_t size);
+  // A free from an allocator hook that may see frees of blocks allocated
+  // before this recorder listened: unknown addresses are not anomalies.
+  // Returns whether the address was live.
+  bool record_free_if_live(uint64_t address);
   // Free old (if live) and allocate new as one REALLOCATION event.
   void record_realloc(uint64_t old_address, uint64_t new_address,
                       uint64_t new_size, uint32_t stack_id);
@@ -220,6 +224,15 @@ class Recorder {
 // The recorder the CUDA plugin feeds (process-wide; null when none).
 Recorder* gpu_recorder();
 void set_gpu_recorder(std::shared_ptr<Recorder> recorder);
+
+// The recorder the CPU allocator hook feeds (process-wide; null when none).
+Recorder* host_recorder();
+void set_host_recorder(std::shared_ptr<Recorder> recorder);
+// The free of a block the hook recorded, logged in whichever host recorder
+// (current first, then earlier ones) holds it live. False when none does.
+bool record_host_free(uint64_t address);
+// In a forked child: no host recorder is fed any more.
+void forget_host_recorders();
 
 // Kernel thread id of the caller, cached per thread.
 uint32_t current_thread_id();

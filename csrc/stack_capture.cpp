@@ -106,4 +106,28 @@ uint32_t capture_python_stack(int max_depth) {
   return table.intern(outer_first, static_cast<size_t>(n));
 }
 
+// torch calls allocators with the GIL released (its op bindings drop it),
+// so the stack of the Python code behind an allocation is only readable with
+// the GIL taken back. Rules: only when capture is on and a recorder listens;
+// never during interpreter shutdown (PyGILState_Ensure would hang a daemon
+// thread); never on a thread that has never run Python (autograd's device
+// threads, NCCL's): such a thread has no Python frames, and taking the GIL
+// there would build and tear down a thread state for nothing. We hold no
+// lock of ours here. torch's own _record_memory_history(stacks="python")
+// takes the GIL at the same point of its allocator.
+uint32_t capture_stack_in_allocator() {
+  if (!stack_capture_enabled()) return 0;
+  if (!Py_IsInitialized()) return 0;
+#if PY_VERSION_HEX >= 0x030D0000
+  if (Py_IsFinalizing()) return 0;
+#else
+  if (_Py_IsFinalizing()) return 0;
+#endif
+  if (PyGILState_GetThisThreadState() == nullptr) return 0;
+  PyGILState_STATE state = PyGILState_Ensure();
+  uint32_t id = capture_python_stack(stack_capture_depth());
+  PyGILState_Release(state);
+  return id;
+}
+
 }  // namespace torchmem

@@ -17,6 +17,11 @@ StackTable& stack_table();
 // directories left out; 0 when there is no Python frame. GIL required.
 uint32_t capture_python_stack(int max_depth);
 
+// For allocator hooks (any thread, GIL held or not): the caller's stack when
+// capture is on and the thread runs Python, taking the GIL back for the
+// walk; 0 otherwise. Never blocks during interpreter shutdown.
+uint32_t capture_stack_in_allocator();
+
 // Files under these directory prefixes are never reported as a site (the
 // torchmem package itself). Takes effect for code objects seen later.
 void set_skip_prefixes(std::vector<std::string> prefixes);

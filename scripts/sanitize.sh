@@ -24,7 +24,7 @@ LIBS=()
 # The plugin's entry points need Python's headers and library (the optional
 # stack capture takes the GIL); the test never starts an interpreter.
 PLUGIN=(csrc/cuda_plugin.cpp csrc/cuda_backends.cpp csrc/cuda_runtime.cpp
-        csrc/stack_capture.cpp csrc/stack_table.cpp)
+        csrc/stack_capture.cpp csrc/stack_table.cpp csrc/host_bridge.cpp)
 PY=${PYTHON:-python3}
 have_plugin=1
 for f in "${PLUGIN[@]}"; do [ -f "$f" ] || have_plugin=0; done

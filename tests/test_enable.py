@@ -156,3 +156,25 @@ def test_python_m_torchmem_run(tmp_path):
     from torchmem.storage import load
 
     assert load(trace).get_statistics().peak_usage_bytes == 12288
+
+
+@pytest.mark.parametrize("choice, source", [("auto", "CPUAllocatorHook"), (True, "CPUAllocatorHook"),
+                                            ("allocator", "CPUAllocatorHook"),
+                                            ("dispatch", "HostTracker"), (False, "NoneType")])
+def test_host_source_choice(session, choice, source):
+    p = _session.enable(trace=False, summary=False, auto_snapshot=False, gc=False, host=choice)
+    assert type(_session._session.host).__name__ == source
+    t = torch.empty(1000, dtype=torch.uint8)
+    assert p.get_statistics_for_type("CPU").current_usage_bytes == (0 if choice is False else 1000)
+    del t
+    assert p.get_statistics_for_type("CPU").current_usage_bytes == 0
+
+
+def test_host_source_from_the_environment_and_bad_values(session, monkeypatch):
+    monkeypatch.setenv("TORCHMEM_HOST", "off")
+    assert _session._defaults()["host"] is False
+    monkeypatch.setenv("TORCHMEM_HOST", "Dispatch")
+    assert _session._defaults()["host"] == "dispatch"
+    with pytest.raises(ValueError, match="host=.*'bogus'"):
+        _session.enable(trace=False, summary=False, host="bogus")
+    assert _session._session is None

@@ -5,15 +5,15 @@ from __future__ import annotations
 import gc
 import sys
 import threading
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
 
 from torchmem import MemoryEventType, MemoryProfiler
 from torchmem.sources.host import HostTracker
+
+from _host_helpers import reachable_bytes, train_mlp_measured
 
 
 @pytest.fixture
@@ -27,40 +27,6 @@ def cpu_bytes(p: MemoryProfiler) -> int:
     return p.get_statistics_for_type("CPU").current_usage_bytes
 
 
-def reachable_bytes() -> int:
-    """Bytes of the distinct torch-owned CPU storages reachable from Python.
-
-    Every tensor object the collector knows about, plus its ``.grad`` (a
-    gradient lives in C++ and may have no Python object until read).
-    """
-    storages: dict[int, int] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecated module attributes warn on isinstance
-        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
-    for o in objs:
-        for t in (o, o.grad):
-            if t is None or not t.is_cpu or t.layout != torch.strided:
-                continue
-            s = t.untyped_storage()
-            if s.resizable():
-                storages[s._cdata] = s.nbytes()
-    return sum(storages.values())
-
-
-def profiler_marks(tprof) -> dict[str, tuple[int, int]]:
-    """For each record_function marker: (live bytes, peak bytes) from torch.profiler."""
-    evs = sorted(tprof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
-    live = peak = 0
-    marks = {}
-    for e in evs:
-        if e.name() == "[memory]":
-            live += e.nbytes()
-            peak = max(peak, live)
-        elif e.name().startswith("mark_"):
-            marks[e.name()] = (live, peak)
-    return marks
-
-
 # A Python scalar operand becomes an 8-byte double tensor plus a 4-byte float
 # copy inside the op; torch.profiler sees those temporaries, the dispatch mode
 # cannot (they never leave the op). This is the most peak may differ by.
@@ -69,29 +35,7 @@ SCALAR_TEMPORARIES = 8 + 4
 
 @pytest.mark.parametrize("variant", ["foreach", "fused"])
 def test_mlp_adam_exact_at_every_step(prof, variant):
-    torch.manual_seed(0)
-    ours = []
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as tprof:
-        with HostTracker(prof):
-            model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
-                                        torch.nn.Linear(64, 10))
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3, **{variant: True})
-            for step in range(20):
-                x = torch.randn(16, 32)
-                y = torch.randint(0, 10, (16,))
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                del x, y, loss
-                with record_function(f"mark_{step}"):
-                    pass
-                s = prof.get_statistics_for_type("CPU")
-                ours.append((s.current_usage_bytes, s.peak_usage_bytes, reachable_bytes()))
-            n_params = sum(p.numel() for p in model.parameters())
-            del model, opt
-            gc.collect()
-    marks = profiler_marks(tprof)
+    ours, marks, n_params = train_mlp_measured(prof, HostTracker(prof), variant)
     for step, (current, peak, reachable) in enumerate(ours):
         t_live, t_peak = marks[f"mark_{step}"]
         assert current == reachable == t_live, step

@@ -135,9 +135,7 @@ def _start_sources(s: _Session) -> None:
 
         s.gpu = start_gpu_recording(prof, settings["gpu_source"])
     if settings["host"] and s.host is None:
-        from .sources.host import HostTracker
-
-        s.host = HostTracker(prof).start()
+        s.host = _start_host_source(prof, settings["host"])
         s.host_thread = threading.get_ident()
     if settings["gc"] and s.gc is None:
         from .sources.gc_monitor import GCMonitor
@@ -158,6 +156,26 @@ def _start_sources(s: _Session) -> None:
         oom.install(prof, directory=_trace_dir(settings))
 
 
+_HOST_CHOICES = (True, False, "auto", "allocator", "dispatch")
+
+
+def _start_host_source(prof: MemoryProfiler, choice: Any) -> Any:
+    """The CPU allocator hook; the dispatch-mode tracker where it cannot run."""
+    if choice in (True, "auto", "allocator"):
+        from .sources.cpu_allocator import CPUAllocatorHook, HookUnavailable
+
+        try:
+            return CPUAllocatorHook(prof).start()
+        except HookUnavailable as exc:
+            if choice == "allocator":
+                raise
+            warnings.warn(f"torchmem: {exc}; tracking CPU tensors with a dispatch mode "
+                          "instead (slower, this thread only)", RuntimeWarning, stacklevel=4)
+    from .sources.host import HostTracker
+
+    return HostTracker(prof).start()
+
+
 def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
            **settings: Any) -> MemoryProfiler:
     """Starts (or resumes) the process-wide profiler and returns it.
@@ -174,7 +192,12 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
         trace (bool, True): write a SQLite trace.
         trace_dir (str; env TORCHMEM_DIR; default ./torchmem-traces): where.
         gpu_source ("auto" | "plugin" | "history" | "none", default "auto").
-        host (bool, True): track CPU and pinned tensors on this thread.
+        host ("auto" | "allocator" | "dispatch" | False; default "auto"; env
+            TORCHMEM_HOST): how CPU tensors are tracked. "allocator" hooks
+            c10's CPU allocator (every thread, about 0.1 us per allocation;
+            built with the C++ compiler on first use); "dispatch" uses a
+            TorchDispatchMode on this thread (also labels pinned tensors;
+            about 15 us per op); "auto" (or True) is the hook, else dispatch.
         gc (bool, True): monitor garbage collections.
         auto_step (bool, True): each optimizer.step() advances profiler.step();
             turn off if you call profiler.step() yourself.
@@ -206,6 +229,9 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
         if unknown:
             raise TypeError(f"enable() got unknown settings: {', '.join(sorted(unknown))}")
         opts.update(settings)
+        if opts["host"] not in _HOST_CHOICES:
+            raise ValueError(f"enable(host=...) must be one of {_HOST_CHOICES[1:]}, "
+                             f"got {opts['host']!r}")
         rank = _rank()
         if storage is not None:
             path = getattr(storage, "path", None)
@@ -244,12 +270,17 @@ def _defaults() -> dict[str, Any]:
         "trace": True,
         "trace_dir": None,
         "gpu_source": os.environ.get("TORCHMEM_GPU_SOURCE") or "auto",
-        "host": True,
+        "host": _env_host(),
         "gc": True,
         "auto_step": True,
         "oom_report": True,
         "summary": _env_flag("TORCHMEM_SUMMARY", True),
     }
+
+
+def _env_host() -> Any:
+    value = (os.environ.get("TORCHMEM_HOST") or "auto").strip().lower()
+    return False if value in ("0", "false", "no", "off", "none") else value
 
 
 def _apply_live_settings(s: _Session, settings: dict[str, Any]) -> None:

@@ -96,6 +96,7 @@ class MemoryProfiler(_native.Recorder):
         self._gc_total_ns = 0
         self._snapshots: list[Snapshot] = []
         self._is_global = False
+        self._feeds_cpu_hook = False  # set by CPUAllocatorHook.start()
         self.storage = storage
         self.publisher = publisher
         self.max_stack_trace_depth = max_stack_trace_depth
@@ -189,8 +190,9 @@ class MemoryProfiler(_native.Recorder):
             to_stop.stop()
 
     def _sync_gpu_settings(self) -> None:
-        # The CUDA plugin has no profiler object in hand; it reads these.
-        if getattr(self, "_is_global", False):
+        # The CUDA plugin and the CPU allocator hook have no profiler object
+        # in hand; they read these.
+        if self._is_global or self._feeds_cpu_hook:
             _native.set_stack_capture(self._capture_stacks, self._max_depth)
 
     # -- steps -----------------------------------------------------------------

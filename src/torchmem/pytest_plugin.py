@@ -115,8 +115,11 @@ class _Measure:
             self.tracker = HostTracker(prof)
             self.own = True
         else:
+            # The dispatch-mode tracker must be told of tensors from before
+            # the test; the allocator hook has seen every one since enable().
             session = _session._session
-            self.tracker = session.host if session is not None else None
+            host = session.host if session is not None else None
+            self.tracker = host if hasattr(host, "adopt") else None
             self.own = False
         self.prof = prof
 

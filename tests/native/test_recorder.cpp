@@ -20,6 +20,7 @@
 
 #ifdef TORCHMEM_TEST_PLUGIN
 #include "cuda_plugin.hpp"
+#include "host_bridge.hpp"
 #endif
 
 using namespace torchmem;
@@ -435,6 +436,47 @@ void test_fork_while_busy() {
   CHECK_EQ(r.total().current, 0u);
 }
 
+void test_host_free_routing() {
+  // Each free goes to the recorder holding the block live, current first.
+  auto a = std::make_shared<Recorder>();
+  auto b = std::make_shared<Recorder>();
+  set_host_recorder(a);
+  a->record_alloc(0x1000, 10, kTypeCPU, -1, 0, 0);
+  set_host_recorder(b);
+  b->record_alloc(0x2000, 20, kTypeCPU, -1, 0, 0);
+  CHECK(host_recorder() == b.get());
+  CHECK(record_host_free(0x1000));   // a's block, freed while b is fed
+  CHECK(record_host_free(0x2000));
+  CHECK(!record_host_free(0x3000));  // nobody's: not an anomaly anywhere
+  CHECK(!record_host_free(0x1000));  // already freed
+  CHECK_COUNTERS(a->total(), 10, 10, 0, 10, 1, 1);
+  CHECK_COUNTERS(b->total(), 20, 20, 0, 20, 1, 1);
+  CHECK_EQ(a->anomaly_counts()[0] + b->anomaly_counts()[0], 0u);
+  a->set_enabled(false);  // a disabled recorder is not fed its frees
+  set_host_recorder(a);
+  a->set_enabled(true);
+  a->record_alloc(0x4000, 5, kTypeCPU, -1, 0, 0);
+  a->set_enabled(false);
+  CHECK(!record_host_free(0x4000));
+  a->set_enabled(true);
+  CHECK_EQ(a->total().current, 5u);
+  forget_host_recorders();
+  CHECK(host_recorder() == nullptr);
+  CHECK(!record_host_free(0x4000));
+  CHECK_EQ(a->total().current, 5u);
+#ifdef TORCHMEM_TEST_PLUGIN
+  set_host_recorder(b);
+  int dummy = 0;
+  CHECK_EQ(torchmem_host_alloc(&dummy, 4), 1);
+  CHECK_EQ(torchmem_host_alloc(nullptr, 4), 0);
+  CHECK_EQ(b->total().current, 4u);
+  torchmem_host_free(&dummy);
+  CHECK_EQ(b->total().current, 0u);
+  set_host_recorder(nullptr);
+  CHECK_EQ(torchmem_host_alloc(&dummy, 4), 0);
+#endif
+}
+
 // -- the CUDA plugin's entry points -----------------------------------------------
 
 #ifdef TORCHMEM_TEST_PLUGIN
@@ -582,6 +624,7 @@ int main() {
   test_eviction();
   test_threads();
   test_fork_while_busy();
+  test_host_free_routing();
 #ifdef TORCHMEM_TEST_PLUGIN
   test_plugin();
   const char* plugin = "with";
