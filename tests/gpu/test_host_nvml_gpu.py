@@ -37,3 +37,24 @@ def test_pinned_memory_is_labelled_pinned(run_gpu_script):
         assert p.get_statistics_for_type("Pinned").current_usage_bytes == 0
         print("OK")
     """)
+
+
+def test_cpu_allocator_hook_on_a_cuda_build(run_gpu_script):
+    # On a CUDA build the hook must build, count CPU storages exactly, and
+    # leave pinned memory (the accelerator's host allocator) out of "CPU".
+    run_gpu_script("""
+        import torch, torchmem
+        from torchmem.sources.cpu_allocator import CPUAllocatorHook
+        p = torchmem.MemoryProfiler(auto_snapshot=False)
+        with CPUAllocatorHook(p):
+            a = torch.empty(4096, dtype=torch.uint8)
+            pinned = torch.empty(8192, dtype=torch.uint8, pin_memory=True)
+            g = torch.empty(1024, device="cuda")
+            back = g.cpu()
+            assert p.get_statistics_for_type("CPU").current_usage_bytes == 4096 + 4096, \\
+                p.get_statistics().usage_by_type
+            del a, back
+        assert p.get_statistics_for_type("CPU").current_usage_bytes == 0
+        assert p.anomalies["total"] == 0, p.anomalies
+        print("OK")
+    """)
