@@ -32,37 +32,71 @@ void EventLog::evict_if_needed() {
     uint64_t retained_after = next_seq_ - (front.base_seq + front.count);
     if (retained_after < retention_) break;
     if (front.base_seq + front.count > consumer_seq_) break;
+    bool pinned = false;
+    for (uint64_t pin : pins_) pinned |= front.base_seq + front.count > pin;
+    if (pinned) break;
     spare_ = std::move(chunks_.front());
     chunks_.pop_front();
   }
 }
 
-void EventLog::read(uint64_t start, uint64_t end,
-                    const std::vector<uint64_t>& streams,
+EventRow* EventLog::rows_of(const Chunk& c, uint32_t count, uint64_t start, uint64_t end,
+                           const std::vector<uint64_t>& streams, EventRow* out) {
+  uint64_t alloc = c.base_allocated, freed = c.base_freed;
+  for (uint32_t i = 0; i < count; ++i) {
+    uint64_t seq = c.base_seq + i;
+    if (seq >= end) break;
+    EventKind kind = static_cast<EventKind>(c.kind[i]);
+    alloc += allocated_delta(kind, c.size[i]);
+    freed += freed_delta(kind, c.size[i]);
+    if (seq < start) continue;
+    uint16_t si = c.stream_idx[i];
+    *out++ = EventRow{seq, c.timestamp[i], c.address[i], c.size[i],
+                      si < streams.size() ? streams[si] : 0, c.step[i], alloc,
+                      freed, c.thread_id[i], c.stack_id[i], c.type_id[i],
+                      c.device[i], kind, {0, 0, 0}};
+  }
+  return out;
+}
+
+EventLog::ReadPlan EventLog::plan(uint64_t start, uint64_t end,
+                                  const std::vector<uint64_t>& streams) const {
+  ReadPlan p;
+  p.start = std::max(start, first_seq());
+  p.end = std::min(end, next_seq_);
+  if (p.start >= p.end) return p;
+  p.rows = p.end - p.start;
+  size_t ci = (p.start - chunks_.front()->base_seq) / kChunkEvents;
+  for (; ci < chunks_.size() && chunks_[ci]->base_seq < p.end; ++ci)
+    p.slices.push_back(Slice{chunks_[ci].get(), chunks_[ci]->count});
+  p.streams = streams;
+  pins_.push_back(p.start);
+  p.pinned = true;
+  return p;
+}
+
+void EventLog::fill(const ReadPlan& p, EventRow* out) {
+  for (const Slice& s : p.slices) out = rows_of(*s.chunk, s.count, p.start, p.end, p.streams, out);
+}
+
+void EventLog::finish(ReadPlan& p) const {
+  if (!p.pinned) return;
+  auto it = std::find(pins_.begin(), pins_.end(), p.start);
+  if (it != pins_.end()) pins_.erase(it);
+  p.pinned = false;
+}
+
+void EventLog::read(uint64_t start, uint64_t end, const std::vector<uint64_t>& streams,
                     std::vector<EventRow>* out) const {
   start = std::max(start, first_seq());
   end = std::min(end, next_seq_);
   if (start >= end) return;
-  out->reserve(out->size() + (end - start));
+  size_t at = out->size();
+  out->resize(at + (end - start));
+  EventRow* dst = out->data() + at;
   size_t ci = (start - chunks_.front()->base_seq) / kChunkEvents;
-  for (; ci < chunks_.size(); ++ci) {
-    const Chunk& c = *chunks_[ci];
-    if (c.base_seq >= end) break;
-    uint64_t alloc = c.base_allocated, freed = c.base_freed;
-    for (uint32_t i = 0; i < c.count; ++i) {
-      uint64_t seq = c.base_seq + i;
-      if (seq >= end) break;
-      EventKind kind = static_cast<EventKind>(c.kind[i]);
-      alloc += allocated_delta(kind, c.size[i]);
-      freed += freed_delta(kind, c.size[i]);
-      if (seq < start) continue;
-      uint16_t si = c.stream_idx[i];
-      out->push_back(EventRow{seq, c.timestamp[i], c.address[i], c.size[i],
-                              si < streams.size() ? streams[si] : 0, c.step[i], alloc,
-                              freed, c.thread_id[i], c.stack_id[i], c.type_id[i],
-                              c.device[i], kind, {0, 0, 0}});
-    }
-  }
+  for (; ci < chunks_.size() && chunks_[ci]->base_seq < end; ++ci)
+    dst = rows_of(*chunks_[ci], chunks_[ci]->count, start, end, streams, dst);
 }
 
 template <typename Key>

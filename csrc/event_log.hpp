@@ -92,6 +92,25 @@ class EventLog {
   // Rows [start, end) that are still retained, in order.
   void read(uint64_t start, uint64_t end, const std::vector<uint64_t>& streams,
             std::vector<EventRow>* out) const;
+
+  // Reading without holding the recorder's lock while rows are built (a
+  // sink copying 64K events would otherwise stall every writer): under the
+  // lock, plan() pins the range, so no chunk in it is evicted or reused,
+  // and notes each chunk with its event count at that moment (a chunk is
+  // only ever appended to past that count). fill() then needs no lock;
+  // finish() (under the lock) drops the pin.
+  struct Slice;
+  struct ReadPlan {
+    uint64_t start = 0;
+    uint64_t end = 0;
+    uint64_t rows = 0;
+    std::vector<Slice> slices;
+    std::vector<uint64_t> streams;
+    bool pinned = false;
+  };
+  ReadPlan plan(uint64_t start, uint64_t end, const std::vector<uint64_t>& streams) const;
+  static void fill(const ReadPlan& plan, EventRow* out);  // out: plan.rows rows
+  void finish(ReadPlan& plan) const;
   // First seq whose step >= lo, and first seq whose step > hi.
   uint64_t lower_bound_step(uint64_t step) const;
   uint64_t lower_bound_time(int64_t ts) const;
@@ -115,6 +134,9 @@ class EventLog {
     uint8_t kind[kChunkEvents];
   };
   void open_chunk(uint64_t total_allocated_before, uint64_t total_freed_before);
+  // Rows [start, end) of one chunk (its first `count` events) into out.
+  static EventRow* rows_of(const Chunk& c, uint32_t count, uint64_t start, uint64_t end,
+                           const std::vector<uint64_t>& streams, EventRow* out);
   void evict_if_needed();
   template <typename Key>
   uint64_t lower_bound(Key key_of, uint64_t value) const;
@@ -122,9 +144,16 @@ class EventLog {
   uint64_t retention_;
   uint64_t next_seq_ = 0;
   uint64_t consumer_seq_ = UINT64_MAX;
+  mutable std::vector<uint64_t> pins_;  // starts of plans in progress
   std::deque<std::unique_ptr<Chunk>> chunks_;
   std::unique_ptr<Chunk> spare_;  // reused instead of freed and reallocated
   Chunk* tail_ = nullptr;         // chunks_.back(), the one being filled
+
+ public:
+  struct Slice {
+    const Chunk* chunk;
+    uint32_t count;  // events of the chunk when planned
+  };
 };
 
 }  // namespace torchmem

@@ -8,6 +8,9 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstring>
 
 #include "fast_track.hpp"
@@ -116,14 +119,23 @@ NB_MODULE(_native, m) {
              return id;
            })
       .def("_read_events", [](RecorderHandle& h, uint64_t a, uint64_t b) {
-             // The copy needs only the recorder's lock: training threads keep
-             // running Python while a sink reads.
-             std::vector<EventRow> rows;
+             // Rows are built straight into the bytes object, without the
+             // GIL and without the recorder's lock: training threads keep
+             // allocating while a sink reads.
+             Recorder& r = rec(h);
+             EventLog::ReadPlan plan = r.begin_read(a, b);
+             PyObject* out = PyBytes_FromStringAndSize(
+                 nullptr, static_cast<Py_ssize_t>(plan.rows * sizeof(EventRow)));
+             if (!out) {
+               r.end_read(plan);
+               throw nb::python_error();
+             }
              {
                nb::gil_scoped_release release;
-               rows = rec(h).read(a, b);
+               EventLog::fill(plan, reinterpret_cast<EventRow*>(PyBytes_AS_STRING(out)));
+               r.end_read(plan);
              }
-             return as_bytes(rows);
+             return nb::steal<nb::bytes>(out);
            })
       .def("_next_seq", [](RecorderHandle& h) { return rec(h).next_seq(); })
       .def("_first_retained_seq", [](RecorderHandle& h) { return rec(h).first_retained_seq(); })
@@ -261,6 +273,36 @@ NB_MODULE(_native, m) {
   m.def("set_host_recorder", [recorder_or_null](nb::handle recorder) {
     set_host_recorder(recorder_or_null(recorder));
   }, nb::arg("recorder").none(), "The profiler the CPU allocator hook feeds (None: none).");
+  m.def("write_all", [](int fd, nb::handle data) {
+    // One GIL release for the whole buffer: a Python loop over os.write
+    // takes the GIL back after every partial write into a full pipe, and
+    // each time the training thread has to hand it over.
+    Py_buffer view;
+    if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_SIMPLE) != 0) throw nb::python_error();
+    const char* p = static_cast<const char*>(view.buf);
+    size_t left = static_cast<size_t>(view.len);
+    int err = 0;
+    {
+      nb::gil_scoped_release unlocked;
+      while (left > 0) {
+        ssize_t n = ::write(fd, p, left);
+        if (n < 0) {
+          if (errno == EINTR) continue;
+          err = errno;
+          break;
+        }
+        p += n;
+        left -= static_cast<size_t>(n);
+      }
+    }
+    PyBuffer_Release(&view);
+    if (err) {
+      errno = err;
+      PyErr_SetFromErrno(PyExc_OSError);
+      throw nb::python_error();
+    }
+  }, nb::arg("fd"), nb::arg("data"),
+     "Writes all of `data` (a contiguous buffer) to `fd` with the GIL released; OSError on failure.");
   m.def("host_bridge_addresses", [] {
     return std::make_pair(host_alloc_fn_address(), host_free_fn_address());
   }, "Addresses of torchmem_host_alloc and torchmem_host_free, for the CPU allocator hook.");

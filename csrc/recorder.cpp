@@ -402,24 +402,21 @@ uint64_t Recorder::live_count() const {
 }
 
 std::vector<EventRow> Recorder::read(uint64_t start_seq, uint64_t end_seq) const {
-  // One chunk per lock hold: copying a whole range at once kept writers
-  // waiting for milliseconds while a sink read 64K events.
-  std::vector<EventRow> out;
-  {
-    std::lock_guard<SpinLock> lock(mu_);
-    end_seq = std::min(end_seq, log_.next_seq());  // not a tail that keeps moving
-    if (end_seq > start_seq) out.reserve(end_seq - std::max(start_seq, log_.first_seq()));
-  }
-  uint64_t pos = start_seq;
-  while (pos < end_seq) {
-    std::lock_guard<SpinLock> lock(mu_);
-    pos = std::max(pos, log_.first_seq());
-    if (pos >= end_seq) break;
-    uint64_t slice_end = std::min(end_seq, (pos / EventLog::kChunkEvents + 1) * EventLog::kChunkEvents);
-    log_.read(pos, slice_end, streams_, &out);
-    pos = slice_end;
-  }
+  EventLog::ReadPlan plan = begin_read(start_seq, end_seq);
+  std::vector<EventRow> out(plan.rows);
+  EventLog::fill(plan, out.data());
+  end_read(plan);
   return out;
+}
+
+EventLog::ReadPlan Recorder::begin_read(uint64_t start_seq, uint64_t end_seq) const {
+  std::lock_guard<SpinLock> lock(mu_);
+  return log_.plan(start_seq, end_seq, streams_);
+}
+
+void Recorder::end_read(EventLog::ReadPlan& plan) const {
+  std::lock_guard<SpinLock> lock(mu_);
+  log_.finish(plan);
 }
 
 uint64_t Recorder::next_seq() const {

@@ -148,6 +148,11 @@ class Recorder {
   uint64_t live_count() const;
 
   std::vector<EventRow> read(uint64_t start_seq, uint64_t end_seq) const;
+  // read() in three steps, for callers that supply the buffer: the lock is
+  // held in begin_read and end_read only; EventLog::fill(plan, out) builds
+  // the plan.rows rows in between without it.
+  EventLog::ReadPlan begin_read(uint64_t start_seq, uint64_t end_seq) const;
+  void end_read(EventLog::ReadPlan& plan) const;
   uint64_t next_seq() const;
   uint64_t first_retained_seq() const;
   // Sequence range [first, last) whose steps lie in [lo, hi], within retention.

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from .._events import EVENT_DTYPE
+from .._native import write_all as _write_all
 from ..trace import TraceDelta
 from . import _sqlite_schema as schema
 from . import _writer
@@ -347,9 +348,7 @@ class SQLiteStorage:
             if item is None:
                 break
             try:
-                view = memoryview(item)
-                while view:  # os.write releases the GIL while the pipe is full
-                    view = view[os.write(self._data_fd, view):]
+                _write_all(self._data_fd, item)
                 with self._cond:
                     self._sent += 1
                     self._cond.notify_all()
