@@ -383,8 +383,30 @@ class _Input:
         self.buf = bytearray()
         self.pos = 0
 
-    def read(self, n: int) -> bytes | None:
-        """Exactly ``n`` bytes, or None at EOF."""
+    #: Reads at least this big go from the pipe straight into their own
+    #: buffer; smaller ones (frame headers) are served from a read-ahead.
+    DIRECT_BYTES = 1 << 16
+
+    def read(self, n: int) -> bytes | bytearray | None:
+        """Exactly ``n`` bytes, or None at EOF.
+
+        Event pieces are copied once, from the pipe into the returned
+        buffer: the writer's own copies cost as much as SQLite's work.
+        """
+        have = len(self.buf) - self.pos
+        if n >= self.DIRECT_BYTES and have < n:
+            out = bytearray(n)
+            view = memoryview(out)
+            view[:have] = memoryview(self.buf)[self.pos:]
+            self.buf.clear()
+            self.pos = 0
+            got = have
+            while got < n:
+                k = os.readv(self.fd, [view[got:]])
+                if not k:
+                    return None
+                got += k
+            return out
         while len(self.buf) - self.pos < n:
             if self.pos:
                 del self.buf[:self.pos]
@@ -393,7 +415,7 @@ class _Input:
             if not chunk:
                 return None
             self.buf += chunk
-        out = bytes(self.buf[self.pos:self.pos + n])
+        out = bytes(memoryview(self.buf)[self.pos:self.pos + n])
         self.pos += n
         return out
 
