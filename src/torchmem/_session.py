@@ -166,10 +166,11 @@ def _start_host_source(prof: MemoryProfiler, choice: Any) -> Any:
 
         try:
             return CPUAllocatorHook(prof).start()
-        except HookUnavailable as exc:
+        except Exception as exc:  # enable() must not take the training run down
             if choice == "allocator":
                 raise
-            warnings.warn(f"torchmem: {exc}; tracking CPU tensors with a dispatch mode "
+            why = str(exc) if isinstance(exc, HookUnavailable) else repr(exc)
+            warnings.warn(f"torchmem: {why}; tracking CPU tensors with a dispatch mode "
                           "instead (slower, this thread only)", RuntimeWarning, stacklevel=4)
     from .sources.host import HostTracker
 
