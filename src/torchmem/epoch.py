@@ -46,18 +46,19 @@ __all__ = [
 _TORCH_DIR: str | None = None
 
 
-def format_bytes(n: float) -> str:
-    """``n`` bytes as text with a binary unit ("1.50 MiB"); exact below 1 KiB."""
+def format_bytes(n: float, digits: int = 2) -> str:
+    """``n`` bytes as text with a binary unit ("1.50 MiB", ``digits`` decimals);
+    whole bytes below 1 KiB."""
     n = float(n)
     sign = "-" if n < 0 else ""
     n = abs(n)
     if n < 1024:
-        return f"{sign}{int(n)} B"
+        return f"{sign}{round(n)} B"
     for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024.0
         if n < 1024 or unit == "TiB":
-            return f"{sign}{n:.2f} {unit}"
-    return f"{sign}{n:.2f} TiB"  # pragma: no cover
+            return f"{sign}{n:.{digits}f} {unit}"
+    return f"{sign}{n:.{digits}f} TiB"  # pragma: no cover
 
 
 def _torch_dir() -> str:

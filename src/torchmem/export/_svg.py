@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..epoch import format_bytes
+
 #: Series colours; the report's screenshot test looks for the first one.
 COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
           "#17becf", "#bcbd22", "#7f7f7f")
@@ -15,13 +17,8 @@ _LEFT, _RIGHT, _TOP, _BOTTOM = 80, 20, 20, 40
 
 
 def human_bytes(n: float) -> str:
-    """Bytes with a binary unit: 1536 -> "1.5 KiB"."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
+    """Bytes with a binary unit and one decimal, for charts: 1536 -> "1.5 KiB"."""
+    return format_bytes(n, digits=1)
 
 
 def downsample(t: np.ndarray, y: np.ndarray, buckets: int = 1200) -> tuple[np.ndarray, np.ndarray]:
