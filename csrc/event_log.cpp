@@ -79,6 +79,11 @@ void EventLog::fill(const ReadPlan& p, EventRow* out) {
   for (const Slice& s : p.slices) out = rows_of(*s.chunk, s.count, p.start, p.end, p.streams, out);
 }
 
+size_t EventLog::fill_slice(const ReadPlan& p, size_t i, EventRow* out) {
+  const Slice& s = p.slices[i];
+  return static_cast<size_t>(rows_of(*s.chunk, s.count, p.start, p.end, p.streams, out) - out);
+}
+
 void EventLog::finish(ReadPlan& p) const {
   if (!p.pinned) return;
   auto it = std::find(pins_.begin(), pins_.end(), p.start);

@@ -110,6 +110,8 @@ class EventLog {
   };
   ReadPlan plan(uint64_t start, uint64_t end, const std::vector<uint64_t>& streams) const;
   static void fill(const ReadPlan& plan, EventRow* out);  // out: plan.rows rows
+  // The rows of slice `i` alone (at most kChunkEvents); returns how many.
+  static size_t fill_slice(const ReadPlan& plan, size_t i, EventRow* out);
   void finish(ReadPlan& plan) const;
   // First seq whose step >= lo, and first seq whose step > hi.
   uint64_t lower_bound_step(uint64_t step) const;

@@ -89,6 +89,25 @@ def test_memory_and_sqlite_hold_the_same_trace(tmp_path):
     _same_profile(torchmem.MemoryProfiler.from_trace(a), load(tmp_path / "b.db"))
 
 
+def test_events_sent_straight_from_the_recorder(tmp_path):
+    # Without a publisher the pump hands SQLiteStorage a range of the
+    # recorder, written to the pipe natively; with one it hands Python rows.
+    direct = SQLiteStorage(tmp_path / "direct.db")
+    p = _record(direct)
+    assert getattr(type(direct), "append_from_recorder", None) is not None
+    via_rows = SQLiteStorage(tmp_path / "rows.db")
+    _record(via_rows, publisher=torchmem.EventPublisher())
+    a = TraceReader(tmp_path / "direct.db").read_trace()
+    b = TraceReader(tmp_path / "rows.db").read_trace()
+    assert len(a.events) == len(b.events) == 15
+    # Stacks differ (the two _record calls are on two lines), the rest not.
+    for name in a.events.dtype.names:
+        if name not in ("_pad", "timestamp_ns", "thread_id", "stack_id"):
+            np.testing.assert_array_equal(a.events[name], b.events[name], err_msg=name)
+    assert len(a.gc_records) == len(b.gc_records) == 1
+    _same_profile(p, load(tmp_path / "direct.db"))
+
+
 def test_plain_sql_reads_the_trace(tmp_path):
     _record(SQLiteStorage(tmp_path / "c.db"))
     con = sqlite3.connect(tmp_path / "c.db")

@@ -147,10 +147,22 @@ class SinkPump:
         if profiler is None:
             return
         with self._flush_lock:
-            delta = profiler._sink_delta(self._cursors)
-            if delta.is_empty():
+            # Without a publisher (which needs them as Python objects) the
+            # events go from the recorder to a storage that can take them so
+            # (SQLiteStorage): no rows built in Python, no copy held here.
+            # Looked up on the class: a wrapper that forwards every attribute
+            # (a tee over two backends) must get plain appends.
+            direct = (self.publisher is None
+                      and getattr(type(self.storage), "append_from_recorder", None) is not None)
+            start = self._cursors.get("seq", 0)
+            delta = profiler._sink_delta(self._cursors, with_events=not direct)
+            end = self._cursors["seq"]
+            if delta.is_empty() and end == start:
                 return
-            if self.storage is not None:
+            if direct:
+                self._deliver("storage", self.storage.append_from_recorder, profiler, start,
+                              end, delta)
+            elif self.storage is not None:
                 self._deliver("storage", self.storage.append, delta)
             if self.publisher is not None:
                 self._deliver("publisher", self.publisher.publish_delta, profiler, delta)

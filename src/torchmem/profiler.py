@@ -460,12 +460,18 @@ class MemoryProfiler(_native.Recorder):
         if self._pump is not None:
             self._pump.stop()
 
-    def _sink_delta(self, cursors: dict[str, int]):
-        """Everything new since ``cursors`` (updated in place), as a TraceDelta."""
+    def _sink_delta(self, cursors: dict[str, int], with_events: bool = True):
+        """Everything new since ``cursors`` (updated in place), as a TraceDelta.
+
+        ``with_events=False`` leaves the events out (the delta's events are
+        empty; cursors["seq"] still moves past them): the caller sends them
+        from the recorder itself.
+        """
         with self._lock:
             end = self._next_seq()
+            start = cursors.get("seq", 0)
             delta = TraceDelta(
-                events=self._read_rows(cursors.get("seq", 0), end),
+                events=self._read_rows(start, end) if with_events else empty_events(),
                 type_names=self._type_names(),
                 frames_start=cursors.get("frames", 0),
                 nodes_start=cursors.get("nodes", 0),

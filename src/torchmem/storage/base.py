@@ -37,7 +37,14 @@ class StorageBackend(Protocol):
         """Records run metadata (torch version, devices, start time, settings)."""
 
     def append(self, delta: TraceDelta) -> None:
-        """Stores everything new in ``delta`` (called every flush interval)."""
+        """Stores everything new in ``delta`` (called every flush interval).
+
+        Optional: a backend class may also define
+        ``append_from_recorder(profiler, start_seq, end_seq, delta)``, which
+        the pump then calls instead (when no publisher needs the events as
+        Python objects) with a delta of side records only, the events being
+        [start_seq, end_seq) of ``profiler`` (see SQLiteStorage).
+        """
 
     def read_events(self, *, before_seq: int, start_step: int | None = None,
                     end_step: int | None = None, since_ns: int | None = None) -> np.ndarray:

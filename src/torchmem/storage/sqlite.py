@@ -120,6 +120,11 @@ class SQLiteStorage:
         self._metadata: dict[str, Any] = {}
         self._cond = threading.Condition()
         self._outbox: collections.deque = collections.deque()
+        # Whole frames go into the pipe under this lock: the sender thread
+        # writes queued frames, append_from_recorder writes event frames
+        # straight from the recorder on the pump's thread.
+        self._pipe_lock = threading.Lock()
+        self._fd_open = False
         self._queued = 0  # frames handed to the sender
         self._sent = 0  # frames written whole into the pipe
         self._token = 0  # flush tokens sent
@@ -154,6 +159,7 @@ class SQLiteStorage:
     # -- starting the writer -----------------------------------------------------
     def _start_io(self, data_fd: int, reply_fd: int) -> None:
         self._data_fd, self._reply_fd = data_fd, reply_fd
+        self._fd_open = True
         self._sender = threading.Thread(target=self._send_loop, name="torchmem-sqlite-send",
                                         daemon=True)
         self._replies = threading.Thread(target=self._reply_loop, name="torchmem-sqlite-reply",
@@ -253,6 +259,36 @@ class SQLiteStorage:
             frames.append(memoryview(events.view(np.uint8)))  # the recorder's bytes, no copy
         self._send(frames)
 
+    def append_from_recorder(self, profiler: Any, start_seq: int, end_seq: int,
+                             delta: TraceDelta) -> None:
+        """Like ``append``, for the events [start_seq, end_seq) still in ``profiler``:
+        they go from the recorder into the pipe without becoming Python
+        objects (``delta`` carries the side records only; its events are
+        ignored). Called by the profiler's pump; blocks while the pipe is
+        full, which leaves the events waiting in the recorder, not in memory
+        of ours.
+        """
+        if self.closed or self.write_error is not None:
+            return
+        side = _side_payload(delta, self._n_types)
+        self._n_types = max(self._n_types, len(delta.type_names))
+        with self._cond:  # what was queued before goes first
+            self._cond.wait_for(lambda: not self._outbox or self._dead or self._closing)
+            if self._dead or self._closing:
+                return
+        try:
+            with self._pipe_lock:
+                if not self._fd_open:
+                    return
+                if side is not None:  # before the events that use it
+                    _write_all(self._data_fd, _frame(_writer.SIDE, side))
+                profiler._write_events(self._data_fd, start_seq, end_seq, _writer.EVENTS)
+        except OSError:  # EPIPE: the writer is gone; _reply_loop reports it
+            with self._cond:
+                self._outbox.clear()
+                self._dead = True
+                self._cond.notify_all()
+
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Blocks until everything appended so far is committed; False on timeout."""
         with self._cond:
@@ -348,7 +384,8 @@ class SQLiteStorage:
             if item is None:
                 break
             try:
-                _write_all(self._data_fd, item)
+                with self._pipe_lock:
+                    _write_all(self._data_fd, item)
                 with self._cond:
                     self._sent += 1
                     self._cond.notify_all()
@@ -358,10 +395,12 @@ class SQLiteStorage:
                     self._dead = True
                     self._cond.notify_all()
                 break
-        try:
-            os.close(self._data_fd)  # EOF for the writer
-        except OSError:
-            pass
+        with self._pipe_lock:  # never while a direct write is under way
+            self._fd_open = False
+            try:
+                os.close(self._data_fd)  # EOF for the writer
+            except OSError:
+                pass
 
     def _reply_loop(self) -> None:
         with os.fdopen(self._reply_fd, "rb") as replies:
