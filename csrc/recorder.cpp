@@ -403,9 +403,14 @@ uint64_t Recorder::live_count() const {
 
 std::vector<EventRow> Recorder::read(uint64_t start_seq, uint64_t end_seq) const {
   EventLog::ReadPlan plan = begin_read(start_seq, end_seq);
+  // The pin must go even if the allocation below throws.
+  struct Unpin {
+    const Recorder* r;
+    EventLog::ReadPlan* p;
+    ~Unpin() { r->end_read(*p); }
+  } unpin{this, &plan};
   std::vector<EventRow> out(plan.rows);
   EventLog::fill(plan, out.data());
-  end_read(plan);
   return out;
 }
 

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <vector>
 
 #include "recorder.hpp"
@@ -44,11 +45,20 @@ struct RecorderSlot {
     current.store(raw, std::memory_order_release);
   }
 
-  // In a forked child: nothing is fed any more (no lock: another thread of
-  // the parent may have held `mu` at the fork).
+  // In a forked child (one thread): nothing is fed any more. The parent's
+  // recorders are dropped from the lists for good (leaked, not destroyed):
+  // their copies' locks may have been held by other parent threads at the
+  // fork. `mu` itself may have been held too, so it is made anew.
   void forget() {
     current.store(nullptr, std::memory_order_release);
     all.store(empty_list(), std::memory_order_release);
+    new (&mu) std::mutex();
+    static auto* kept_owners = new std::vector<std::shared_ptr<Recorder>>();
+    static auto* kept_lists = new std::vector<std::unique_ptr<std::vector<Recorder*>>>();
+    for (auto& o : owners) kept_owners->push_back(std::move(o));
+    for (auto& l : lists) kept_lists->push_back(std::move(l));
+    owners.clear();
+    lists.clear();
   }
 };
 RecorderSlot& gpu_slot() {

@@ -98,20 +98,30 @@ def test_disabled_profiler_is_not_fed(prof):
     assert prof.anomalies["total"] == 0
 
 
-def test_a_second_profiler_takes_over(prof):
+def test_a_second_profiler_takes_over_until_it_stops(prof):
     other = MemoryProfiler(auto_snapshot=False)
     first = CPUAllocatorHook(prof).start()
     a = torch.empty(10, dtype=torch.uint8)
-    second = CPUAllocatorHook(other).start()
-    b = torch.empty(20, dtype=torch.uint8)
-    assert not first.active and second.active
-    first.stop()  # no longer installed by it: leaves the second running
-    c = torch.empty(40, dtype=torch.uint8)
-    assert cpu(prof).current_usage_bytes == 10
-    assert cpu(other).current_usage_bytes == 60
-    second.stop()
-    del a, b, c  # each free goes to the profiler that saw the allocation
+    with CPUAllocatorHook(other) as second:
+        b = torch.empty(20, dtype=torch.uint8)
+        assert first.active and not first.fed and second.fed
+    c = torch.empty(40, dtype=torch.uint8)  # the first is fed again
+    assert first.fed and cpu_allocator.load_hook().torchmem_cpu_hook_active() == 1
+    assert cpu(prof).current_usage_bytes == 50
+    assert cpu(other).current_usage_bytes == 20
+    first.stop()
+    d = torch.empty(80, dtype=torch.uint8)  # nobody's
+    del a, b, c, d  # each free goes to the profiler that saw the allocation
     assert cpu(prof).current_usage_bytes == cpu(other).current_usage_bytes == 0
+    # Stopped out of order: the one below stays fed.
+    first.start()
+    second = CPUAllocatorHook(other).start()
+    first.stop()
+    assert second.fed
+    e = torch.empty(5, dtype=torch.uint8)
+    assert cpu(other).current_usage_bytes == 5
+    second.stop()
+    del e
     assert prof.anomalies["total"] == other.anomalies["total"] == 0
     other.close()
 

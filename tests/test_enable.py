@@ -175,6 +175,12 @@ def test_host_source_from_the_environment_and_bad_values(session, monkeypatch):
     assert _session._defaults()["host"] is False
     monkeypatch.setenv("TORCHMEM_HOST", "Dispatch")
     assert _session._defaults()["host"] == "dispatch"
+    monkeypatch.setenv("TORCHMEM_HOST", "1")
+    assert _session._defaults()["host"] == "auto"
+    monkeypatch.setenv("TORCHMEM_HOST", "alocator")  # a typo warns, never stops the run
+    with pytest.warns(RuntimeWarning, match="TORCHMEM_HOST='alocator'"):
+        assert _session._defaults()["host"] == "auto"
+    monkeypatch.delenv("TORCHMEM_HOST")
     with pytest.raises(ValueError, match="host=.*'bogus'"):
         _session.enable(trace=False, summary=False, host="bogus")
     assert _session._session is None

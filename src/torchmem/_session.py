@@ -281,7 +281,16 @@ def _defaults() -> dict[str, Any]:
 
 def _env_host() -> Any:
     value = (os.environ.get("TORCHMEM_HOST") or "auto").strip().lower()
-    return False if value in ("0", "false", "no", "off", "none") else value
+    if value in ("0", "false", "no", "off", "none"):
+        return False
+    if value in ("1", "true", "yes", "on", ""):
+        return "auto"
+    if value not in _HOST_CHOICES:
+        # An environment typo must not stop the training run.
+        warnings.warn(f"torchmem: TORCHMEM_HOST={value!r} is not one of auto, allocator, "
+                      "dispatch, 0; using auto", RuntimeWarning, stacklevel=3)
+        return "auto"
+    return value
 
 
 def _apply_live_settings(s: _Session, settings: dict[str, Any]) -> None:

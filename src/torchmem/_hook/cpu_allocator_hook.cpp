@@ -109,7 +109,7 @@ __attribute__((visibility("default"))) int torchmem_cpu_hook_install(AllocFn all
     // Installed before and since replaced by someone else, who may be
     // calling through us: wrapping them would loop.
     if (t.inner() && current != t.inner()) return -2;
-    t.wrap(current);
+    if (!t.inner()) t.wrap(current);  // set once: freed blocks read it unlocked
     // SetCPUAllocator replaces only at or above the current priority, which
     // it does not tell: climb until ours is the one in place.
     for (int p = 0; p <= 255 && c10::GetCPUAllocator() != &t; ++p) {

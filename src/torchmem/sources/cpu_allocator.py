@@ -117,6 +117,7 @@ def build_hook(*, force: bool = False) -> Path:
 
 
 _lib: ctypes.CDLL | None = None
+_lib_error: HookUnavailable | None = None  # a failure is not retried in this process
 _lib_lock = threading.Lock()
 
 
@@ -124,35 +125,48 @@ def load_hook() -> ctypes.CDLL:
     """The hook library, built if needed and loaded once per process.
 
     A cached library that does not load (truncated, foreign) is rebuilt once.
+    A failure is remembered: later calls raise it again without rebuilding.
     """
-    global _lib
+    global _lib, _lib_error
     with _lib_lock:
         if _lib is not None:
             return _lib
-        path = build_hook()
+        if _lib_error is not None:
+            raise _lib_error
+        try:
+            _lib = _load_locked()
+        except HookUnavailable as exc:
+            _lib_error = exc
+            raise
+        return _lib
+
+
+def _load_locked() -> ctypes.CDLL:
+    path = build_hook()
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        path = build_hook(force=True)
         try:
             lib = ctypes.CDLL(str(path))
-        except OSError:
-            path = build_hook(force=True)
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError as exc:
-                raise HookUnavailable(f"the CPU allocator hook does not load: {exc}") from exc
-        lib.torchmem_cpu_hook_install.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        lib.torchmem_cpu_hook_install.restype = ctypes.c_int
-        lib.torchmem_cpu_hook_uninstall.argtypes = []
-        lib.torchmem_cpu_hook_uninstall.restype = None
-        lib.torchmem_cpu_hook_active.argtypes = []
-        lib.torchmem_cpu_hook_active.restype = ctypes.c_int
-        _lib = lib
-        return lib
+        except OSError as exc:
+            raise HookUnavailable(f"the CPU allocator hook does not load: {exc}") from exc
+    lib.torchmem_cpu_hook_install.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.torchmem_cpu_hook_install.restype = ctypes.c_int
+    lib.torchmem_cpu_hook_uninstall.argtypes = []
+    lib.torchmem_cpu_hook_uninstall.restype = None
+    lib.torchmem_cpu_hook_active.argtypes = []
+    lib.torchmem_cpu_hook_active.restype = ctypes.c_int
+    return lib
 
 
 # Set once a hook has recorded anything in this process: from then on live
 # storages may carry the hook's deleter, and adopting them through weak
 # references as well would report their frees twice.
 _started_once = False
-_owner: CPUAllocatorHook | None = None  # the hook currently installed
+# Started hooks, the one fed last: a hook started while another runs feeds
+# its profiler until it stops, then the one below is fed again.
+_stack: list[CPUAllocatorHook] = []
 
 
 def _existing_cpu_tensors() -> list[torch.Tensor]:
@@ -179,8 +193,9 @@ class CPUAllocatorHook:
     the hook; ``stop()`` stops recording allocations and restores torch's
     allocator, while frees of blocks recorded so far keep being reported,
     so the counters fall back to what is really live. One profiler is fed
-    at a time: starting a hook for another profiler takes over, and each
-    free still goes to the profiler that recorded the allocation.
+    at a time: a hook started while another runs takes over until it stops,
+    then the other is fed again (like nested context managers); each free
+    goes to the profiler that recorded the allocation.
 
     ``adopt_existing``: on the first start in a process, CPU tensors that
     already exist are reported too (found through the garbage collector;
@@ -195,17 +210,26 @@ class CPUAllocatorHook:
 
     @property
     def active(self) -> bool:
-        """True between start() and stop()."""
+        """True between start() and stop() (fed, or waiting under a later hook)."""
         return self._active
 
-    def start(self) -> CPUAllocatorHook:
-        """Begin recording CPU allocations of every thread. Idempotent."""
-        global _started_once, _owner
-        if self._active:
-            return self
+    @property
+    def fed(self) -> bool:
+        """True while this hook's profiler is the one receiving allocations."""
+        return bool(_stack) and _stack[-1] is self
+
+    def _feed(self) -> None:
         _native.set_host_recorder(self.profiler)
         self.profiler._feeds_cpu_hook = True
         self.profiler._sync_gpu_settings()  # stack capture settings
+
+    def start(self) -> CPUAllocatorHook:
+        """Begin recording CPU allocations of every thread. Idempotent."""
+        global _started_once
+        if self._active:
+            return self
+        below = _stack[-1] if _stack else None
+        self._feed()
         if self.adopt_existing and not _started_once:
             from .host import HostTracker
 
@@ -213,25 +237,27 @@ class CPUAllocatorHook:
         alloc, free = _native.host_bridge_addresses()
         status = self._lib.torchmem_cpu_hook_install(alloc, free)
         if status != 0:
+            if below is not None:
+                below._feed()
             why = ("an allocator of higher priority is set" if status == -1
                    else "another allocator replaced torchmem's")
             raise HookUnavailable(f"torch's CPU allocator cannot be hooked: {why}")
         _started_once = True
-        if _owner is not None and _owner is not self:
-            _owner._active = False  # taken over
-        _owner = self
+        _stack.append(self)
         self._active = True
         return self
 
     def stop(self) -> None:
         """Stop recording allocations (frees of recorded blocks still count). Idempotent."""
-        global _owner
         if not self._active:
             return
         self._active = False
-        if _owner is self:
-            _owner = None
+        was_fed = self.fed
+        _stack.remove(self)
+        if not _stack:
             self._lib.torchmem_cpu_hook_uninstall()
+        elif was_fed:
+            _stack[-1]._feed()
 
     def __enter__(self) -> CPUAllocatorHook:
         return self.start()

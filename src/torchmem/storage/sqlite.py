@@ -272,17 +272,24 @@ class SQLiteStorage:
             return
         side = _side_payload(delta, self._n_types)
         self._n_types = max(self._n_types, len(delta.type_names))
-        with self._cond:  # what was queued before goes first
-            self._cond.wait_for(lambda: not self._outbox or self._dead or self._closing)
-            if self._dead or self._closing:
-                return
         try:
-            with self._pipe_lock:
-                if not self._fd_open:
+            while True:
+                # Frames queued before go first: wait (without the pipe lock,
+                # which the sender needs) until all are written, then check
+                # again under the lock, which keeps the sender out.
+                with self._cond:
+                    self._cond.wait_for(lambda: self._sent >= self._queued or self._dead
+                                        or self._closing)
+                with self._pipe_lock:
+                    with self._cond:
+                        if self._dead or self._closing or not self._fd_open:
+                            return
+                        if self._sent < self._queued:
+                            continue  # one was queued meanwhile
+                    if side is not None:  # before the events that use it
+                        _write_all(self._data_fd, _frame(_writer.SIDE, side))
+                    profiler._write_events(self._data_fd, start_seq, end_seq, _writer.EVENTS)
                     return
-                if side is not None:  # before the events that use it
-                    _write_all(self._data_fd, _frame(_writer.SIDE, side))
-                profiler._write_events(self._data_fd, start_seq, end_seq, _writer.EVENTS)
         except OSError:  # EPIPE: the writer is gone; _reply_loop reports it
             with self._cond:
                 self._outbox.clear()
