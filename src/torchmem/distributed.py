@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .epoch import epoch_results, format_bytes
+from .summary import growing_sites
 
 __all__ = ["RankSummary", "rank_summary", "summary", "format_rank_summaries"]
 
@@ -70,7 +71,7 @@ def rank_summary(profiler: Any = None, rank: int = 0, world_size: int = 1) -> Ra
         leaks = [(g.site.label, g.grown_bytes, g.new_count) for g in results[-1].leaks[:10]]
     else:
         leaks = [(site.label, nbytes, count)
-                 for site, nbytes, count in _session.growing_sites(prof)[:10]]
+                 for site, nbytes, count in growing_sites(prof)[:10]]
     trace = _session.trace_path() if prof is _session.get_profiler() else None
     return RankSummary(rank, world_size, socket.gethostname(), os.getpid(), prof.current_step,
                        stats.current_usage_bytes, stats.peak_usage_bytes,
