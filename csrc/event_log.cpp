@@ -91,19 +91,6 @@ void EventLog::finish(ReadPlan& p) const {
   p.pinned = false;
 }
 
-void EventLog::read(uint64_t start, uint64_t end, const std::vector<uint64_t>& streams,
-                    std::vector<EventRow>* out) const {
-  start = std::max(start, first_seq());
-  end = std::min(end, next_seq_);
-  if (start >= end) return;
-  size_t at = out->size();
-  out->resize(at + (end - start));
-  EventRow* dst = out->data() + at;
-  size_t ci = (start - chunks_.front()->base_seq) / kChunkEvents;
-  for (; ci < chunks_.size() && chunks_[ci]->base_seq < end; ++ci)
-    dst = rows_of(*chunks_[ci], chunks_[ci]->count, start, end, streams, dst);
-}
-
 template <typename Key>
 uint64_t EventLog::lower_bound(Key key_of, uint64_t value) const {
   // Steps and timestamps never decrease along the log, so both searches are

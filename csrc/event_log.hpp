@@ -89,11 +89,8 @@ class EventLog {
   uint64_t retention() const { return retention_; }
   void set_consumer_seq(uint64_t seq) { consumer_seq_ = seq; }
 
-  // Rows [start, end) that are still retained, in order.
-  void read(uint64_t start, uint64_t end, const std::vector<uint64_t>& streams,
-            std::vector<EventRow>* out) const;
-
-  // Reading without holding the recorder's lock while rows are built (a
+  // Reading the rows of [start, end) that are still retained, in order,
+  // without holding the recorder's lock while rows are built (a
   // sink copying 64K events would otherwise stall every writer): under the
   // lock, plan() pins the range, so no chunk in it is evicted or reused,
   // and notes each chunk with its event count at that moment (a chunk is

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gc
 import re
-import warnings
 from typing import Any
 
 import numpy as np
@@ -81,17 +80,6 @@ def pytest_configure(config: Any) -> None:
         _session.enable(trace=False, summary=False)
 
 
-def _tensors_alive() -> list:
-    import torch
-
-    tensor = torch.Tensor
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # type() rather than isinstance(): some module-level proxies warn
-        # when their __class__ is read.
-        return [o for o in gc.get_objects() if issubclass(type(o), tensor)]
-
-
 def _is_pytest_frame(filename: str) -> bool:
     parts = filename.replace("\\", "/").split("/")
     return "_pytest" in parts or "pluggy" in parts
@@ -127,7 +115,9 @@ class _Measure:
         if self.own:
             self.tracker.start()
         if self.tracker is not None:
-            self.tracker.adopt(_tensors_alive())
+            from .sources.host import tensors_in_gc  # torch, only once a test is measured
+
+            self.tracker.adopt(tensors_in_gc())
         if self.want_leaks:
             gc.collect()
         prof = self.prof

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import gc
 import hashlib
 import os
 import re
@@ -169,23 +168,6 @@ _started_once = False
 _stack: list[CPUAllocatorHook] = []
 
 
-def _existing_cpu_tensors() -> list[torch.Tensor]:
-    # type(), not isinstance(): isinstance asks objects for __class__, which
-    # raises on dead weak proxies and warns on deprecated module attributes.
-    found: list[torch.Tensor] = []
-    tensor = torch.Tensor
-    for obj in gc.get_objects():
-        if issubclass(type(obj), tensor):
-            found.append(obj)
-            try:
-                grad = obj.grad if obj.requires_grad else None
-            except Exception:  # subclasses with unusual attributes
-                grad = None
-            if grad is not None:
-                found.append(grad)
-    return found
-
-
 class CPUAllocatorHook:
     """Records every CPU storage allocation and free into ``profiler``.
 
@@ -231,9 +213,9 @@ class CPUAllocatorHook:
         below = _stack[-1] if _stack else None
         self._feed()
         if self.adopt_existing and not _started_once:
-            from .host import HostTracker
+            from .host import HostTracker, tensors_in_gc
 
-            HostTracker(self.profiler).adopt(_existing_cpu_tensors())
+            HostTracker(self.profiler).adopt(tensors_in_gc(with_grads=True))
         alloc, free = _native.host_bridge_addresses()
         status = self._lib.torchmem_cpu_hook_install(alloc, free)
         if status != 0:

@@ -32,14 +32,16 @@ Skipped on purpose (see docs/host-tracking.md):
 
 from __future__ import annotations
 
+import gc
 import threading
+import warnings
 import weakref
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 
-__all__ = ["HostTracker"]
+__all__ = ["HostTracker", "tensors_in_gc"]
 
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
@@ -90,6 +92,29 @@ class _Rec(weakref.ref):
     """A weak reference to a storage object that remembers what was reported."""
 
     __slots__ = ("key", "ptr", "nbytes", "kind")
+
+
+def tensors_in_gc(with_grads: bool = False) -> list[torch.Tensor]:
+    """Every tensor object the garbage collector tracks (and, with
+    ``with_grads``, their ``.grad``): what HostTracker.adopt is given for
+    tensors that existed before tracking started."""
+    # type(), not isinstance(): isinstance asks objects for __class__, which
+    # raises on dead weak proxies and warns on deprecated module attributes.
+    found: list[torch.Tensor] = []
+    tensor = _Tensor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if issubclass(type(obj), tensor):
+                found.append(obj)
+                if with_grads:
+                    try:
+                        grad = obj.grad if obj.requires_grad else None
+                    except Exception:  # subclasses with unusual attributes
+                        grad = None
+                    if grad is not None:
+                        found.append(grad)
+    return found
 
 
 class _ModeBase(TorchDispatchMode):

@@ -247,10 +247,9 @@ class SQLiteStorage:
         if self.closed or self.write_error is not None:
             return
         frames = []
-        side = _side_payload(delta, self._n_types)
-        self._n_types = max(self._n_types, len(delta.type_names))
+        side = self._side_frame(delta)
         if side is not None:
-            frames.append(_frame(_writer.SIDE, side))  # before the events that use it
+            frames.append(side)  # before the events that use it
         events = np.ascontiguousarray(delta.events, dtype=EVENT_DTYPE)
         if len(events):
             if events.flags.writeable:  # someone may reuse the buffer: keep a copy
@@ -270,8 +269,7 @@ class SQLiteStorage:
         """
         if self.closed or self.write_error is not None:
             return
-        side = _side_payload(delta, self._n_types)
-        self._n_types = max(self._n_types, len(delta.type_names))
+        side = self._side_frame(delta)
         try:
             while True:
                 # Frames queued before go first: wait (without the pipe lock,
@@ -287,14 +285,23 @@ class SQLiteStorage:
                         if self._sent < self._queued:
                             continue  # one was queued meanwhile
                     if side is not None:  # before the events that use it
-                        _write_all(self._data_fd, _frame(_writer.SIDE, side))
+                        _write_all(self._data_fd, side)
                     profiler._write_events(self._data_fd, start_seq, end_seq, _writer.EVENTS)
                     return
         except OSError:  # EPIPE: the writer is gone; _reply_loop reports it
-            with self._cond:
-                self._outbox.clear()
-                self._dead = True
-                self._cond.notify_all()
+            self._pipe_gone()
+
+    def _side_frame(self, delta: TraceDelta) -> bytes | None:
+        """The SIDE frame of ``delta``'s side records (None when it has none)."""
+        side = _side_payload(delta, self._n_types)
+        self._n_types = max(self._n_types, len(delta.type_names))
+        return None if side is None else _frame(_writer.SIDE, side)
+
+    def _pipe_gone(self) -> None:
+        with self._cond:
+            self._outbox.clear()
+            self._dead = True
+            self._cond.notify_all()
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Blocks until everything appended so far is committed; False on timeout."""
@@ -397,10 +404,7 @@ class SQLiteStorage:
                     self._sent += 1
                     self._cond.notify_all()
             except OSError:  # EPIPE: the writer is gone; _reply_loop reports it
-                with self._cond:
-                    self._outbox.clear()
-                    self._dead = True
-                    self._cond.notify_all()
+                self._pipe_gone()
                 break
         with self._pipe_lock:  # never while a direct write is under way
             self._fd_open = False
