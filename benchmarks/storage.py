@@ -3,8 +3,10 @@
     python benchmarks/storage.py [--events N] [--repeats R] [--thread] [--work K]
 
 Prints:
-- sustained events/s the SQLite writer stores (ready deltas appended as
-  fast as possible, timed until a flush handshake says they are committed);
+- sustained events/s the SQLite writer stores (N events handed over at
+  once, timed until a flush handshake says they are committed): from the
+  recorder (column chunks, the pump's path without a publisher) and as rows
+  (the path with a publisher);
 - the time per tracked event (track_allocation + track_deallocation pairs,
   addresses reused) with in-memory only vs SQLite on:
   * loop wall: what the training thread takes while it runs (the writer
@@ -22,8 +24,9 @@ Prints:
 benchmarks/host_overhead.py (77 CPU allocations per step), recorded by the
 CPU allocator hook into a profiler in memory vs with SQLite on; step time
 (wall) and the ratio, paired as above.
-Runs alternate between the configurations (R each) so drifting machine load
-hits both alike; best and median are printed. The default 6M events keep the
+Runs alternate between the configurations (R each, every other round in
+reverse order) so drifting machine load hits both alike; best and median
+are printed. The default 6M events keep the
 loop long (~0.7 s) against the pump's 200 ms hand-over, so the figures show
 the steady state, not a loop that ends before the writer starts. ``--thread`` adds the
 in-process writer thread (the fallback, and the design before the child).
@@ -75,10 +78,13 @@ def run_tracking(n: int, mode: str, directory: str, work: int = 0) -> dict[str, 
                                 _in_process=mode == "thread")
     p = torchmem.MemoryProfiler(storage=storage, auto_snapshot=False)
     cpu0 = _children_cpu()
+    proc0, thread0 = time.process_time(), time.thread_time()
     t0 = time.perf_counter()
     loop, loop_cpu = _track(p, n, work)
     p.close()  # returns once everything is committed (in chunks or rows)
     end = time.perf_counter() - t0
+    # CPU of the training process's other threads (pump, sender) until close.
+    others = (time.process_time() - proc0) - (time.thread_time() - thread0)
     tail = 0.0
     if storage is not None:
         assert storage.events_written == n, (storage.events_written, n)
@@ -86,7 +92,7 @@ def run_tracking(n: int, mode: str, directory: str, work: int = 0) -> dict[str, 
         storage.wait()  # the writer expanding what is left into events rows
         tail = time.perf_counter() - t1
     return {"loop": loop, "cpu": loop_cpu, "end": end, "tail": tail,
-            "writer": _children_cpu() - cpu0}
+            "writer": _children_cpu() - cpu0, "others": others}
 
 
 def run_mlp(steps: int, mode: str, directory: str) -> dict[str, float]:
@@ -143,17 +149,22 @@ def mlp_main(steps: int, repeats: int) -> None:
               + ("; goal <= +10%" if key == "loop" else ""))
 
 
-def writer_throughput(n: int, directory: str, mode: str = "child") -> float:
-    """Events per second SQLiteStorage commits when handed ready deltas."""
+def writer_throughput(n: int, directory: str, mode: str = "child",
+                      path: str = "recorder") -> float:
+    """Events per second SQLiteStorage commits, handed n events at once: straight from
+    the recorder (``path="recorder"``, what the pump does without a publisher:
+    column chunks) or as a delta of rows (``"rows"``, with a publisher)."""
     p = torchmem.MemoryProfiler(auto_snapshot=False, retention_events=n + 1)
     _track(p, n)
     cursors: dict = {}
-    deltas = [p._sink_delta(cursors)]
+    delta = p._sink_delta(cursors, with_events=path == "rows")
     storage = SQLiteStorage(os.path.join(directory, f"w{time.monotonic_ns()}.db"),
                             _in_process=mode == "thread")
     t0 = time.perf_counter()
-    for d in deltas:
-        storage.append(d)
+    if path == "rows":
+        storage.append(delta)
+    else:
+        storage.append_from_recorder(p, 0, n, delta)
     storage.flush(timeout=None)
     dt = time.perf_counter() - t0
     total = storage.events_written
@@ -188,13 +199,17 @@ def main() -> None:
     modes = ["memory", "child"] + (["thread"] if args.thread else [])
     with tempfile.TemporaryDirectory() as d:
         for mode in modes[1:]:
-            rates = [writer_throughput(n, d, mode) for _ in range(3)]
-            print(f"SQLite writer ({mode}), sustained: best {max(rates) / 1e3:,.0f} k events/s, "
-                  f"median {statistics.median(rates) / 1e3:,.0f} k events/s "
-                  f"({1e9 / max(rates):,.0f} ns per stored event at best)")
+            for path in ("recorder", "rows"):
+                rates = [writer_throughput(n, d, mode, path) for _ in range(3)]
+                print(f"SQLite writer ({mode}, from the {path}), sustained: best "
+                      f"{max(rates) / 1e3:,.0f} k events/s, median "
+                      f"{statistics.median(rates) / 1e3:,.0f} k events/s "
+                      f"({1e9 / max(rates):,.0f} ns per stored event at best)")
         runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
-        for _ in range(r):
-            for mode in modes:
+        for k in range(r):
+            # Every other round in reverse: a run that gains or loses from
+            # the one before it does so in both configurations alike.
+            for mode in (modes if k % 2 == 0 else modes[::-1]):
                 runs[mode].append(run_tracking(n, mode, d, args.work))
     print(f"{n:,} tracked events (alloc/free pairs, {args.work} Python loop turns between "
           f"pairs), {r} runs each, interleaved:")
@@ -202,6 +217,8 @@ def main() -> None:
         rs = runs[mode]
         print(f"  {mode:7s} loop wall {_fmt([x['loop'] for x in rs], n)}; "
               f"loop CPU {_fmt([x['cpu'] for x in rs], n)}")
+        print(f"  {'':7s} CPU of the process's other threads (pump, sender): median "
+              f"{statistics.median(x['others'] for x in rs) / n * 1e9:.1f} ns/event")
         print(f"  {'':7s} end to end {_fmt([x['end'] for x in rs], n)}; writer CPU "
               f"{statistics.median(x['writer'] for x in rs) / n * 1e9:6.0f} ns/event (median)"
               + (f"; expansion tail after close: median "
@@ -215,8 +232,11 @@ def main() -> None:
             s_med = statistics.median(x[key] for x in rs)
             # Run i of each configuration ran back to back: the ratio within a
             # pair cancels most of the machine's drift between pairs.
-            paired = statistics.median(s[key] / m[key] for m, s in zip(mem, rs))
-            print(f"  added cost, {mode}, {label}: paired median {(paired - 1) * 100:+.1f}%; "
+            ratios = [s[key] / m[key] for m, s in zip(mem, rs)]
+            paired = statistics.median(ratios)
+            q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [paired] * 3
+            print(f"  added cost, {mode}, {label}: paired median {(paired - 1) * 100:+.1f}% "
+                  f"(quartiles {(q1 - 1) * 100:+.1f}% .. {(q3 - 1) * 100:+.1f}%); "
                   f"best {(s_best / m_best - 1) * 100:+.1f}% "
                   f"({(s_best - m_best) / n * 1e9:+.1f} ns/event), median "
                   f"{(s_med / m_med - 1) * 100:+.1f}% ({(s_med - m_med) / n * 1e9:+.1f} ns/event)"

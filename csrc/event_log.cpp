@@ -79,9 +79,31 @@ void EventLog::fill(const ReadPlan& p, EventRow* out) {
   for (const Slice& s : p.slices) out = rows_of(*s.chunk, s.count, p.start, p.end, p.streams, out);
 }
 
-size_t EventLog::fill_slice(const ReadPlan& p, size_t i, EventRow* out) {
-  const Slice& s = p.slices[i];
-  return static_cast<size_t>(rows_of(*s.chunk, s.count, p.start, p.end, p.streams, out) - out);
+EventLog::ColumnView EventLog::columns_of(const ReadPlan& p, size_t i) {
+  const Chunk& c = *p.slices[i].chunk;
+  uint64_t lo = std::max(p.start, c.base_seq) - c.base_seq;
+  uint64_t hi = std::min<uint64_t>(p.end - c.base_seq, p.slices[i].count);
+  ColumnView v;
+  v.first_seq = c.base_seq + lo;
+  v.n = hi > lo ? static_cast<uint32_t>(hi - lo) : 0;
+  v.allocated_before = c.base_allocated;
+  v.freed_before = c.base_freed;
+  for (uint64_t j = 0; j < lo; ++j) {  // the totals are not stored per event
+    EventKind kind = static_cast<EventKind>(c.kind[j]);
+    v.allocated_before += allocated_delta(kind, c.size[j]);
+    v.freed_before += freed_delta(kind, c.size[j]);
+  }
+  v.timestamp = c.timestamp + lo;
+  v.address = c.address + lo;
+  v.size = c.size + lo;
+  v.step = c.step + lo;
+  v.thread_id = c.thread_id + lo;
+  v.stack_id = c.stack_id + lo;
+  v.type_id = c.type_id + lo;
+  v.stream_idx = c.stream_idx + lo;
+  v.device = c.device + lo;
+  v.kind = c.kind + lo;
+  return v;
 }
 
 void EventLog::finish(ReadPlan& p) const {

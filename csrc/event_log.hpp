@@ -107,8 +107,26 @@ class EventLog {
   };
   ReadPlan plan(uint64_t start, uint64_t end, const std::vector<uint64_t>& streams) const;
   static void fill(const ReadPlan& plan, EventRow* out);  // out: plan.rows rows
-  // The rows of slice `i` alone (at most kChunkEvents); returns how many.
-  static size_t fill_slice(const ReadPlan& plan, size_t i, EventRow* out);
+  // The events of slice `i` of a plan as the chunk's own columns, for a
+  // sink that sends them as they are (csrc/trace_frames.cpp): no row is
+  // built. The pointers stay valid until finish(plan).
+  struct ColumnView {
+    uint64_t first_seq = 0;
+    uint32_t n = 0;
+    uint64_t allocated_before = 0;  // cumulative totals before first_seq
+    uint64_t freed_before = 0;
+    const int64_t* timestamp = nullptr;
+    const uint64_t* address = nullptr;
+    const uint64_t* size = nullptr;
+    const uint32_t* step = nullptr;
+    const uint32_t* thread_id = nullptr;
+    const uint32_t* stack_id = nullptr;
+    const uint16_t* type_id = nullptr;
+    const uint16_t* stream_idx = nullptr;  // into plan.streams
+    const int16_t* device = nullptr;
+    const uint8_t* kind = nullptr;
+  };
+  static ColumnView columns_of(const ReadPlan& plan, size_t i);
   void finish(ReadPlan& plan) const;
   // First seq whose step >= lo, and first seq whose step > hi.
   uint64_t lower_bound_step(uint64_t step) const;

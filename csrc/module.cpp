@@ -8,8 +8,6 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
-#include <unistd.h>
-
 #include <cerrno>
 #include <cstring>
 
@@ -17,6 +15,7 @@
 #include "host_bridge.hpp"
 #include "recorder.hpp"
 #include "stack_capture.hpp"
+#include "trace_frames.hpp"
 
 namespace nb = nanobind;
 using namespace torchmem;
@@ -63,49 +62,11 @@ RecorderHandle* handle_of(PyObject* self) {
 
 Recorder& rec(RecorderHandle& h) { return *h.recorder; }
 
-// write() until all `len` bytes are out; 0, or the errno of the failure.
-int write_fully(int fd, const void* data, size_t len) {
-  const char* p = static_cast<const char*>(data);
-  while (len > 0) {
-    ssize_t n = ::write(fd, p, len);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    p += n;
-    len -= static_cast<size_t>(n);
-  }
-  return 0;
-}
-
 void raise_if_errno(int err) {
   if (!err) return;
   errno = err;
   PyErr_SetFromErrno(PyExc_OSError);
   throw nb::python_error();
-}
-
-// One frame of the SQLite writer's pipe protocol (storage/_writer.py):
-// `kind`, the payload length as u64 little-endian, then the EventRow rows
-// of [start, end). Built one chunk at a time in a reused buffer: no Python
-// object, no GIL, and no lock held while the rows are built or written.
-// Returns the errno of a failed write (0 on success); *rows = rows sent.
-int write_event_frame(Recorder& r, int fd, char kind, uint64_t start, uint64_t end,
-                      uint64_t* rows) {
-  thread_local std::vector<EventRow> buffer(EventLog::kChunkEvents);
-  EventLog::ReadPlan plan = r.begin_read(start, end);
-  *rows = plan.rows;
-  unsigned char header[9];
-  header[0] = static_cast<unsigned char>(kind);
-  uint64_t bytes = plan.rows * sizeof(EventRow);
-  for (int i = 0; i < 8; ++i) header[1 + i] = static_cast<unsigned char>(bytes >> (8 * i));
-  int err = plan.rows ? write_fully(fd, header, sizeof header) : 0;
-  for (size_t i = 0; !err && i < plan.slices.size(); ++i) {
-    size_t n = EventLog::fill_slice(plan, i, buffer.data());
-    err = write_fully(fd, buffer.data(), n * sizeof(EventRow));
-  }
-  r.end_read(plan);
-  return err;
 }
 
 }  // namespace
@@ -182,21 +143,22 @@ NB_MODULE(_native, m) {
              }
              return nb::steal<nb::bytes>(out);
            })
-      .def("_write_events", [](RecorderHandle& h, int fd, uint64_t a, uint64_t b,
-                               nb::bytes kind) {
+      .def("_write_event_columns", [](RecorderHandle& h, int fd, uint64_t a, uint64_t b,
+                                      nb::bytes kind) {
              if (kind.size() != 1) throw nb::value_error("kind must be one byte");
              char k = kind.c_str()[0];
-             uint64_t rows = 0;
+             uint64_t events = 0;
              int err = 0;
              {
                nb::gil_scoped_release release;
-               err = write_event_frame(rec(h), fd, k, a, b, &rows);
+               err = write_column_frames(rec(h), fd, k, a, b, &events);
              }
              raise_if_errno(err);
-             return rows;
+             return events;
            }, nb::arg("fd"), nb::arg("start_seq"), nb::arg("end_seq"), nb::arg("kind"),
-           "Writes events [start_seq, end_seq) to `fd` as one frame: `kind`, the "
-           "payload length (u64 LE), the rows. Returns the row count (no frame when 0).")
+           "Writes events [start_seq, end_seq) to `fd` as COLUMNS frames of the SQLite "
+           "writer's protocol (`kind`, payload length u64 LE, one column chunk), one per "
+           "event-log chunk. Returns the event count (no frame when 0).")
       .def("_next_seq", [](RecorderHandle& h) { return rec(h).next_seq(); })
       .def("_first_retained_seq", [](RecorderHandle& h) { return rec(h).first_retained_seq(); })
       .def("_seq_range_for_steps",

@@ -17,7 +17,8 @@ FLAGS=(-std=c++17 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer
        -Wno-missing-field-initializers)
 
 # The recorder proper: no Python anywhere.
-SOURCES=(csrc/recorder.cpp csrc/recorder_slots.cpp csrc/event_log.cpp csrc/clock.cpp)
+SOURCES=(csrc/recorder.cpp csrc/recorder_slots.cpp csrc/event_log.cpp csrc/clock.cpp
+         csrc/trace_frames.cpp)
 DEFINES=()
 LIBS=()
 

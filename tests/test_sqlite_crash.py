@@ -137,9 +137,31 @@ def test_killed_training_process_leaves_everything_it_sent(tmp_path):
 
 
 # -- events still in event_chunks (a live run, or a writer killed before expanding) --
-def _rechunk_tail(path, first_seq):
-    """Moves the rows from ``first_seq`` on back into chunks of 3 events, as a writer
-    killed before expanding them leaves them."""
+def _columns_blob(part) -> bytes:
+    """``part`` (EVENT_DTYPE) as a COLUMNS chunk, encoded here from docs/trace-format.md."""
+    from torchmem.storage import _chunks
+
+    first = part[0]
+    before_alloc = int(first["total_allocated"]) - (int(first["size"]) if first["kind"] in (0, 2)
+                                                    else 0)
+    before_freed = int(first["total_freed"]) - (int(first["size"]) if first["kind"] == 1 else 0)
+    mask, body = 0, b""
+    for bit, (name, code) in enumerate(_chunks.CHUNK_COLUMNS):
+        values = part[name].astype(np.dtype("<" + code))
+        if len(set(values.tolist())) > 1:
+            mask |= 1 << bit
+            body += values.tobytes()
+        else:
+            body += values[:1].tobytes()
+    ts = part["timestamp_ns"]
+    head = _chunks.COLUMNS_HEAD.pack(int(first["seq"]), len(part), mask, 0, before_alloc,
+                                     before_freed, int(ts.min()), int(ts.max()))
+    return head + body
+
+
+def _rechunk_tail(path, first_seq, layout=0):
+    """Moves the rows from ``first_seq`` on back into chunks of 3 events (``layout``
+    0: rows, 1: columns), as a writer killed before expanding them leaves them."""
     import sqlite3
 
     from torchmem.storage import TraceReader
@@ -150,8 +172,9 @@ def _rechunk_tail(path, first_seq):
     con.execute("DELETE FROM events WHERE seq >= ?", (first_seq,))
     for i in range(0, len(tail), 3):
         part = tail[i:i + 3]
-        con.execute("INSERT INTO event_chunks VALUES (?, ?, ?)",
-                    (int(part["seq"][0]), len(part), part.tobytes()))
+        blob = part.tobytes() if layout == 0 else _columns_blob(part)
+        con.execute("INSERT INTO event_chunks VALUES (?, ?, ?, ?)",
+                    (int(part["seq"][0]), len(part), blob, layout))
     con.execute("UPDATE metadata SET value = '0' WHERE key = 'expanded'")
     con.close()
 
@@ -169,7 +192,8 @@ def _workload_trace(tmp_path, name="w.db"):
     return path
 
 
-def test_unexpanded_chunks_load_identically(tmp_path):
+@pytest.mark.parametrize("layout", [0, 1], ids=["rows", "columns"])
+def test_unexpanded_chunks_load_identically(tmp_path, layout):
     from torchmem.storage import TraceReader
     from torchmem.storage.base import select_events
 
@@ -178,7 +202,7 @@ def test_unexpanded_chunks_load_identically(tmp_path):
         assert r.metadata["expanded"] == 1
         want, want_trace = r.read_events(), r.read_trace()
     before = load(path)
-    _rechunk_tail(path, 4)
+    _rechunk_tail(path, 4, layout)
     with TraceReader(path) as r:
         assert r.metadata["expanded"] == 0
         np.testing.assert_array_equal(r.read_events(), want)
@@ -203,25 +227,29 @@ def test_unexpanded_chunks_load_identically(tmp_path):
     "UPDATE event_chunks SET rows = zeroblob(length(rows))",
     "INSERT INTO events SELECT * FROM events WHERE seq = 0",  # no-op: already a row
     "UPDATE event_chunks SET first_seq = 0 WHERE first_seq = 4",  # seq 0 twice
+    "UPDATE event_chunks SET layout = 1 - layout",
+    "UPDATE event_chunks SET layout = 7",
 ], ids=lambda s: s[:40])
-def test_corrupt_chunks_give_one_line_errors(tmp_path, statement):
+@pytest.mark.parametrize("layout", [0, 1], ids=["rows", "columns"])
+def test_corrupt_chunks_give_one_line_errors(tmp_path, statement, layout):
     import sqlite3
 
     from torchmem.storage import TraceFormatError
 
     path = _workload_trace(tmp_path)
-    _rechunk_tail(path, 4)
+    _rechunk_tail(path, 4, layout)
     con = sqlite3.connect(path, isolation_level=None)
     try:
         con.execute(statement)
     except sqlite3.IntegrityError:
         pass
     con.close()
-    try:
-        prof = load(path)
-        prof.get_statistics()
-    except TraceFormatError as exc:
-        assert "\n" not in str(exc) and str(path) in str(exc)
+    if statement.startswith("INSERT INTO events"):  # refused by SQLite: the trace is intact
+        assert load(path).get_statistics().total_allocated_bytes > 0
+        return
+    with pytest.raises(TraceFormatError) as info:
+        load(path).get_statistics()
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
 def test_close_without_waiting_leaves_the_child_to_expand(tmp_path):

@@ -62,7 +62,7 @@ def test_sqlite_roundtrip_is_identical(tmp_path):
     assert loaded.snapshots[0].current_usage_bytes == 24 * KB
     assert [e.step for e in loaded.get_events(3, 3)] == [3, 3]
     meta = loaded.trace_metadata
-    assert meta["format"] == "torchmem-trace" and meta["schema_version"] == 3
+    assert meta["format"] == "torchmem-trace" and meta["schema_version"] == 4
     assert meta["pid"] == os.getpid() and meta["torch_version"]
     assert meta["settings"]["capture_stack_traces"] is True
 
@@ -282,7 +282,7 @@ def test_side_tables_cover_every_step_and_time(tmp_path):
     for first, last, lo, hi in chunks:
         assert (lo, hi) == con.execute("SELECT MIN(timestamp_ns), MAX(timestamp_ns) FROM events "
                                        "WHERE seq BETWEEN ? AND ?", (first, last)).fetchone()
-        assert last - first < 1024
+        assert last - first < 8192  # at most one event-log chunk
 
 
 def test_documented_plain_sql_uses_rowid_ranges(tmp_path):

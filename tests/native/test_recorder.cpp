@@ -17,6 +17,7 @@
 
 #include "event_log.hpp"
 #include "recorder.hpp"
+#include "trace_frames.hpp"
 
 #ifdef TORCHMEM_TEST_PLUGIN
 #include "cuda_plugin.hpp"
@@ -455,6 +456,80 @@ void test_fork_while_busy() {
   CHECK_EQ(r.total().current, 0u);
 }
 
+// Column frames (trace_frames.cpp) hold exactly the rows read() gives:
+// decoded here from the layout in docs/trace-format.md.
+void test_column_frames() {
+  Recorder r;
+  const uint64_t n = 3 * EventLog::kChunkEvents / 2 + 5;  // two chunks, the second partial
+  for (uint64_t i = 0; i < n / 2; ++i) {
+    uint64_t stream = (i >= 100 && i < 110) ? 3 + (i & 1) : 0;  // varies in one stretch
+    r.record_alloc(0x1000 + 16 * (i % 64), 16 + (i < 4000 ? 0 : i % 3), kTypeGPU, 0, stream, 0);
+    r.record_free(0x1000 + 16 * (i % 64), -1);
+  }
+  const uint64_t total = r.next_seq();
+  std::vector<EventRow> want = r.read(0, UINT64_MAX);
+  FILE* f = std::tmpfile();
+  CHECK(f != nullptr);
+  if (!f) return;
+  const uint64_t start = 7;
+  uint64_t sent = 0;
+  CHECK_EQ(write_column_frames(r, fileno(f), 'K', start, UINT64_MAX, &sent), 0);
+  CHECK_EQ(sent, total - start);
+  std::vector<unsigned char> data(static_cast<size_t>(std::ftell(f)));
+  std::rewind(f);
+  CHECK_EQ(std::fread(data.data(), 1, data.size(), f), data.size());
+  std::fclose(f);
+  auto le = [&](size_t at, int bytes) {
+    uint64_t v = 0;
+    for (int i = 0; i < bytes; ++i) v |= static_cast<uint64_t>(data[at + i]) << (8 * i);
+    return v;
+  };
+  const int widths[10] = {8, 8, 8, 8, 4, 4, 4, 2, 2, 1};
+  size_t pos = 0, frames = 0;
+  uint64_t seq = start;
+  while (pos + 9 + 48 <= data.size()) {
+    CHECK_EQ(data[pos], 'K');
+    size_t end = pos + 9 + le(pos + 1, 8);
+    size_t h = pos + 9;
+    uint64_t first = le(h, 8), count = le(h + 8, 4), mask = le(h + 12, 2);
+    CHECK_EQ(first, seq);
+    uint64_t alloc = le(h + 16, 8), freed = le(h + 24, 8);
+    int64_t min_ts = static_cast<int64_t>(le(h + 32, 8)), max_ts = static_cast<int64_t>(le(h + 40, 8));
+    CHECK(first < want.size() && min_ts == want[first].timestamp_ns);  // times never go back
+    CHECK(first + count <= want.size() && max_ts == want[first + count - 1].timestamp_ns);
+    size_t offsets[10];
+    size_t at = h + 48;
+    for (int c = 0; c < 10; ++c) {
+      offsets[c] = at;
+      at += widths[c] * ((mask >> c & 1) ? count : 1);
+    }
+    CHECK_EQ(at, end);
+    for (uint64_t i = 0; i < count && first + i < want.size(); ++i) {
+      auto col = [&](int c) { return le(offsets[c] + ((mask >> c & 1) ? i : 0) * widths[c],
+                                        widths[c]); };
+      const EventRow& w = want[first + i];
+      alloc += (col(9) == 0 || col(9) == 2) ? col(2) : 0;
+      freed += col(9) == 1 ? col(2) : 0;
+      bool same = col(0) == static_cast<uint64_t>(w.timestamp_ns) && col(1) == w.address &&
+                  col(2) == w.size && col(3) == w.stream && col(4) == w.step &&
+                  col(5) == w.thread_id && col(6) == w.stack_id && col(7) == w.type_id &&
+                  static_cast<int16_t>(col(8)) == w.device && col(9) == uint64_t(w.kind) &&
+                  alloc == w.total_allocated && freed == w.total_freed;
+      if (!same) {
+        CHECK(same);
+        break;
+      }
+    }
+    CHECK(!(mask & 1u << 7) && !(mask & 1u << 8));  // one type, one device throughout
+    seq += count;
+    pos = end;
+    ++frames;
+  }
+  CHECK_EQ(pos, data.size());
+  CHECK_EQ(seq, total);
+  CHECK_EQ(frames, 2u);
+}
+
 void test_host_free_routing() {
   // Each free goes to the recorder holding the block live, current first.
   auto a = std::make_shared<Recorder>();
@@ -644,6 +719,7 @@ int main() {
   test_threads();
   test_fork_while_busy();
   test_host_free_routing();
+  test_column_frames();
 #ifdef TORCHMEM_TEST_PLUGIN
   test_plugin();
   const char* plugin = "with";

@@ -17,6 +17,7 @@ import numpy as np
 from .._events import EVENT_DTYPE, STACK_NODE_DTYPE, empty_events
 from .._types import GCRecord, Snapshot
 from ..trace import TraceDelta
+from . import _chunks
 from .base import TraceFormatError
 
 # The writer process imports nothing from torchmem, so the schema lives in
@@ -33,6 +34,7 @@ from ._writer import (  # noqa: E402
 
 assert EVENT_COLUMNS == tuple(n for n in EVENT_DTYPE.names if not n.startswith("_"))
 assert ROW_BYTES == EVENT_DTYPE.itemsize
+assert {name for name, _ in _chunks.CHUNK_COLUMNS} < set(EVENT_COLUMNS)
 assert GC_COLUMNS == tuple(f.name for f in dataclasses.fields(GCRecord))
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -255,26 +257,60 @@ class _snapshot:
 def chunk_events(con: sqlite3.Connection, lo: int = 0, hi: int = 2**63 - 1) -> np.ndarray:
     """Events of the ``event_chunks`` that overlap seqs ``[lo, hi]``, decoded, by seq.
 
-    A chunk is raw EVENT_DTYPE rows with consecutive seqs from ``first_seq``;
-    any other length or seq is corruption (ValueError, a TraceFormatError to
-    the caller of TraceReader).
+    A chunk holds ``n`` events with consecutive seqs from ``first_seq`` in
+    one of the layouts of ``_chunks``; any other length, seq or layout is
+    corruption (ValueError, a TraceFormatError to the caller of TraceReader).
     """
+    layout = "layout" if "layout" in _columns(con, "event_chunks") else "0"  # schema 3: rows
     parts = []
-    for first, n, blob in con.execute(
-            "SELECT first_seq, n, rows FROM event_chunks WHERE first_seq <= ? "
+    for first, n, blob, kind in con.execute(
+            f"SELECT first_seq, n, rows, {layout} FROM event_chunks WHERE first_seq <= ? "
             "AND first_seq + n > ? ORDER BY first_seq", (hi, lo)):
         if not isinstance(first, int) or not isinstance(n, int) or not isinstance(blob, bytes):
             raise ValueError(f"event chunk {first!r}: wrong column types")
-        if n <= 0 or len(blob) != n * ROW_BYTES:
-            raise ValueError(f"event chunk {first}: {len(blob)} bytes for {n} events")
-        raw = np.frombuffer(blob, dtype=EVENT_DTYPE)
-        if raw["seq"][0] != first or (n > 1 and not (np.diff(raw["seq"]) == 1).all()):
-            raise ValueError(f"event chunk {first}: its seqs are not {first}..{first + n - 1}")
-        events = np.zeros(n, EVENT_DTYPE)  # padding zeroed, as rows from ``events`` have it
-        for name in EVENT_COLUMNS:
-            events[name] = raw[name]
+        try:
+            chunk = _chunks.parse(blob, kind)
+        except ValueError as exc:
+            raise ValueError(f"event chunk {first}: {exc}") from None
+        if chunk.n != n or chunk.first != first:
+            raise ValueError(f"event chunk {first}: it holds seqs {chunk.first}.."
+                             f"{chunk.first + chunk.n - 1}, its row says {first}..{first + n - 1}")
+        events = (_rows_chunk(chunk) if isinstance(chunk, _chunks.RowChunk)
+                  else _columns_chunk(chunk))
         parts.append(events)
     return np.concatenate(parts) if parts else empty_events()
+
+
+def _columns(con: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+
+
+def _rows_chunk(chunk: _chunks.RowChunk) -> np.ndarray:
+    raw = np.frombuffer(chunk.data, dtype=EVENT_DTYPE)
+    if chunk.n > 1 and not (np.diff(raw["seq"]) == 1).all():
+        raise ValueError(f"event chunk {chunk.first}: its seqs are not consecutive")
+    events = np.zeros(chunk.n, EVENT_DTYPE)  # padding zeroed, as rows from ``events`` have it
+    for name in EVENT_COLUMNS:
+        events[name] = raw[name]
+    return events
+
+
+def _columns_chunk(chunk: _chunks.ColumnChunk) -> np.ndarray:
+    n = chunk.n
+    events = np.zeros(n, EVENT_DTYPE)
+    for name, (offset, code, full) in chunk.parts.items():
+        values = np.frombuffer(chunk.data, np.dtype("<" + code), n if full else 1, offset)
+        events[name] = values if full else values[0]
+    ts = events["timestamp_ns"]
+    if (int(ts.min()), int(ts.max())) != (chunk.min_timestamp, chunk.max_timestamp):
+        raise ValueError(f"event chunk {chunk.first}: its times are not those of its header")
+    events["seq"] = np.arange(chunk.first, chunk.first + n, dtype=np.uint64)
+    kind, size = events["kind"], events["size"]
+    events["total_allocated"] = chunk.allocated_before + np.cumsum(
+        np.where((kind == 0) | (kind == 2), size, 0), dtype=np.uint64)
+    events["total_freed"] = chunk.freed_before + np.cumsum(
+        np.where(kind == 1, size, 0), dtype=np.uint64)
+    return events
 
 
 def read_delta(con: sqlite3.Connection) -> TraceDelta:

@@ -15,8 +15,11 @@ schema from here and checks it against EVENT_DTYPE.
 Protocol (stdin, parent -> child): frames ``HEADER`` (kind byte, payload
 length in bytes) + payload.
 - ``E``: event rows, raw EVENT_DTYPE bytes (80 bytes each, seq consecutive),
-  stored as they come in ``event_chunks`` (one BLOB per piece of <= 8K rows)
-  and expanded into ``events`` rows while the pipe is idle and at the end.
+  stored as they come in ``event_chunks`` (one ``ROWS`` BLOB per piece of
+  <= 8K rows) and expanded into ``events`` rows while the pipe is idle and
+  at the end.
+- ``K``: one ``COLUMNS`` chunk (``_chunks.py``) as the recorder sends it,
+  stored as it comes; expanded like ``E`` rows.
 - ``J``: side records as JSON (types, frames, stack nodes, GC records,
   snapshots, OOMs, anomalies, metadata); sent before the events that use them.
 - ``F``: flush; payload is a token (uint64). Commit, then acknowledge.
@@ -41,7 +44,6 @@ cannot be started (SQLiteStorage falls back to it with a warning).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import select
@@ -51,23 +53,20 @@ import struct
 import sys
 import time
 
-FORMAT = "torchmem-trace"
-SCHEMA_VERSION = 3
+if __package__:
+    from . import _chunks
+else:  # run as a script (python -I -S): the package is not importable, its folder is
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+    import _chunks
 
-#: Event columns, in EVENT_DTYPE field order (the padding left out).
-EVENT_COLUMNS = ("seq", "timestamp_ns", "address", "size", "stream", "step", "total_allocated",
-                 "total_freed", "thread_id", "stack_id", "type_id", "device", "kind")
-#: One EVENT_DTYPE row. Unsigned 64-bit fields unpack as signed ("q"): SQLite
-#: integers are signed, so they are stored bit for bit (none is >= 2**63).
-_ROW_FMT = "qqqqqqqqIIHhB3x"
-EVENT_ROW = struct.Struct("<" + _ROW_FMT)
-ROW_BYTES = EVENT_ROW.size  # 80
+EVENT_COLUMNS, ROW_BYTES = _chunks.EVENT_COLUMNS, _chunks.ROW_BYTES
+
+FORMAT = "torchmem-trace"
+SCHEMA_VERSION = 4
 GC_COLUMNS = ("generation", "start_ns", "end_ns", "duration_ns", "collected", "uncollectable",
               "tensor_bytes_freed", "step")
 OOM_COLUMNS = ("seq", "timestamp_ns", "requested_bytes", "device", "stream",
                "device_free_bytes", "device_total_bytes", "live_bytes", "stack_id")
-#: Events per time_index row (at most; a row never spans two hand-overs).
-TIME_CHUNK = 1024
 
 SCHEMA = f"""
 CREATE TABLE metadata (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,7 +77,7 @@ CREATE TABLE events (
   thread_id INTEGER NOT NULL, stack_id INTEGER NOT NULL, type_id INTEGER NOT NULL,
   device INTEGER NOT NULL, kind INTEGER NOT NULL);
 CREATE TABLE event_chunks (first_seq INTEGER PRIMARY KEY, n INTEGER NOT NULL,
-  rows BLOB NOT NULL);
+  rows BLOB NOT NULL, layout INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE step_index (step INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL,
   last_seq INTEGER NOT NULL);
 CREATE TABLE time_index (first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL,
@@ -100,7 +99,10 @@ CREATE TABLE anomalies (kind TEXT PRIMARY KEY, count INTEGER NOT NULL);
 """
 
 HEADER = struct.Struct("<cQ")  # frame kind, payload bytes
-EVENTS, SIDE, FLUSH, CLOSE = b"E", b"J", b"F", b"C"
+EVENTS, COLUMNS, SIDE, FLUSH, CLOSE = b"E", b"K", b"J", b"F", b"C"
+#: The largest COLUMNS payload: a whole event-log chunk with every column full (~400 KB).
+MAX_COLUMNS_BYTES = _chunks.COLUMNS_HEAD.size + _chunks.CHUNK_EVENTS * sum(
+    struct.calcsize(code) for _, code in _chunks.CHUNK_COLUMNS)
 TOKEN = struct.Struct("<Q")
 COMMIT_INTERVAL_S = 0.1
 #: 64 KiB pages commit chunk BLOBs ~8x faster than 4 KiB ones (~0.1 us vs
@@ -114,22 +116,8 @@ EXPAND_QUIET_S = 0.05
 #: Rows per multi-row INSERT: binding cost is per value, but each statement
 #: step has a fixed cost; 32 rows (416 values) measured ~35% less CPU than 1.
 _GROUP = 32
-_GROUP_ROW = struct.Struct("<" + _ROW_FMT * _GROUP)
-_PIECE_BYTES = 256 * ROW_BYTES * _GROUP  # read event frames ~650 KB at a time
+_PIECE_BYTES = 8192 * ROW_BYTES  # read E frames ~650 KB at a time
 _ALLOWED_PRAGMAS = ("max_page_count", "cache_size")  # tests simulate a full disk
-#: int64 words per row (the row is 80 bytes): seq, timestamp_ns and step are words 0, 1, 5.
-_WORDS = ROW_BYTES // 8
-
-
-@functools.lru_cache(maxsize=64)
-def _column_struct(rows: int, offset: int) -> struct.Struct:
-    return struct.Struct("<" + f"{offset}xq{ROW_BYTES - 8 - offset}x" * rows)
-
-
-def _column(data: bytes, i: int, j: int, offset: int) -> tuple:
-    """The int64 at ``offset`` of rows [i, j): one C-level unpack that skips the rest
-    (a strided memoryview or a per-row loop costs ~5x more per event)."""
-    return _column_struct(j - i, offset).unpack_from(data, i * ROW_BYTES)
 
 
 def _insert_sql(rows: int) -> str:
@@ -235,8 +223,9 @@ class TraceWriter:
         self._steps.clear()
 
     # -- frames ------------------------------------------------------------------
-    def write_events(self, data: bytes) -> None:
-        """Stores whole EVENT_DTYPE rows from ``data`` (a multiple of 80 bytes) as one chunk.
+    def write_events(self, data: bytes | bytearray, layout: int = _chunks.ROWS) -> None:
+        """Stores one chunk of events as it came (``_chunks``: whole EVENT_DTYPE rows,
+        or one COLUMNS chunk).
 
         One INSERT of the raw bytes per piece (up to 8K events): SQLite's
         per-value binding (~2 us per 13-column row) would saturate a core at
@@ -246,40 +235,34 @@ class TraceWriter:
         if self.error is not None or not data:
             return
         try:
+            chunk = _chunks.parse(data, layout)
             self._begin()
-            n = len(data) // ROW_BYTES
-            words = memoryview(data).cast("q")
-            self.con.execute("INSERT INTO event_chunks VALUES (?, ?, ?)", (words[0], n, data))
-            self._index(data, words, n)
-            self._pending += n
-            self._new_backlog += n
+            self.con.execute("INSERT INTO event_chunks VALUES (?, ?, ?, ?)",
+                             (chunk.first, chunk.n, data, layout))
+            self._index(chunk)
+            self._pending += chunk.n
+            self._new_backlog += chunk.n
         except (sqlite3.Error, OSError, ValueError, OverflowError, TypeError) as exc:
             self._fail(exc)
 
-    def _index(self, data: bytes, words: memoryview, n: int) -> None:
+    def _index(self, chunk: _chunks.RowChunk | _chunks.ColumnChunk) -> None:
         # Side indexes instead of per-row B-trees, written as the chunk
-        # arrives so step and time queries work before expansion: per
-        # TIME_CHUNK rows one time_index row (min/max time), per step its
-        # first/last seq. min/max over strided memoryview slices run in C.
-        time_rows = []
-        for i in range(0, n, TIME_CHUNK):
-            j = min(i + TIME_CHUNK, n)
-            ts = _column(data, i, j, 8)
-            time_rows.append((words[i * _WORDS], words[(j - 1) * _WORDS], min(ts), max(ts)))
-        self.con.executemany("INSERT OR REPLACE INTO time_index VALUES (?, ?, ?, ?)", time_rows)
-        self._note_steps(data, words, 0, n)
+        # arrives so step and time queries work before expansion: time_index
+        # rows (min/max time of a run of events), per step its first/last seq.
+        self.con.executemany("INSERT OR REPLACE INTO time_index VALUES (?, ?, ?, ?)",
+                             chunk.time_bounds())
+        self._note_steps(chunk, 0, chunk.n)
 
-    def _note_steps(self, data: bytes, words: memoryview, i: int, j: int) -> None:
-        """Notes the steps of rows [i, j): halves a range until it holds one step, so
-        k step boundaries cost O(k log n) column reads, not a Python loop per row."""
-        steps = _column(data, i, j, 40)
-        lo, hi = min(steps), max(steps)
+    def _note_steps(self, chunk: _chunks.RowChunk | _chunks.ColumnChunk, i: int, j: int) -> None:
+        """Notes the steps of events [i, j): halves a range until it holds one step, so
+        k step boundaries cost O(k log n) column reads, not a Python loop per event."""
+        lo, hi = chunk.bounds("step", i, j)
         if lo == hi:
-            self._note_step(lo, words[i * _WORDS], words[(j - 1) * _WORDS])
+            self._note_step(lo, chunk.first + i, chunk.first + j - 1)
         else:
             mid = (i + j) // 2
-            self._note_steps(data, words, i, mid)
-            self._note_steps(data, words, mid, j)
+            self._note_steps(chunk, i, mid)
+            self._note_steps(chunk, mid, j)
 
     def expand(self, chunks: int = 1) -> None:
         """Moves up to ``chunks`` of the oldest chunks into ``events``, then commits.
@@ -292,10 +275,10 @@ class TraceWriter:
         try:
             self._begin()
             found = self.con.execute(
-                "SELECT first_seq, rows FROM event_chunks ORDER BY first_seq LIMIT ?",
+                "SELECT first_seq, rows, layout FROM event_chunks ORDER BY first_seq LIMIT ?",
                 (chunks,)).fetchall()
-            for first, data in found:
-                self._insert(data)
+            for first, data, layout in found:
+                self._insert(_chunks.parse(data, layout))
                 self.con.execute("DELETE FROM event_chunks WHERE first_seq = ?", (first,))
         except (sqlite3.Error, OSError, ValueError, OverflowError, struct.error) as exc:
             self._fail(exc)
@@ -317,16 +300,12 @@ class TraceWriter:
                 self._fail(exc)
             self.commit()
 
-    def _insert(self, data: bytes) -> None:
-        n = len(data) // ROW_BYTES
-        full = n - n % _GROUP
-        groups = list(_GROUP_ROW.iter_unpack(data[:full * ROW_BYTES]))
-        if groups:
-            self.con.executemany(_insert_sql(_GROUP), groups)
-        if n > full:
-            rest = struct.unpack("<" + _ROW_FMT * (n - full), data[full * ROW_BYTES:])
-            self.con.execute(_insert_sql(n - full), rest)
-        self._expanded += n
+    def _insert(self, chunk: _chunks.RowChunk | _chunks.ColumnChunk) -> None:
+        groups, rest = chunk.row_groups(_GROUP)
+        self.con.executemany(_insert_sql(_GROUP), groups)
+        if rest:
+            self.con.execute(_insert_sql(len(rest) // len(EVENT_COLUMNS)), rest)
+        self._expanded += chunk.n
 
     def _note_step(self, step: int, first: int, last: int) -> None:
         r = self._steps.get(step)
@@ -487,6 +466,14 @@ def serve(in_fd: int, out_fd: int, path: str, options: dict) -> TraceWriter | No
                 if w.due(idle=False):
                     w.commit()
             check()
+        elif kind == COLUMNS and n <= MAX_COLUMNS_BYTES:
+            data = inp.read(n)
+            if data is None:
+                break
+            w.write_events(data, _chunks.COLUMNS)
+            if w.due(idle=False):
+                w.commit()
+            check()
         elif kind in (SIDE, FLUSH):
             data = inp.read(n)
             if data is None:
@@ -514,7 +501,7 @@ def serve(in_fd: int, out_fd: int, path: str, options: dict) -> TraceWriter | No
             w.close(checkpoint=True)
             return None
         else:  # cannot resynchronise a byte stream: stop storing, keep answering EOF
-            w._fail(ValueError(f"bad frame kind {kind!r} from the profiler"))
+            w._fail(ValueError(f"bad frame ({kind!r}, {n} bytes) from the profiler"))
             check()
             while inp.read(1 << 16) is not None:
                 pass

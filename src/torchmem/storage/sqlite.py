@@ -286,7 +286,8 @@ class SQLiteStorage:
                             continue  # one was queued meanwhile
                     if side is not None:  # before the events that use it
                         _write_all(self._data_fd, side)
-                    profiler._write_events(self._data_fd, start_seq, end_seq, _writer.EVENTS)
+                    profiler._write_event_columns(self._data_fd, start_seq, end_seq,
+                                                  _writer.COLUMNS)
                     return
         except OSError:  # EPIPE: the writer is gone; _reply_loop reports it
             self._pipe_gone()

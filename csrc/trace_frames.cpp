@@ -1,0 +1,140 @@
+#include "trace_frames.hpp"
+
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include "recorder.hpp"
+
+namespace torchmem {
+
+int write_fully(int fd, const void* data, size_t len) {
+  const char* p = static_cast<const char*>(data);
+  while (len > 0) {
+    ssize_t n = ::write(fd, p, len);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    p += n;
+    len -= static_cast<size_t>(n);
+  }
+  return 0;
+}
+
+namespace {
+
+int writev_fully(int fd, iovec* iov, int count) {
+  while (count > 0) {
+    ssize_t n = ::writev(fd, iov, count);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    size_t left = static_cast<size_t>(n);
+    while (count > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      ++iov;
+      --count;
+    }
+    if (count > 0) {
+      iov->iov_base = static_cast<char*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+  return 0;
+}
+
+template <typename T>
+bool all_equal(const T* p, uint32_t n) {
+  // Branch-free so it vectorises: a column is checked at a fraction of
+  // what sending it would cost.
+  T diff = 0;
+  for (uint32_t i = 1; i < n; ++i) diff |= static_cast<T>(p[i] ^ p[0]);
+  return diff == 0;
+}
+
+void put_le(unsigned char* out, uint64_t v, int bytes) {
+  for (int i = 0; i < bytes; ++i) out[i] = static_cast<unsigned char>(v >> (8 * i));
+}
+
+// The chunk header after the frame header: first_seq u64, n u32, full_mask
+// u16, reserved u16, allocated_before u64, freed_before u64, and the
+// earliest and latest timestamp (i64): the writer indexes the chunk by time
+// from them, without a Python pass over the column (~60 ns per event).
+constexpr size_t kFrameHead = 9;
+constexpr size_t kChunkHead = 48;
+constexpr int kColumns = 10;
+
+}  // namespace
+
+int write_column_frames(Recorder& r, int fd, char kind, uint64_t start, uint64_t end,
+                        uint64_t* events) {
+  thread_local std::vector<uint64_t> streams(EventLog::kChunkEvents);
+  EventLog::ReadPlan plan = r.begin_read(start, end);
+  *events = plan.rows;
+  int err = 0;
+  for (size_t s = 0; !err && s < plan.slices.size(); ++s) {
+    EventLog::ColumnView v = EventLog::columns_of(plan, s);
+    if (v.n == 0) continue;
+    // The stream column holds indexes into the recorder's stream table;
+    // the frame carries the streams themselves.
+    const uint64_t* stream = streams.data();
+    auto stream_of = [&](uint16_t i) { return i < plan.streams.size() ? plan.streams[i] : 0; };
+    bool stream_full = !all_equal(v.stream_idx, v.n);
+    if (stream_full) {
+      for (uint32_t i = 0; i < v.n; ++i) streams[i] = stream_of(v.stream_idx[i]);
+    } else {
+      streams[0] = stream_of(v.stream_idx[0]);
+    }
+    // In CHUNK_COLUMNS order: widest first, so full columns stay aligned.
+    struct Column { const void* data; size_t width; bool full; };
+    const Column columns[kColumns] = {
+        {v.timestamp, 8, !all_equal(v.timestamp, v.n)},
+        {v.address, 8, !all_equal(v.address, v.n)},
+        {v.size, 8, !all_equal(v.size, v.n)},
+        {stream, 8, stream_full},
+        {v.step, 4, !all_equal(v.step, v.n)},
+        {v.thread_id, 4, !all_equal(v.thread_id, v.n)},
+        {v.stack_id, 4, !all_equal(v.stack_id, v.n)},
+        {v.type_id, 2, !all_equal(v.type_id, v.n)},
+        {v.device, 2, !all_equal(reinterpret_cast<const uint16_t*>(v.device), v.n)},
+        {v.kind, 1, !all_equal(v.kind, v.n)},
+    };
+    unsigned char head[kFrameHead + kChunkHead] = {};
+    iovec iov[1 + kColumns];
+    uint64_t payload = kChunkHead;
+    uint16_t mask = 0;
+    for (int c = 0; c < kColumns; ++c) {
+      size_t bytes = columns[c].width * (columns[c].full ? v.n : 1);
+      // A constant column goes as its first value: one per chunk, not per event.
+      iov[1 + c] = iovec{const_cast<void*>(columns[c].data), bytes};
+      payload += bytes;
+      if (columns[c].full) mask |= static_cast<uint16_t>(1u << c);
+    }
+    head[0] = static_cast<unsigned char>(kind);
+    put_le(head + 1, payload, 8);
+    put_le(head + kFrameHead, v.first_seq, 8);
+    put_le(head + kFrameHead + 8, v.n, 4);
+    put_le(head + kFrameHead + 12, mask, 2);
+    put_le(head + kFrameHead + 16, v.allocated_before, 8);
+    put_le(head + kFrameHead + 24, v.freed_before, 8);
+    int64_t lo = v.timestamp[0], hi = v.timestamp[0];
+    for (uint32_t i = 1; i < v.n; ++i) {
+      lo = std::min(lo, v.timestamp[i]);
+      hi = std::max(hi, v.timestamp[i]);
+    }
+    put_le(head + kFrameHead + 32, static_cast<uint64_t>(lo), 8);
+    put_le(head + kFrameHead + 40, static_cast<uint64_t>(hi), 8);
+    iov[0] = iovec{head, sizeof head};
+    err = writev_fully(fd, iov, 1 + kColumns);
+  }
+  r.end_read(plan);
+  return err;
+}
+
+}  // namespace torchmem
