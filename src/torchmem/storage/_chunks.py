@@ -99,7 +99,7 @@ class RowChunk:
             out.append((self.first + i, self.first + j - 1, ts[0], ts[-1]))
         return out
 
-    def row_groups(self, group: int) -> tuple[Iterable[tuple], tuple]:
+    def row_groups(self, group: int) -> tuple[Iterable[Sequence[int]], Sequence[int]]:
         """Flat value tuples of ``group`` rows each (EVENT_COLUMNS per row), and the rest."""
         full = self.n - self.n % group
         groups = struct.Struct("<" + ROW_FMT * group).iter_unpack(
@@ -157,18 +157,19 @@ class ColumnChunk:
         return itertools.islice(itertools.accumulate(map(operator.mul, sizes, flags),
                                                      initial=base), 1, None)
 
-    def row_groups(self, group: int) -> tuple[Iterable[tuple], tuple]:
-        """Flat value tuples of ``group`` rows each (EVENT_COLUMNS per row), and the rest."""
+    def row_groups(self, group: int) -> tuple[Iterable[Sequence[int]], Sequence[int]]:
+        """Flat value lists of ``group`` rows each (EVENT_COLUMNS per row), and the rest."""
         n = self.n
-        by_name = {name: self.column(name, 0, n) for name, _ in CHUNK_COLUMNS}
+        by_name: dict[str, Iterable[int]] = {name: self.column(name, 0, n)
+                                             for name, _ in CHUNK_COLUMNS}
         by_name["seq"] = range(self.first, self.first + n)
         by_name["total_allocated"] = self._totals(self.allocated_before, _ADDS_ALLOCATED)
         by_name["total_freed"] = self._totals(self.freed_before, _ADDS_FREED)
-        rows = list(zip(*(by_name[name] for name in EVENT_COLUMNS)))
-        full = n - n % group
-        chain = itertools.chain.from_iterable
-        groups = (tuple(chain(rows[i:i + group])) for i in range(0, full, group))
-        return groups, tuple(chain(rows[full:]))
+        # Interleaved in C: zip hands chain the same row tuple back each time.
+        flat = list(itertools.chain.from_iterable(zip(*(by_name[c] for c in EVENT_COLUMNS))))
+        width = group * len(EVENT_COLUMNS)
+        full = (n - n % group) * len(EVENT_COLUMNS)
+        return (flat[i:i + width] for i in range(0, full, width)), flat[full:]
 
 
 def parse(data: bytes | bytearray, layout: int) -> RowChunk | ColumnChunk:
