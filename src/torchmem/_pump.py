@@ -107,6 +107,13 @@ class SinkPump:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failed: set[str] = set()
+        # Without a publisher (which needs them as Python objects) the
+        # events go from the recorder to a storage that can take them so
+        # (SQLiteStorage): no rows built in Python, no copy held here.
+        # Looked up on the class: a wrapper that forwards every attribute
+        # (a tee over two backends) must get plain appends.
+        self._direct = (publisher is None
+                        and getattr(type(storage), "append_from_recorder", None) is not None)
         if storage is not None:
             open_ = getattr(storage, "open", None)
             if open_ is not None:
@@ -124,13 +131,18 @@ class SinkPump:
     #: event than reads of <= 64K events (page faults and cache misses on a
     #: fresh multi-MB buffer: ~130 vs ~25 ns/event measured on 2 cores).
     batch_events = 1 << 16
+    #: The same when events go to storage straight from the recorder (no
+    #: buffer to fill): the pipe writes cost ~40% less CPU per event in
+    #: hand-overs of 256K events than of 64K (measured flat out: 21 vs 12 ns).
+    direct_batch_events = 1 << 18
     #: How often (seconds) the pump looks at the pending count between hand-overs.
     poll_s = 0.01
 
     def _run(self) -> None:
         due = time.monotonic() + self.interval_s
+        batch = self.direct_batch_events if self._direct else self.batch_events
         while not self._stop.wait(max(0.0, min(self.poll_s, due - time.monotonic()))):
-            if time.monotonic() >= due or self._pending() >= self.batch_events:
+            if time.monotonic() >= due or self._pending() >= batch:
                 self.flush()
                 due = time.monotonic() + self.interval_s
 
@@ -147,13 +159,7 @@ class SinkPump:
         if profiler is None:
             return
         with self._flush_lock:
-            # Without a publisher (which needs them as Python objects) the
-            # events go from the recorder to a storage that can take them so
-            # (SQLiteStorage): no rows built in Python, no copy held here.
-            # Looked up on the class: a wrapper that forwards every attribute
-            # (a tee over two backends) must get plain appends.
-            direct = (self.publisher is None
-                      and getattr(type(self.storage), "append_from_recorder", None) is not None)
+            direct = self._direct
             start = self._cursors.get("seq", 0)
             delta = profiler._sink_delta(self._cursors, with_events=not direct)
             end = self._cursors["seq"]
