@@ -276,3 +276,32 @@ def test_close_without_waiting_leaves_the_child_to_expand(tmp_path):
     assert con.execute("SELECT COUNT(*) FROM event_chunks").fetchone() == (0,)
     con.close()
     p.close()
+
+
+def test_the_writer_expands_chunks_while_the_run_is_idle(tmp_path):
+    import sqlite3
+
+    import torchmem
+    from torchmem.storage import SQLiteStorage
+
+    path = tmp_path / "idle.db"
+    storage = SQLiteStorage(path)
+    p = torchmem.MemoryProfiler(storage=storage, auto_snapshot=False)
+    for i in range(20_000):
+        p.track_allocation(0x1000 + 16 * i, 16)
+    p.flush()
+    assert storage.flush()  # committed (as chunks, at first)
+    con = sqlite3.connect(path)
+    deadline = time.monotonic() + 60
+    rows = 0
+    while time.monotonic() < deadline:  # the profiler is open and idle meanwhile
+        rows, chunked = con.execute("SELECT (SELECT COUNT(*) FROM events), "
+                                    "(SELECT COALESCE(SUM(n), 0) FROM event_chunks)").fetchone()
+        assert rows + chunked == 20_000
+        if rows == 20_000:
+            break
+        time.sleep(0.05)
+    con.close()
+    assert rows == 20_000, "the idle writer should have turned every chunk into rows"
+    assert storage.writer_pid is not None
+    p.close()
