@@ -252,16 +252,24 @@ def test_corrupt_chunks_give_one_line_errors(tmp_path, statement, layout):
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
-def test_close_without_waiting_leaves_the_child_to_expand(tmp_path):
+def _streamed(path, n):
+    """A live profiler with SQLite storage at ``path`` that has handed over ``n`` allocations."""
     import torchmem
-    from torchmem.storage import SQLiteStorage, TraceReader
+    from torchmem.storage import SQLiteStorage
 
-    path = tmp_path / "nw.db"
     storage = SQLiteStorage(path)
     p = torchmem.MemoryProfiler(storage=storage, auto_snapshot=False)
-    for i in range(200_000):
+    for i in range(n):
         p.track_allocation(0x1000 + 16 * i, 16)
     p.flush()
+    return p, storage
+
+
+def test_close_without_waiting_leaves_the_child_to_expand(tmp_path):
+    from torchmem.storage import TraceReader
+
+    path = tmp_path / "nw.db"
+    p, storage = _streamed(path, 200_000)
     storage.close(wait=False)  # returns once committed, before the expansion
     with TraceReader(path) as r:  # readable meanwhile: rows plus chunks
         assert len(r.read_events()) == 200_000
@@ -281,15 +289,8 @@ def test_close_without_waiting_leaves_the_child_to_expand(tmp_path):
 def test_the_writer_expands_chunks_while_the_run_is_idle(tmp_path):
     import sqlite3
 
-    import torchmem
-    from torchmem.storage import SQLiteStorage
-
     path = tmp_path / "idle.db"
-    storage = SQLiteStorage(path)
-    p = torchmem.MemoryProfiler(storage=storage, auto_snapshot=False)
-    for i in range(20_000):
-        p.track_allocation(0x1000 + 16 * i, 16)
-    p.flush()
+    p, storage = _streamed(path, 20_000)
     assert storage.flush()  # committed (as chunks, at first)
     con = sqlite3.connect(path)
     deadline = time.monotonic() + 60
