@@ -146,8 +146,8 @@ def mlp_main(steps: int, repeats: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         for mode in runs:  # warm-up: torch's lazy initialisation, the hook's build
             run_mlp(20, mode, d)
-        for _ in range(repeats):
-            for mode in runs:
+        for k in range(repeats):
+            for mode in (list(runs) if k % 2 == 0 else list(runs)[::-1]):
                 runs[mode].append(run_mlp(steps, mode, d))
     rate = statistics.median(x["events_per_s"] for x in runs["child"])
     print(f"small MLP training, {steps} steps x {repeats} runs each, interleaved; "
@@ -157,8 +157,7 @@ def mlp_main(steps: int, repeats: int) -> None:
               f"{statistics.median(x['loop'] for x in rs) * 1e3:.3f} ms; step CPU median "
               f"{statistics.median(x['cpu'] for x in rs) * 1e3:.3f} ms")
     for key, label in (("loop", "step wall"), ("cpu", "step CPU")):
-        paired = statistics.median(s[key] / m[key] for m, s in zip(runs["memory"], runs["child"]))
-        print(f"  added cost, SQLite on, {label}: paired median {(paired - 1) * 100:+.1f}%"
+        print(f"  added cost, SQLite on, {label}: {_paired(runs['memory'], runs['child'], key)}"
               + ("; goal <= +10%" if key == "loop" else ""))
 
 
@@ -185,6 +184,19 @@ def writer_throughput(n: int, directory: str, mode: str = "child",
     p.close()
     assert total == n, (total, n)
     return total / dt
+
+
+def _paired(base: list[dict[str, float]], runs: list[dict[str, float]], key: str) -> str:
+    """The median (and quartiles) of run i's ``key`` over base run i's, as added %.
+
+    Run i of each configuration ran back to back: the ratio within a pair
+    cancels most of the machine's drift between pairs.
+    """
+    ratios = [r[key] / b[key] for b, r in zip(base, runs)]
+    mid = statistics.median(ratios)
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [mid] * 3
+    return (f"paired median {(mid - 1) * 100:+.1f}% "
+            f"(quartiles {(q1 - 1) * 100:+.1f}% .. {(q3 - 1) * 100:+.1f}%)")
 
 
 def _fmt(values: list[float], n: int) -> str:
@@ -244,13 +256,7 @@ def main() -> None:
             m_best, s_best = min(x[key] for x in mem), min(x[key] for x in rs)
             m_med = statistics.median(x[key] for x in mem)
             s_med = statistics.median(x[key] for x in rs)
-            # Run i of each configuration ran back to back: the ratio within a
-            # pair cancels most of the machine's drift between pairs.
-            ratios = [s[key] / m[key] for m, s in zip(mem, rs)]
-            paired = statistics.median(ratios)
-            q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [paired] * 3
-            print(f"  added cost, {mode}, {label}: paired median {(paired - 1) * 100:+.1f}% "
-                  f"(quartiles {(q1 - 1) * 100:+.1f}% .. {(q3 - 1) * 100:+.1f}%); "
+            print(f"  added cost, {mode}, {label}: {_paired(mem, rs, key)}; "
                   f"best {(s_best / m_best - 1) * 100:+.1f}% "
                   f"({(s_best - m_best) / n * 1e9:+.1f} ns/event), median "
                   f"{(s_med / m_med - 1) * 100:+.1f}% ({(s_med - m_med) / n * 1e9:+.1f} ns/event)"
