@@ -218,6 +218,25 @@ def test_unexpanded_chunks_load_identically(tmp_path, layout):
     assert after.get_events() == before.get_events()
 
 
+def test_schema_3_traces_with_row_chunks_still_load(tmp_path):
+    # Schema 3 had no event_chunks.layout: every chunk was rows.
+    import sqlite3
+
+    from torchmem.storage import TraceReader
+
+    path = _workload_trace(tmp_path)
+    with TraceReader(path) as r:
+        want = r.read_events()
+    _rechunk_tail(path, 4, layout=0)
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("ALTER TABLE event_chunks DROP COLUMN layout")
+    con.execute("UPDATE metadata SET value = '3' WHERE key = 'schema_version'")
+    con.close()
+    with TraceReader(path) as r:
+        assert r.metadata["schema_version"] == 3
+        np.testing.assert_array_equal(r.read_events(), want)
+
+
 @pytest.mark.parametrize("statement", [
     "UPDATE event_chunks SET rows = substr(rows, 1, 79)",
     "UPDATE event_chunks SET n = n + 1",
