@@ -89,22 +89,58 @@ def test_memory_and_sqlite_hold_the_same_trace(tmp_path):
     _same_profile(torchmem.MemoryProfiler.from_trace(a), load(tmp_path / "b.db"))
 
 
+class _RowsOnly:
+    """A storage that forwards to SQLiteStorage but offers only ``append``: the pump
+    then hands it Python rows (as it does any other storage)."""
+
+    def __init__(self, storage):
+        self._storage = storage
+
+    def __getattr__(self, name):
+        if name == "append_from_recorder":
+            raise AttributeError(name)
+        return getattr(self._storage, name)
+
+
+class _CountingSQLite(SQLiteStorage):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = {"append": 0, "append_from_recorder": 0}
+
+    def append(self, delta):
+        self.calls["append"] += 1
+        super().append(delta)
+
+    def append_from_recorder(self, *args):
+        self.calls["append_from_recorder"] += 1
+        super().append_from_recorder(*args)
+
+
 def test_events_sent_straight_from_the_recorder(tmp_path):
-    # Without a publisher the pump hands SQLiteStorage a range of the
-    # recorder, written to the pipe natively; with one it hands Python rows.
+    # The pump hands SQLiteStorage a range of the recorder, written to the
+    # pipe natively as column chunks, with or without a publisher (which
+    # gets rows of its own); a storage without append_from_recorder gets rows.
     direct = SQLiteStorage(tmp_path / "direct.db")
     p = _record(direct)
     assert getattr(type(direct), "append_from_recorder", None) is not None
-    via_rows = SQLiteStorage(tmp_path / "rows.db")
-    _record(via_rows, publisher=torchmem.EventPublisher())
+    published = []
+    publisher = torchmem.EventPublisher()
+    publisher.subscribe(published.extend)
+    with_publisher = _CountingSQLite(tmp_path / "pub.db")
+    _record(with_publisher, publisher=publisher)
+    assert len(published) == 15
+    assert with_publisher.calls["append_from_recorder"] > 0
+    assert with_publisher.calls["append"] == 0
+    _record(_RowsOnly(SQLiteStorage(tmp_path / "rows.db")))
     a = TraceReader(tmp_path / "direct.db").read_trace()
-    b = TraceReader(tmp_path / "rows.db").read_trace()
-    assert len(a.events) == len(b.events) == 15
-    # Stacks differ (the two _record calls are on two lines), the rest not.
-    for name in a.events.dtype.names:
-        if name not in ("_pad", "timestamp_ns", "thread_id", "stack_id"):
-            np.testing.assert_array_equal(a.events[name], b.events[name], err_msg=name)
-    assert len(a.gc_records) == len(b.gc_records) == 1
+    for other in ("pub.db", "rows.db"):
+        b = TraceReader(tmp_path / other).read_trace()
+        assert len(a.events) == len(b.events) == 15
+        # Stacks differ (the _record calls are on different lines), the rest not.
+        for name in a.events.dtype.names:
+            if name not in ("_pad", "timestamp_ns", "thread_id", "stack_id"):
+                np.testing.assert_array_equal(a.events[name], b.events[name], err_msg=name)
+        assert len(a.gc_records) == len(b.gc_records) == 1
     _same_profile(p, load(tmp_path / "direct.db"))
 
 

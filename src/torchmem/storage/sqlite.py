@@ -262,8 +262,8 @@ class SQLiteStorage:
                              delta: TraceDelta) -> None:
         """Like ``append``, for the events [start_seq, end_seq) still in ``profiler``:
         they go from the recorder into the pipe without becoming Python
-        objects (``delta`` carries the side records only; its events are
-        ignored). Called by the profiler's pump; blocks while the pipe is
+        objects (``delta`` gives the side records; its events, there when a
+        publisher needed them as rows, are ignored). Called by the profiler's pump; blocks while the pipe is
         full, which leaves the events waiting in the recorder, not in memory
         of ours.
         """
