@@ -132,3 +132,60 @@ def test_a_header_whose_times_do_not_match_its_column_is_corrupt(tmp_path):
     struct.pack_into("<q", payload, 40, chunk.max_timestamp + 1)
     with pytest.raises(ValueError, match="times are not those of its header"):
         _columns_chunk(_chunks.ColumnChunk(payload))
+
+
+def test_totals_past_2_to_the_63_reach_sqlite_as_their_bits(tmp_path):
+    # uint64 totals are stored bit for bit as signed SQLite integers; the
+    # writer's expansion must wrap them as the rows path and readers do.
+    huge = (1 << 48) - 1
+    storage = SQLiteStorage(tmp_path / "big.db")
+    p = torchmem.MemoryProfiler(storage=storage, auto_snapshot=False)
+    for _ in range(33_000):  # 2**63 bytes allocated after ~32,768 of them
+        p.track_allocation(0x1000, huge)
+        p.track_deallocation(0x1000)
+    want = _rows(p, 0, 66_000)
+    assert int(want["total_allocated"][-1]) >= 1 << 63
+    for payload in _frames(p, tmp_path, 60_000, 66_000):
+        chunk = _chunks.ColumnChunk(payload)
+        groups, rest = chunk.row_groups(32)
+        flat = [v for g in groups for v in g] + list(rest)
+        k = _chunks.EVENT_COLUMNS.index("total_allocated")
+        ref = want[chunk.first:chunk.first + chunk.n]["total_allocated"].astype(np.int64)
+        assert flat[k::len(_chunks.EVENT_COLUMNS)] == ref.tolist()
+    p.close()
+    storage.wait()
+    with TraceReader(tmp_path / "big.db") as r:
+        assert r.metadata["expanded"] == 1
+        np.testing.assert_array_equal(r.read_events()["total_allocated"], want["total_allocated"])
+
+
+@pytest.mark.parametrize("kind, length", [
+    (_writer.FLUSH, 3),  # a flush token is 8 bytes
+    (_writer.SIDE, 1 << 62),  # would be a MemoryError
+    (_writer.COLUMNS, _writer.MAX_COLUMNS_BYTES + 1),
+    (b"Z", 4),
+], ids=["short-flush", "huge-side", "long-columns", "unknown-kind"])
+def test_the_writer_refuses_a_bad_frame_and_reports_it(tmp_path, kind, length):
+    import json
+    import os
+    import threading
+
+    data_r, data_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    result = {}
+    t = threading.Thread(target=lambda: result.update(w=_writer.serve(
+        data_r, reply_w, str(tmp_path / "bad.db"), {})))
+    t.start()
+    os.write(data_w, _writer.HEADER.pack(kind, length) + b"\0" * 8)
+    os.close(data_w)  # EOF: the writer stops draining and returns
+    t.join(timeout=30)
+    assert not t.is_alive()
+    os.close(reply_w)
+    with os.fdopen(reply_r) as f:
+        replies = [json.loads(line) for line in f]
+    os.close(data_r)
+    assert replies[0]["ready"] == 1
+    assert "bad frame" in replies[1]["error"] and str(length) in replies[1]["error"]
+    w = result["w"]
+    assert w.error == replies[1]["error"]
+    w.close(checkpoint=False)

@@ -496,3 +496,4 @@ def test_every_documented_query_runs(tmp_path):
     assert all(results[i] for i in range(len(results)) if "step = 10" not in queries[i])
     since = next(r for q, r in zip(queries, results) if ":t" in q)
     assert [row[0] for row in since] == [i for i, t in enumerate(stamps) if t >= t0]
+

@@ -164,13 +164,16 @@ class SinkPump:
             end = self._cursors["seq"]
             if delta.is_empty() and end == start:
                 return
+            # The publisher first: its queue never blocks, while storage
+            # waits while its pipe is full (so a stalled disk delays the
+            # next hand-over to subscribers, not this one).
+            if self.publisher is not None:
+                self._deliver("publisher", self.publisher.publish_delta, profiler, delta)
             if self._direct:
                 self._deliver("storage", self.storage.append_from_recorder, profiler, start,
                               end, delta)
             elif self.storage is not None:
                 self._deliver("storage", self.storage.append, delta)
-            if self.publisher is not None:
-                self._deliver("publisher", self.publisher.publish_delta, profiler, delta)
             profiler._set_consumer_seq(self._cursors["seq"])
 
     def _deliver(self, name: str, fn: Any, *args: Any) -> None:

@@ -9,13 +9,13 @@ they arrive, one BLOB per piece of up to 8K events, and expands them into
 - ``COLUMNS`` (1): what the recorder sends natively (``Recorder._write_event_columns``):
   ``COLUMNS_HEAD`` (first_seq, n, full_mask, reserved, allocated_before,
   freed_before, min_timestamp_ns, max_timestamp_ns), then each column of
-  ``CHUNK_COLUMNS`` in order: ``n``
-  values, or a single value shared by every event when its bit in
-  ``full_mask`` is clear. ``seq`` runs from first_seq; the cumulative totals
-  are allocated_before / freed_before plus the sizes of the chunk's
-  allocations (kinds 0 and 2) / deallocations (kind 1) so far. About 8-45
-  bytes per event instead of 80: the training process copies fewer bytes
-  into the pipe and the writer fewer into the WAL.
+  ``CHUNK_COLUMNS`` in order: ``n`` values, or a single value shared by
+  every event when its bit in ``full_mask`` is clear. ``seq`` runs from
+  first_seq; the cumulative totals are allocated_before / freed_before plus
+  the sizes of the chunk's allocations (kinds 0 and 2) / deallocations
+  (kind 1) so far, modulo 2**64. About 8-49 bytes per event instead of 80:
+  the training process copies fewer bytes into the pipe and the writer
+  fewer into the WAL.
 
 ``parse`` checks a BLOB and returns a chunk object the writer reads with
 plain ``struct`` calls; ``_sqlite_schema.chunk_events`` decodes the same
@@ -149,13 +149,16 @@ class ColumnChunk:
         """The time_index row of the chunk, from its header (readers check it)."""
         return [(self.first, self.first + self.n - 1, self.min_timestamp, self.max_timestamp)]
 
-    def _totals(self, base: int, adds: bytes) -> Iterable[int]:
+    def _totals(self, base: int, adds: bytes) -> Sequence[int]:
         # Running sums of size x (0 or 1 by kind), in C: no Python loop per event.
         kinds = self.column("kind", 0, self.n)
         flags = bytes(kinds).translate(adds)
         sizes = self.column("size", 0, self.n)
-        return itertools.islice(itertools.accumulate(map(operator.mul, sizes, flags),
-                                                     initial=base), 1, None)
+        sums = list(itertools.accumulate(map(operator.mul, sizes, flags), initial=base))[1:]
+        if max(sums) >= 1 << 63 or min(sums) < -(1 << 63):
+            # The recorder's totals are uint64 (wrapping); SQLite gets their bits, signed.
+            sums = [(v + (1 << 63)) % (1 << 64) - (1 << 63) for v in sums]
+        return sums
 
     def row_groups(self, group: int) -> tuple[Iterable[Sequence[int]], Sequence[int]]:
         """Flat value lists of ``group`` rows each (EVENT_COLUMNS per row), and the rest."""

@@ -100,6 +100,8 @@ CREATE TABLE anomalies (kind TEXT PRIMARY KEY, count INTEGER NOT NULL);
 
 HEADER = struct.Struct("<cQ")  # frame kind, payload bytes
 EVENTS, COLUMNS, SIDE, FLUSH, CLOSE = b"E", b"K", b"J", b"F", b"C"
+#: A SIDE frame past this is corrupt: a hand-over's side records are kilobytes.
+MAX_SIDE_BYTES = 1 << 30
 #: The largest COLUMNS payload: a whole event-log chunk with every column full (~400 KB).
 MAX_COLUMNS_BYTES = _chunks.COLUMNS_HEAD.size + _chunks.CHUNK_EVENTS * sum(
     struct.calcsize(code) for _, code in _chunks.CHUNK_COLUMNS)
@@ -482,7 +484,7 @@ def serve(in_fd: int, out_fd: int, path: str, options: dict) -> TraceWriter | No
             if w.due(idle=False):
                 w.commit()
             check()
-        elif kind in (SIDE, FLUSH):
+        elif (kind == SIDE and n <= MAX_SIDE_BYTES) or (kind == FLUSH and n == TOKEN.size):
             data = inp.read(n)
             if data is None:
                 break
