@@ -9,7 +9,8 @@ event. Here the writer runs in its own interpreter, started as
 (run as a script, not ``-m torchmem...``: importing the package would import
 torch and native code; ``-S`` also skips site-packages, so the child starts
 in ~20 ms and TORCHMEM=1 autoenable cannot recurse into it). This file
-therefore uses the standard library only; ``_sqlite_schema`` imports its
+and its sibling ``_chunks.py`` (found through the script's folder)
+therefore use the standard library only; ``_sqlite_schema`` imports the
 schema from here and checks it against EVENT_DTYPE.
 
 Protocol (stdin, parent -> child): frames ``HEADER`` (kind byte, payload
@@ -25,6 +26,8 @@ length in bytes) + payload.
 - ``F``: flush; payload is a token (uint64). Commit, then acknowledge.
 - ``C``: close; commit, acknowledge (with the backlog of unexpanded events),
   expand the rest, set metadata ``expanded``, checkpoint the WAL, exit.
+A frame of another kind, or longer than its kind allows, cannot be
+resynchronised: the writer reports it, stores nothing more, reads to EOF.
 Replies (stdout, child -> parent): one JSON object per line:
 ``{"ready", "pid", "error"}`` once, ``{"ack": token, "written", "error"}``,
 ``{"error": msg, "written"}`` when a write fails (the writer then discards
