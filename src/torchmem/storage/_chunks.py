@@ -168,8 +168,11 @@ class ColumnChunk:
         by_name["seq"] = range(self.first, self.first + n)
         by_name["total_allocated"] = self._totals(self.allocated_before, _ADDS_ALLOCATED)
         by_name["total_freed"] = self._totals(self.freed_before, _ADDS_FREED)
-        # Interleaved in C: zip hands chain the same row tuple back each time.
-        flat = list(itertools.chain.from_iterable(zip(*(by_name[c] for c in EVENT_COLUMNS))))
+        # Interleaved by extended-slice assignment: a C loop per column.
+        k = len(EVENT_COLUMNS)
+        flat: list[int] = [0] * (n * k)
+        for i, name in enumerate(EVENT_COLUMNS):
+            flat[i::k] = by_name[name]
         width = group * len(EVENT_COLUMNS)
         full = (n - n % group) * len(EVENT_COLUMNS)
         return (flat[i:i + width] for i in range(0, full, width)), flat[full:]
