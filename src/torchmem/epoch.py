@@ -20,7 +20,6 @@ for the profiler it checks (``stacks=False`` keeps it off).
 
 from __future__ import annotations
 
-import gc
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ._types import StackTrace
+from .sources.gc_monitor import collect_unreported
 
 __all__ = [
     "EpochResult",
@@ -275,12 +275,14 @@ def mark_epoch(profiler: Any = None, *, collect: bool = True) -> EpochResult:
 
     ``profiler`` defaults to the process-wide one (``torchmem.enable()``).
     ``collect=False`` skips the ``gc.collect()`` (tensors held only by
-    reference cycles then count as live). Returns the EpochResult; the first
-    call of a profiler is the baseline.
+    reference cycles then count as live). That collection is torchmem's, not
+    the training run's: GC monitoring does not record it (the tensors it
+    frees are recorded). Returns the EpochResult; the first call of a
+    profiler is the baseline.
     """
     prof = _resolve_profiler(profiler)
     if collect:
-        gc.collect()
+        collect_unreported()  # ours, not a pause of the training run's
     from . import _session
 
     _session._poll_sources(prof)  # GPU history events read up to now

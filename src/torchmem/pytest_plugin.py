@@ -20,7 +20,6 @@ global profiler, a measured test resets its peak counters.
 
 from __future__ import annotations
 
-import gc
 import re
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 import pytest
 
 from .epoch import format_bytes, live_by_site, top_sites
+from .sources.gc_monitor import collect_unreported
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
@@ -119,7 +119,7 @@ class _Measure:
 
             self.tracker.adopt(tensors_in_gc())
         if self.want_leaks:
-            gc.collect()
+            collect_unreported()
         prof = self.prof
         self.start_seq = prof._next_seq()
         self.base = self._current()
@@ -136,7 +136,7 @@ class _Measure:
         stats = self._stats()
         self.peak = max(0, stats.peak_usage_bytes - self.base)
         if self.want_leaks:
-            gc.collect()
+            collect_unreported()
         live = self.prof.live_allocations()
         live = live[live["seq"] >= self.start_seq]
         if self.type_name:
