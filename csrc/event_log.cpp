@@ -40,21 +40,34 @@ void EventLog::evict_if_needed() {
   }
 }
 
-EventRow* EventLog::rows_of(const Chunk& c, uint32_t count, uint64_t start, uint64_t end,
-                           const std::vector<uint64_t>& streams, EventRow* out) {
-  uint64_t alloc = c.base_allocated, freed = c.base_freed;
-  for (uint32_t i = 0; i < count; ++i) {
-    uint64_t seq = c.base_seq + i;
-    if (seq >= end) break;
-    EventKind kind = static_cast<EventKind>(c.kind[i]);
-    alloc += allocated_delta(kind, c.size[i]);
-    freed += freed_delta(kind, c.size[i]);
-    if (seq < start) continue;
-    uint16_t si = c.stream_idx[i];
-    *out++ = EventRow{seq, c.timestamp[i], c.address[i], c.size[i],
-                      si < streams.size() ? streams[si] : 0, c.step[i], alloc,
-                      freed, c.thread_id[i], c.stack_id[i], c.type_id[i],
-                      c.device[i], kind, {0, 0, 0}};
+EventLog::SliceRange EventLog::range_of(const ReadPlan& p, size_t i) {
+  const Chunk& c = *p.slices[i].chunk;
+  SliceRange r;
+  r.lo = std::max(p.start, c.base_seq) - c.base_seq;
+  r.hi = std::max(r.lo, std::min<uint64_t>(p.end - c.base_seq, p.slices[i].count));
+  r.allocated_before = c.base_allocated;  // the totals are not stored per event
+  r.freed_before = c.base_freed;
+  for (uint64_t j = 0; j < r.lo; ++j) {
+    EventKind kind = static_cast<EventKind>(c.kind[j]);
+    r.allocated_before += allocated_delta(kind, c.size[j]);
+    r.freed_before += freed_delta(kind, c.size[j]);
+  }
+  return r;
+}
+
+EventRow* EventLog::rows_of(const ReadPlan& p, size_t i, EventRow* out) {
+  const Chunk& c = *p.slices[i].chunk;
+  SliceRange r = range_of(p, i);
+  uint64_t alloc = r.allocated_before, freed = r.freed_before;
+  for (uint64_t j = r.lo; j < r.hi; ++j) {
+    EventKind kind = static_cast<EventKind>(c.kind[j]);
+    alloc += allocated_delta(kind, c.size[j]);
+    freed += freed_delta(kind, c.size[j]);
+    uint16_t si = c.stream_idx[j];
+    *out++ = EventRow{c.base_seq + j, c.timestamp[j], c.address[j], c.size[j],
+                      si < p.streams.size() ? p.streams[si] : 0, c.step[j], alloc,
+                      freed, c.thread_id[j], c.stack_id[j], c.type_id[j],
+                      c.device[j], kind, {0, 0, 0}};
   }
   return out;
 }
@@ -76,23 +89,18 @@ EventLog::ReadPlan EventLog::plan(uint64_t start, uint64_t end,
 }
 
 void EventLog::fill(const ReadPlan& p, EventRow* out) {
-  for (const Slice& s : p.slices) out = rows_of(*s.chunk, s.count, p.start, p.end, p.streams, out);
+  for (size_t i = 0; i < p.slices.size(); ++i) out = rows_of(p, i, out);
 }
 
 EventLog::ColumnView EventLog::columns_of(const ReadPlan& p, size_t i) {
   const Chunk& c = *p.slices[i].chunk;
-  uint64_t lo = std::max(p.start, c.base_seq) - c.base_seq;
-  uint64_t hi = std::min<uint64_t>(p.end - c.base_seq, p.slices[i].count);
+  SliceRange r = range_of(p, i);
+  uint64_t lo = r.lo;
   ColumnView v;
   v.first_seq = c.base_seq + lo;
-  v.n = hi > lo ? static_cast<uint32_t>(hi - lo) : 0;
-  v.allocated_before = c.base_allocated;
-  v.freed_before = c.base_freed;
-  for (uint64_t j = 0; j < lo; ++j) {  // the totals are not stored per event
-    EventKind kind = static_cast<EventKind>(c.kind[j]);
-    v.allocated_before += allocated_delta(kind, c.size[j]);
-    v.freed_before += freed_delta(kind, c.size[j]);
-  }
+  v.n = static_cast<uint32_t>(r.hi - lo);
+  v.allocated_before = r.allocated_before;
+  v.freed_before = r.freed_before;
   v.timestamp = c.timestamp + lo;
   v.address = c.address + lo;
   v.size = c.size + lo;

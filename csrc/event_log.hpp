@@ -151,9 +151,15 @@ class EventLog {
     uint8_t kind[kChunkEvents];
   };
   void open_chunk(uint64_t total_allocated_before, uint64_t total_freed_before);
-  // Rows [start, end) of one chunk (its first `count` events) into out.
-  static EventRow* rows_of(const Chunk& c, uint32_t count, uint64_t start, uint64_t end,
-                           const std::vector<uint64_t>& streams, EventRow* out);
+  // Slice `i` of a plan within its chunk: events [lo, hi) of the chunk, and
+  // the cumulative totals before lo. Shared by rows and columns.
+  struct SliceRange {
+    uint64_t lo = 0, hi = 0;
+    uint64_t allocated_before = 0, freed_before = 0;
+  };
+  static SliceRange range_of(const ReadPlan& plan, size_t i);
+  // The rows of slice `i` into out; returns the end of what it wrote.
+  static EventRow* rows_of(const ReadPlan& plan, size_t i, EventRow* out);
   void evict_if_needed();
   template <typename Key>
   uint64_t lower_bound(Key key_of, uint64_t value) const;

@@ -128,18 +128,13 @@ NB_MODULE(_native, m) {
              // Rows are built straight into the bytes object, without the
              // GIL and without the recorder's lock: training threads keep
              // allocating while a sink reads.
-             Recorder& r = rec(h);
-             EventLog::ReadPlan plan = r.begin_read(a, b);
+             Recorder::PinnedRead pin(rec(h), a, b);
              PyObject* out = PyBytes_FromStringAndSize(
-                 nullptr, static_cast<Py_ssize_t>(plan.rows * sizeof(EventRow)));
-             if (!out) {
-               r.end_read(plan);
-               throw nb::python_error();
-             }
+                 nullptr, static_cast<Py_ssize_t>(pin.plan().rows * sizeof(EventRow)));
+             if (!out) throw nb::python_error();
              {
                nb::gil_scoped_release release;
-               EventLog::fill(plan, reinterpret_cast<EventRow*>(PyBytes_AS_STRING(out)));
-               r.end_read(plan);
+               EventLog::fill(pin.plan(), reinterpret_cast<EventRow*>(PyBytes_AS_STRING(out)));
              }
              return nb::steal<nb::bytes>(out);
            })

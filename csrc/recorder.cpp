@@ -402,26 +402,21 @@ uint64_t Recorder::live_count() const {
 }
 
 std::vector<EventRow> Recorder::read(uint64_t start_seq, uint64_t end_seq) const {
-  EventLog::ReadPlan plan = begin_read(start_seq, end_seq);
-  // The pin must go even if the allocation below throws.
-  struct Unpin {
-    const Recorder* r;
-    EventLog::ReadPlan* p;
-    ~Unpin() { r->end_read(*p); }
-  } unpin{this, &plan};
-  std::vector<EventRow> out(plan.rows);
-  EventLog::fill(plan, out.data());
+  PinnedRead pin(*this, start_seq, end_seq);
+  std::vector<EventRow> out(pin.plan().rows);
+  EventLog::fill(pin.plan(), out.data());
   return out;
 }
 
-EventLog::ReadPlan Recorder::begin_read(uint64_t start_seq, uint64_t end_seq) const {
-  std::lock_guard<SpinLock> lock(mu_);
-  return log_.plan(start_seq, end_seq, streams_);
+Recorder::PinnedRead::PinnedRead(const Recorder& r, uint64_t start_seq, uint64_t end_seq)
+    : r_(r) {
+  std::lock_guard<SpinLock> lock(r_.mu_);
+  plan_ = r_.log_.plan(start_seq, end_seq, r_.streams_);
 }
 
-void Recorder::end_read(EventLog::ReadPlan& plan) const {
-  std::lock_guard<SpinLock> lock(mu_);
-  log_.finish(plan);
+Recorder::PinnedRead::~PinnedRead() {
+  std::lock_guard<SpinLock> lock(r_.mu_);
+  r_.log_.finish(plan_);
 }
 
 uint64_t Recorder::next_seq() const {

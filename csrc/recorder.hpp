@@ -148,11 +148,23 @@ class Recorder {
   uint64_t live_count() const;
 
   std::vector<EventRow> read(uint64_t start_seq, uint64_t end_seq) const;
-  // read() in three steps, for callers that supply the buffer: the lock is
-  // held in begin_read and end_read only; EventLog::fill(plan, out) builds
-  // the plan.rows rows in between without it.
-  EventLog::ReadPlan begin_read(uint64_t start_seq, uint64_t end_seq) const;
-  void end_read(EventLog::ReadPlan& plan) const;
+  // A read of [start_seq, end_seq) for callers that supply the buffer or
+  // send the columns as they are: the lock is held only while the range is
+  // planned (pinned) and, in the destructor, unpinned; in between,
+  // EventLog::fill(plan(), out) or EventLog::columns_of(plan(), i) run
+  // without it while training threads keep recording.
+  class PinnedRead {
+   public:
+    PinnedRead(const Recorder& r, uint64_t start_seq, uint64_t end_seq);
+    ~PinnedRead();
+    PinnedRead(const PinnedRead&) = delete;
+    PinnedRead& operator=(const PinnedRead&) = delete;
+    const EventLog::ReadPlan& plan() const { return plan_; }
+
+   private:
+    const Recorder& r_;
+    EventLog::ReadPlan plan_;
+  };
   uint64_t next_seq() const;
   uint64_t first_retained_seq() const;
   // Sequence range [first, last) whose steps lie in [lo, hi], within retention.

@@ -12,22 +12,9 @@
 
 namespace torchmem {
 
-int write_fully(int fd, const void* data, size_t len) {
-  const char* p = static_cast<const char*>(data);
-  while (len > 0) {
-    ssize_t n = ::write(fd, p, len);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    p += n;
-    len -= static_cast<size_t>(n);
-  }
-  return 0;
-}
-
 namespace {
 
+// writev() until every byte is out; 0, or the errno of the failure.
 int writev_fully(int fd, iovec* iov, int count) {
   while (count > 0) {
     ssize_t n = ::writev(fd, iov, count);
@@ -72,10 +59,16 @@ constexpr int kColumns = 10;
 
 }  // namespace
 
+int write_fully(int fd, const void* data, size_t len) {
+  iovec one{const_cast<void*>(data), len};
+  return writev_fully(fd, &one, 1);
+}
+
 int write_column_frames(Recorder& r, int fd, char kind, uint64_t start, uint64_t end,
                         uint64_t* events) {
   thread_local std::vector<uint64_t> streams(EventLog::kChunkEvents);
-  EventLog::ReadPlan plan = r.begin_read(start, end);
+  Recorder::PinnedRead pin(r, start, end);
+  const EventLog::ReadPlan& plan = pin.plan();
   *events = plan.rows;
   int err = 0;
   for (size_t s = 0; !err && s < plan.slices.size(); ++s) {
@@ -133,7 +126,6 @@ int write_column_frames(Recorder& r, int fd, char kind, uint64_t start, uint64_t
     iov[0] = iovec{head, sizeof head};
     err = writev_fully(fd, iov, 1 + kColumns);
   }
-  r.end_read(plan);
   return err;
 }
 

@@ -337,15 +337,17 @@ void test_eviction() {
   // A read in progress (planned, not yet filled) pins its range: appending
   // far past the retention neither evicts nor reuses its chunks.
   uint64_t from = r.first_retained_seq();
-  EventLog::ReadPlan plan = r.begin_read(from, UINT64_MAX);
-  CHECK_EQ(plan.rows, r.next_seq() - from);
-  for (uint64_t i = 0; i < 4 * chunk; ++i) r.record_marker(EventKind::GcStart, 7, 0);
-  CHECK_EQ(r.first_retained_seq(), from);
-  std::vector<EventRow> pinned(plan.rows);
-  EventLog::fill(plan, pinned.data());
-  r.end_read(plan);
+  std::vector<EventRow> pinned;
+  {
+    Recorder::PinnedRead pin(r, from, UINT64_MAX);
+    CHECK_EQ(pin.plan().rows, r.next_seq() - from);
+    for (uint64_t i = 0; i < 4 * chunk; ++i) r.record_marker(EventKind::GcStart, 7, 0);
+    CHECK_EQ(r.first_retained_seq(), from);
+    pinned.resize(pin.plan().rows);
+    EventLog::fill(pin.plan(), pinned.data());
+  }
   CHECK_EQ(pinned.front().seq, from);
-  CHECK_EQ(pinned.back().seq, from + plan.rows - 1);
+  CHECK_EQ(pinned.back().seq, from + pinned.size() - 1);
   bool snapshots_only = true;
   for (const EventRow& e : pinned) snapshots_only &= e.kind == EventKind::Snapshot;
   CHECK(snapshots_only);
