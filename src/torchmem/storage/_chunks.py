@@ -36,8 +36,7 @@ EVENT_COLUMNS = ("seq", "timestamp_ns", "address", "size", "stream", "step", "to
 #: One EVENT_DTYPE row. Unsigned 64-bit fields unpack as signed ("q"): SQLite
 #: integers are signed, so they are stored bit for bit (none is >= 2**63).
 ROW_FMT = "qqqqqqqqIIHhB3x"
-EVENT_ROW = struct.Struct("<" + ROW_FMT)
-ROW_BYTES = EVENT_ROW.size  # 80
+ROW_BYTES = struct.calcsize("<" + ROW_FMT)  # 80
 ROWS, COLUMNS = 0, 1  # event_chunks.layout
 #: Events per event-log chunk (csrc/event_log.hpp), the most a COLUMNS chunk holds.
 CHUNK_EVENTS = 8192
@@ -50,11 +49,12 @@ COLUMNS_HEAD = struct.Struct("<QIHHQQqq")  # 48 bytes
 CHUNK_COLUMNS = (("timestamp_ns", "q"), ("address", "Q"), ("size", "Q"), ("stream", "Q"),
                  ("step", "I"), ("thread_id", "I"), ("stack_id", "I"), ("type_id", "H"),
                  ("device", "h"), ("kind", "B"))
-_ROW_OFFSETS = dict(zip(EVENT_COLUMNS, (0, 8, 16, 24, 32, 40, 48, 56, 64, 68, 72, 74, 76)))
-_ROW_CODES = dict(zip(EVENT_COLUMNS, "qqqqqqqqIIHhB"))
-#: kind -> 1 if the event adds its size to total_allocated / total_freed.
-_ADDS_ALLOCATED = bytes(1 if k in (0, 2) else 0 for k in range(256))
-_ADDS_FREED = bytes(1 if k == 1 else 0 for k in range(256))
+_ROW_CODES = dict(zip(EVENT_COLUMNS, ROW_FMT))  # one code per column, then the padding
+_ROW_OFFSETS = {name: struct.calcsize("<" + ROW_FMT[:i]) for i, name in enumerate(EVENT_COLUMNS)}
+#: kind -> 1 if the event adds its size to total_allocated / total_freed
+#: (allocations and reallocations / deallocations); both decoders use these.
+ADDS_ALLOCATED = bytes(1 if k in (0, 2) else 0 for k in range(256))
+ADDS_FREED = bytes(1 if k == 1 else 0 for k in range(256))
 
 
 @functools.lru_cache(maxsize=64)
@@ -166,8 +166,8 @@ class ColumnChunk:
         by_name: dict[str, Iterable[int]] = {name: self.column(name, 0, n)
                                              for name, _ in CHUNK_COLUMNS}
         by_name["seq"] = range(self.first, self.first + n)
-        by_name["total_allocated"] = self._totals(self.allocated_before, _ADDS_ALLOCATED)
-        by_name["total_freed"] = self._totals(self.freed_before, _ADDS_FREED)
+        by_name["total_allocated"] = self._totals(self.allocated_before, ADDS_ALLOCATED)
+        by_name["total_freed"] = self._totals(self.freed_before, ADDS_FREED)
         # Interleaved by extended-slice assignment: a C loop per column.
         k = len(EVENT_COLUMNS)
         flat: list[int] = [0] * (n * k)

@@ -35,6 +35,8 @@ from ._writer import (  # noqa: E402
 assert EVENT_COLUMNS == tuple(n for n in EVENT_DTYPE.names if not n.startswith("_"))
 assert ROW_BYTES == EVENT_DTYPE.itemsize
 assert {name for name, _ in _chunks.CHUNK_COLUMNS} < set(EVENT_COLUMNS)
+_ADDS_ALLOCATED = np.frombuffer(_chunks.ADDS_ALLOCATED, np.uint8).astype(bool)
+_ADDS_FREED = np.frombuffer(_chunks.ADDS_FREED, np.uint8).astype(bool)
 assert GC_COLUMNS == tuple(f.name for f in dataclasses.fields(GCRecord))
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -306,10 +308,9 @@ def _columns_chunk(chunk: _chunks.ColumnChunk) -> np.ndarray:
         raise ValueError(f"event chunk {chunk.first}: its times are not those of its header")
     events["seq"] = np.arange(chunk.first, chunk.first + n, dtype=np.uint64)
     kind, size = events["kind"], events["size"]
-    events["total_allocated"] = chunk.allocated_before + np.cumsum(
-        np.where((kind == 0) | (kind == 2), size, 0), dtype=np.uint64)
-    events["total_freed"] = chunk.freed_before + np.cumsum(
-        np.where(kind == 1, size, 0), dtype=np.uint64)
+    for column, base, adds in (("total_allocated", chunk.allocated_before, _ADDS_ALLOCATED),
+                               ("total_freed", chunk.freed_before, _ADDS_FREED)):
+        events[column] = base + np.cumsum(np.where(adds[kind], size, 0), dtype=np.uint64)
     return events
 
 

@@ -125,7 +125,7 @@ EXPAND_DUTY = 0.25
 #: Rows per multi-row INSERT: binding cost is per value, but each statement
 #: step has a fixed cost; 32 rows (416 values) measured ~35% less CPU than 1.
 _GROUP = 32
-_PIECE_BYTES = 8192 * ROW_BYTES  # read E frames ~650 KB at a time
+_PIECE_BYTES = _chunks.CHUNK_EVENTS * ROW_BYTES  # read E frames ~650 KB at a time
 _ALLOWED_PRAGMAS = ("max_page_count", "cache_size")  # tests simulate a full disk
 
 
@@ -460,7 +460,8 @@ def serve(in_fd: int, out_fd: int, path: str, options: dict) -> TraceWriter | No
             wait = max(EXPAND_QUIET_S - (now - last_frame), next_expand - now)
             if wait <= 0:
                 w.expand(1)
-                next_expand = time.monotonic() + (time.monotonic() - now) * (1 / EXPAND_DUTY - 1)
+                done = time.monotonic()
+                next_expand = done + (done - now) * (1 / EXPAND_DUTY - 1)
             else:
                 select.select([inp.fd], [], [], wait)
             continue
@@ -469,23 +470,18 @@ def serve(in_fd: int, out_fd: int, path: str, options: dict) -> TraceWriter | No
             break
         last_frame = time.monotonic()
         kind, n = HEADER.unpack(head)
-        if kind == EVENTS:
+        if kind == EVENTS or (kind == COLUMNS and n <= MAX_COLUMNS_BYTES):
+            # Rows are stored in pieces of up to 8K; a COLUMNS frame is one chunk.
+            layout, piece = ((_chunks.ROWS, _PIECE_BYTES) if kind == EVENTS
+                             else (_chunks.COLUMNS, n))
             while n > 0:
-                data = inp.read(min(n, _PIECE_BYTES))
+                data = inp.read(min(n, piece))
                 if data is None:
                     break
                 n -= len(data)
-                w.write_events(data)
+                w.write_events(data, layout)
                 if w.due(idle=False):
                     w.commit()
-            check()
-        elif kind == COLUMNS and n <= MAX_COLUMNS_BYTES:
-            data = inp.read(n)
-            if data is None:
-                break
-            w.write_events(data, _chunks.COLUMNS)
-            if w.due(idle=False):
-                w.commit()
             check()
         elif (kind == SIDE and n <= MAX_SIDE_BYTES) or (kind == FLUSH and n == TOKEN.size):
             data = inp.read(n)

@@ -41,9 +41,10 @@ class StorageBackend(Protocol):
 
         Optional: a backend class may also define
         ``append_from_recorder(profiler, start_seq, end_seq, delta)``, which
-        the pump then calls instead (when no publisher needs the events as
-        Python objects) with a delta of side records only, the events being
-        [start_seq, end_seq) of ``profiler`` (see SQLiteStorage).
+        the pump then calls instead: the events are [start_seq, end_seq) of
+        ``profiler``, read from the recorder by the backend; the delta gives
+        the side records (and, when a publisher needed them, the events as
+        rows, to be ignored). See SQLiteStorage.
         """
 
     def read_events(self, *, before_seq: int, start_step: int | None = None,

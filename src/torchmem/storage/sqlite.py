@@ -261,11 +261,11 @@ class SQLiteStorage:
     def append_from_recorder(self, profiler: Any, start_seq: int, end_seq: int,
                              delta: TraceDelta) -> None:
         """Like ``append``, for the events [start_seq, end_seq) still in ``profiler``:
-        they go from the recorder into the pipe without becoming Python
-        objects (``delta`` gives the side records; its events, there when a
-        publisher needed them as rows, are ignored). Called by the profiler's pump; blocks while the pipe is
-        full, which leaves the events waiting in the recorder, not in memory
-        of ours.
+        they go from the recorder into the pipe as column chunks without
+        becoming Python objects (``delta`` gives the side records; its
+        events, there when a publisher needed them as rows, are ignored).
+        Called by the profiler's pump; blocks while the pipe is full, which
+        leaves the events waiting in the recorder, not in memory of ours.
         """
         if self.closed or self.write_error is not None:
             return
