@@ -74,3 +74,19 @@ def train_mlp_measured(prof, tracker, variant: str):
             del model, opt
             gc.collect()
     return ours, profiler_marks(tprof), n_params
+
+
+def check_mlp_adam(prof, tracker, variant: str, peak_shortfall: int = 0) -> None:
+    """Trains the MLP of ``train_mlp_measured`` and asserts at every step: current
+    CPU bytes equal the reachable storages and torch.profiler's live bytes,
+    and the peak is torch.profiler's, short of it by at most
+    ``peak_shortfall`` bytes (temporaries a tracker cannot see). At the end,
+    params + grads + exp_avg + exp_avg_sq (float32) + the per-param step
+    counters are live.
+    """
+    ours, marks, n_params = train_mlp_measured(prof, tracker, variant)
+    for step, (current, peak, reachable) in enumerate(ours):
+        t_live, t_peak = marks[f"mark_{step}"]
+        assert current == reachable == t_live, step
+        assert 0 <= t_peak - peak <= peak_shortfall, (step, peak, t_peak)
+    assert ours[-1][0] == 4 * 4 * n_params + 4 * 4
