@@ -34,7 +34,7 @@ def plugin_prof():
     clib.torchmem_fake_fail_next(0)
     p = torchmem.MemoryProfiler(auto_snapshot=False, capture_stack_traces=True)
     p._is_global = True
-    p._sync_gpu_settings()
+    p._sync_hook_settings()
     _native.set_gpu_recorder(p)
     try:
         yield p

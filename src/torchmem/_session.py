@@ -248,9 +248,9 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
             auto_snapshot=opts["auto_snapshot"],
         )
         # The CUDA plugin records into the global profiler and reads its stack
-        # settings from native globals; _sync_gpu_settings() publishes them.
+        # settings from native globals; _sync_hook_settings() publishes them.
         prof._is_global = True
-        prof._sync_gpu_settings()
+        prof._sync_hook_settings()
         s = _Session(prof, opts)
         s.trace_path, s.rank = path, rank
         _session = s

@@ -137,7 +137,7 @@ class MemoryProfiler(_native.Recorder):
     @capture_stack_traces.setter
     def capture_stack_traces(self, on: bool) -> None:
         self._capture_stacks = bool(on)
-        self._sync_gpu_settings()
+        self._sync_hook_settings()
 
     @property
     def max_stack_trace_depth(self) -> int:
@@ -149,7 +149,7 @@ class MemoryProfiler(_native.Recorder):
         if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 128:
             raise ValueError(f"max_stack_trace_depth must be an int in 1..128, got {depth!r}")
         self._max_depth = depth
-        self._sync_gpu_settings()
+        self._sync_hook_settings()
 
     @property
     def snapshot_interval_ms(self) -> int:
@@ -189,7 +189,7 @@ class MemoryProfiler(_native.Recorder):
         if to_stop is not None:
             to_stop.stop()
 
-    def _sync_gpu_settings(self) -> None:
+    def _sync_hook_settings(self) -> None:
         # The CUDA plugin and the CPU allocator hook have no profiler object
         # in hand; they read these.
         if self._is_global or self._feeds_cpu_hook:
