@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import torchmem
-from torchmem.epoch import epoch
+from torchmem import epoch
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torchmem
-from torchmem.epoch import LeakError, epoch, mark_epoch, user_frame
+from torchmem.analysis.epoch import LeakError, epoch, mark_epoch, user_frame
 from torchmem.sources.host import HostTracker
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")

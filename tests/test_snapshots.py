@@ -13,8 +13,8 @@ import weakref
 import pytest
 
 from torchmem import MemoryEventType, MemoryProfiler
-from torchmem.sources import snapshots
-from torchmem.sources.snapshots import AutoSnapshotter
+from torchmem import _snapshots as snapshots
+from torchmem._snapshots import AutoSnapshotter
 
 
 def wait_for(cond, timeout=5.0):

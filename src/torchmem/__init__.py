@@ -20,7 +20,7 @@ from ._types import (
     StackTrace,
 )
 from ._session import disable, enable, get_profiler, is_enabled, trace_path
-from .epoch import LeakError, epoch, mark_epoch
+from .analysis.epoch import LeakError, epoch, mark_epoch
 from .oom import oom_guard
 from .profiler import MemoryProfiler
 from .publisher import EventPublisher

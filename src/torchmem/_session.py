@@ -30,7 +30,7 @@ import warnings
 from typing import Any
 
 
-from .summary import format_summary
+from .analysis.summary import format_summary
 from .profiler import MemoryProfiler
 
 __all__ = ["enable", "disable", "get_profiler", "is_enabled", "trace_path", "format_summary"]

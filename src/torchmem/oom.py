@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .epoch import format_bytes, live_by_site, top_sites
+from .analysis.epoch import format_bytes, live_by_site, top_sites
 
 __all__ = ["OomReport", "oom_guard", "is_oom_error", "write_report", "report_pending",
            "install", "uninstall"]

@@ -179,7 +179,7 @@ class MemoryProfiler(_native.Recorder):
         to_stop = None
         with self._lock:
             if want and self._snapshotter is None:
-                from .sources.snapshots import AutoSnapshotter
+                from ._snapshots import AutoSnapshotter
 
                 self._snapshotter = AutoSnapshotter(self, self._snapshot_interval_ms)
                 self._snapshotter.start()
@@ -444,7 +444,7 @@ class MemoryProfiler(_native.Recorder):
 
     def mark_epoch(self):
         """Ends an epoch: GC, then the sites whose live bytes grew (see torchmem.epoch)."""
-        from .epoch import mark_epoch
+        from .analysis.epoch import mark_epoch
 
         return mark_epoch(self)
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from .epoch import format_bytes, live_by_site, top_sites
+from .analysis.epoch import format_bytes, live_by_site, top_sites
 from .sources.gc_monitor import collect_unreported
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

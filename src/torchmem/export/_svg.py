@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..epoch import format_bytes
+from ..analysis.epoch import format_bytes
 
 #: Series colours; the report's screenshot test looks for the first one.
 COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ._types import StackTrace
-from .sources.gc_monitor import collect_unreported
+from .._types import StackTrace
+from ..sources.gc_monitor import collect_unreported
 
 __all__ = [
     "EpochResult",
@@ -255,7 +255,7 @@ _states: "weakref.WeakKeyDictionary[Any, _State]" = weakref.WeakKeyDictionary()
 def _resolve_profiler(profiler: Any) -> Any:
     if profiler is not None:
         return profiler
-    from . import _session
+    from .. import _session
 
     prof = _session.get_profiler()
     if prof is None:
@@ -283,7 +283,7 @@ def mark_epoch(profiler: Any = None, *, collect: bool = True) -> EpochResult:
     prof = _resolve_profiler(profiler)
     if collect:
         collect_unreported()  # ours, not a pause of the training run's
-    from . import _session
+    from .. import _session
 
     _session._poll_sources(prof)  # GPU history events read up to now
     state = _states.get(prof)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .epoch import Site, epoch_results, format_bytes, live_by_site, top_sites
-from .profiler import MemoryProfiler
+from ..profiler import MemoryProfiler
 
 __all__ = ["allocation_sites", "format_summary", "growing_sites"]
 
@@ -22,7 +22,7 @@ def _group_rows(prof: MemoryProfiler, rows: np.ndarray) -> list[tuple[Site, int,
 
 def allocation_sites(prof: MemoryProfiler, n: int = 5) -> list[tuple[Site, int, int]]:
     """Top ``n`` sites by bytes allocated over the events kept in memory: (site, bytes, count)."""
-    from ._events import ALLOCATING_KINDS
+    from .._events import ALLOCATING_KINDS
 
     rows = prof._read_rows(prof._first_retained_seq(), prof._next_seq())
     rows = rows[np.isin(rows["kind"], ALLOCATING_KINDS)]
@@ -66,7 +66,7 @@ def _by_label(sites: list[tuple[Site, int, int]]) -> list[tuple[str, int, int]]:
 def format_summary(profiler: MemoryProfiler | None = None, *, trace: str | None = None,
                    max_sites: int = 5) -> str:
     """The at-exit summary as text: peaks by type and device, top sites, leaks, trace path."""
-    from . import _session
+    from .. import _session
 
     prof = profiler if profiler is not None else _session.get_profiler()
     if prof is None:

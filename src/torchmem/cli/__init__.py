@@ -19,9 +19,9 @@ import traceback
 import types
 from typing import Any, Sequence
 
-from .export._common import live_bytes_by_site
-from .export._svg import human_bytes
-from .storage.base import TraceFormatError
+from ..export._common import live_bytes_by_site
+from ..export._svg import human_bytes
+from ..storage.base import TraceFormatError
 
 __all__ = ["main"]
 
@@ -33,7 +33,7 @@ class CliError(Exception):
 
 
 def _load(path: str) -> Any:
-    from .storage import load
+    from ..storage import load
 
     return load(path)
 
@@ -115,7 +115,7 @@ def cmd_leaks(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import FORMATS, ProgressBar
+    from ..export import FORMATS, ProgressBar
 
     prof = _load(args.trace)
     bar = ProgressBar(f"export {args.format}", force=args.progress)
@@ -159,13 +159,13 @@ def _start_profiler(storage: Any, stacks: bool) -> Any:
 
     The CLI prints its own summary, so enable()'s at-exit one is off.
     """
-    from ._session import enable
+    from .._session import enable
 
     return enable(storage=storage, capture_stack_traces=stacks, summary=False)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .storage import SQLiteStorage
+    from ..storage import SQLiteStorage
 
     script = args.script
     if not os.path.isfile(script):
@@ -209,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.modules["__main__"] = old_main
         if sys.path and sys.path[0] != old_path0:
             sys.path.pop(0)
-        from ._session import disable
+        from .._session import disable
 
         disable()
         profiler.close()

@@ -1,0 +1,1 @@
+"""Analysis: what the recorded allocations mean (sites, epoch leaks, summaries, OOM, GC)."""
