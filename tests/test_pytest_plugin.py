@@ -143,14 +143,6 @@ def test_x():
     assert "cannot read 'lots' as a size" in result.stdout.str()
 
 
-@pytest.mark.parametrize("text,value", [
-    (512, 512), ("512 MiB", 512 << 20), ("1.5GiB", 3 << 29), ("100kB", 100_000),
-    ("2 GB", 2_000_000_000), ("10", 10), ("64 B", 64), ("1K", 1024)])
-def test_parse_size(text, value):
-    assert parse_size(text) == value
-
-
-@pytest.mark.parametrize("bad", ["", "MiB", "1 XB", -1, 1.5, True])
-def test_parse_size_rejects(bad):
-    with pytest.raises((ValueError, TypeError)):
-        parse_size(bad)
+def test_parse_size_is_a_deprecated_alias_of_parse_bytes():
+    with pytest.warns(DeprecationWarning, match="torchmem.units.parse_bytes"):
+        assert parse_size("2 MB") == 2_000_000

@@ -16,7 +16,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .analysis.epoch import epoch_results, format_bytes
+from .analysis.epoch import epoch_results
+from .units import format_bytes
 from .analysis.summary import growing_sites
 
 __all__ = ["RankSummary", "rank_summary", "summary", "format_rank_summaries"]

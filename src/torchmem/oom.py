@@ -37,7 +37,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .analysis.epoch import format_bytes, live_by_site, top_sites
+from .analysis.epoch import live_by_site, top_sites
+from .units import format_bytes, parse_bytes
 
 __all__ = ["OomReport", "oom_guard", "is_oom_error", "write_report", "report_pending",
            "install", "uninstall"]
@@ -47,9 +48,7 @@ _lock = threading.RLock()
 _reported: "weakref.WeakKeyDictionary[Any, set[int]]" = weakref.WeakKeyDictionary()
 _hook: dict[str, Any] = {}  # what install() replaced, and where reports go
 _counter = 0
-_SIZE_RE = re.compile(r"[Tt]ried to allocate ([0-9.]+) ?([KMGT]i?B|bytes|B)")
-_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
-          "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+_SIZE_RE = re.compile(r"[Tt]ried to allocate ([0-9.]+) ?([KMGTP]i?B|bytes|B)")
 
 
 @dataclass
@@ -78,7 +77,7 @@ def _requested_from_message(message: str) -> int | None:
     m = _SIZE_RE.search(message)
     if not m:
         return None
-    return int(float(m.group(1)) * _UNITS.get(m.group(2), 1))
+    return parse_bytes(f"{m.group(1)} {m.group(2)}")
 
 
 def _default_directory() -> str:

@@ -20,41 +20,22 @@ global profiler, a measured test resets its peak counters.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 import pytest
 
-from .analysis.epoch import format_bytes, live_by_site, top_sites
+from .analysis.epoch import live_by_site, top_sites
+from ._deprecation import deprecated_function
+from .units import format_bytes, parse_bytes
 from .sources.gc_monitor import collect_unreported
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-          "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 _RESULTS = pytest.StashKey[list]()
 
 
-def parse_size(value: Any) -> int:
-    """Bytes in ``value``: an int, or text like "512 MiB", "1.5 GB", "100kB".
-
-    IEC units (KiB, MiB, GiB, TiB; K/M/G) are powers of 1024, SI units
-    (kB, MB, GB, TB) powers of 1000.
-    """
-    if isinstance(value, bool):
-        raise TypeError("a size must be an int or a string like '512 MiB'")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"a size must be >= 0, got {value}")
-        return value
-    if not isinstance(value, str):
-        raise TypeError(f"a size must be an int or a string like '512 MiB', not {type(value).__name__}")
-    m = _SIZE.match(value)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise ValueError(f"cannot read {value!r} as a size (try '512 MiB' or an int of bytes)")
-    return int(float(m.group(1)) * _UNITS[unit])
+#: Deprecated alias of ``torchmem.units.parse_bytes`` (the same units table).
+parse_size = deprecated_function(parse_bytes, "torchmem.pytest_plugin.parse_size",
+                                 "torchmem.units.parse_bytes")
 
 
 def pytest_addoption(parser: Any) -> None:
@@ -186,11 +167,11 @@ def pytest_runtest_call(item: Any) -> Any:
         if not limit_m.args and "limit" not in limit_m.kwargs:
             raise pytest.UsageError(f"{item.nodeid}: torchmem_limit needs a limit, e.g. "
                                     "@pytest.mark.torchmem_limit('512 MiB')")
-        limit = parse_size(limit_m.args[0] if limit_m.args else limit_m.kwargs["limit"])
+        limit = parse_bytes(limit_m.args[0] if limit_m.args else limit_m.kwargs["limit"])
         type_name = limit_m.kwargs.get("allocation_type")
     tolerance = None
     if leak_m is not None:
-        tolerance = parse_size(leak_m.args[0] if leak_m.args else leak_m.kwargs.get("tolerance", 0))
+        tolerance = parse_bytes(leak_m.args[0] if leak_m.args else leak_m.kwargs.get("tolerance", 0))
     m = _Measure(type_name, tolerance is not None)
     m.start()
     try:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .._types import StackTrace
+from ..units import format_bytes
 from ..sources.gc_monitor import collect_unreported
 
 __all__ = [
@@ -44,21 +45,6 @@ __all__ = [
 ]
 
 _TORCH_DIR: str | None = None
-
-
-def format_bytes(n: float, digits: int = 2) -> str:
-    """``n`` bytes as text with a binary unit ("1.50 MiB", ``digits`` decimals);
-    whole bytes below 1 KiB."""
-    n = float(n)
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    if n < 1024:
-        return f"{sign}{round(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024.0
-        if n < 1024 or unit == "TiB":
-            return f"{sign}{n:.{digits}f} {unit}"
-    return f"{sign}{n:.{digits}f} TiB"  # pragma: no cover
 
 
 def _torch_dir() -> str:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .epoch import Site, epoch_results, format_bytes, live_by_site, top_sites
+from ..units import format_bytes
+from .epoch import Site, epoch_results, live_by_site, top_sites
 from ..profiler import MemoryProfiler
 
 __all__ = ["allocation_sites", "format_summary", "growing_sites"]

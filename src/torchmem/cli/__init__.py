@@ -20,7 +20,7 @@ import types
 from typing import Any, Sequence
 
 from ..export._common import live_bytes_by_site
-from ..export._svg import human_bytes
+from ..units import format_bytes
 from ..storage.base import TraceFormatError
 
 __all__ = ["main"]
@@ -52,8 +52,8 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: Any
 def _summary_row(name: str, prof: Any) -> list[Any]:
     s = prof.get_statistics()
     live = prof.live_allocations()
-    return [name, f"{len(prof.get_event_rows()):,}", human_bytes(s.total_allocated_bytes),
-            human_bytes(s.peak_usage_bytes), human_bytes(s.current_usage_bytes),
+    return [name, f"{len(prof.get_event_rows()):,}", format_bytes(s.total_allocated_bytes, 1),
+            format_bytes(s.peak_usage_bytes, 1), format_bytes(s.current_usage_bytes, 1),
             f"{s.allocation_count:,}", f"{s.deallocation_count:,}", f"{len(live):,}",
             f"{s.gc_count} / {s.total_gc_time.total_seconds() * 1e3:.1f} ms",
             prof.anomalies["total"]]
@@ -71,9 +71,9 @@ def print_summary(profilers: Sequence[tuple[str, Any]], out: Any = None) -> None
         stats = [p.get_statistics() for _, p in profilers]
         rows.append([
             "all (merged)", f"{sum(len(p.get_event_rows()) for _, p in profilers):,}",
-            human_bytes(sum(s.total_allocated_bytes for s in stats)),
-            f"{human_bytes(sum(s.peak_usage_bytes for s in stats))} (sum of peaks)",
-            human_bytes(sum(s.current_usage_bytes for s in stats)),
+            format_bytes(sum(s.total_allocated_bytes for s in stats), 1),
+            f"{format_bytes(sum(s.peak_usage_bytes for s in stats), 1)} (sum of peaks)",
+            format_bytes(sum(s.current_usage_bytes for s in stats), 1),
             f"{sum(s.allocation_count for s in stats):,}",
             f"{sum(s.deallocation_count for s in stats):,}",
             f"{sum(len(p.live_allocations()) for _, p in profilers):,}",
@@ -86,7 +86,7 @@ def print_summary(profilers: Sequence[tuple[str, Any]], out: Any = None) -> None
         for t, v in p.get_statistics().usage_by_type.items():
             by_type[t] = by_type.get(t, 0) + v
     if by_type:
-        print("live at end by type: " + ", ".join(f"{t} {human_bytes(v)}"
+        print("live at end by type: " + ", ".join(f"{t} {format_bytes(v, 1)}"
                                                   for t, v in sorted(by_type.items())), file=out)
 
 
@@ -106,10 +106,10 @@ def cmd_leaks(args: argparse.Namespace) -> int:
     prof = _load(args.trace)
     leaks = prof.detect_potential_leaks(min_age_steps=args.min_age_steps)
     total = sum(leak.size_bytes for leak in leaks)
-    print(f"{len(leaks):,} allocations live at the end ({human_bytes(total)}), "
+    print(f"{len(leaks):,} allocations live at the end ({format_bytes(total, 1)}), "
           f"at least {args.min_age_steps} steps old; largest first:")
     for leak in leaks[:args.top]:
-        print(f"\n{human_bytes(leak.size_bytes)} at 0x{leak.address:x}")
+        print(f"\n{format_bytes(leak.size_bytes, 1)} at 0x{leak.address:x}")
         print(leak.stack_trace.format() if leak.stack_trace else "  (no stack captured)")
     return 0
 
@@ -139,17 +139,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
             rows.append((bb - ba, site, ba, bb, cb - ca))
     rows.sort(key=lambda r: (-r[0], r[1]))
     sa, sb = a.get_statistics(), b.get_statistics()
-    print(f"live at end: {human_bytes(sa.current_usage_bytes)} -> "
-          f"{human_bytes(sb.current_usage_bytes)} "
+    print(f"live at end: {format_bytes(sa.current_usage_bytes, 1)} -> "
+          f"{format_bytes(sb.current_usage_bytes, 1)} "
           f"({'+' if sb.current_usage_bytes >= sa.current_usage_bytes else '-'}"
-          f"{human_bytes(abs(sb.current_usage_bytes - sa.current_usage_bytes))}); peak "
-          f"{human_bytes(sa.peak_usage_bytes)} -> {human_bytes(sb.peak_usage_bytes)}")
+          f"{format_bytes(abs(sb.current_usage_bytes - sa.current_usage_bytes), 1)}); peak "
+          f"{format_bytes(sa.peak_usage_bytes, 1)} -> {format_bytes(sb.peak_usage_bytes, 1)}")
     if not rows:
         print("no per-site change in live bytes")
         return 0
     _print_table(["site", "growth", "live in A", "live in B", "count change"],
-                 [(site, ("+" if g >= 0 else "-") + human_bytes(abs(g)), human_bytes(x),
-                   human_bytes(y), f"{dc:+,}") for g, site, x, y, dc in rows[:args.top]],
+                 [(site, ("+" if g >= 0 else "-") + format_bytes(abs(g), 1), format_bytes(x, 1),
+                   format_bytes(y, 1), f"{dc:+,}") for g, site, x, y, dc in rows[:args.top]],
                  sys.stdout)
     return 0
 

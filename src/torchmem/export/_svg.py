@@ -7,18 +7,13 @@ from typing import Sequence
 
 import numpy as np
 
-from ..analysis.epoch import format_bytes
+from ..units import format_bytes
 
 #: Series colours; the report's screenshot test looks for the first one.
 COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
           "#17becf", "#bcbd22", "#7f7f7f")
 WIDTH, HEIGHT = 960, 320
 _LEFT, _RIGHT, _TOP, _BOTTOM = 80, 20, 20, 40
-
-
-def human_bytes(n: float) -> str:
-    """Bytes with a binary unit and one decimal, for charts: 1536 -> "1.5 KiB"."""
-    return format_bytes(n, digits=1)
 
 
 def downsample(t: np.ndarray, y: np.ndarray, buckets: int = 1200) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +53,7 @@ def line_chart(series: Sequence[tuple[str, np.ndarray, np.ndarray]], markers: Se
         yy = float(yv(v))
         parts.append(f'<line x1="{_LEFT}" x2="{_LEFT + pw}" y1="{yy:.1f}" y2="{yy:.1f}" '
                      f'stroke="#eeeeee"/><text x="{_LEFT - 6}" y="{yy + 4:.1f}" '
-                     f'text-anchor="end" font-size="11">{escape(human_bytes(v))}</text>')
+                     f'text-anchor="end" font-size="11">{escape(format_bytes(v, 1))}</text>')
     for i in range(6):  # x labels
         t = t_max * i / 5
         parts.append(f'<text x="{float(x(t)):.1f}" y="{HEIGHT - _BOTTOM + 16}" '

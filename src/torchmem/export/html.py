@@ -16,7 +16,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ._common import ALLOC, REALLOC, Progress, all_events, live_bytes_by_site, signed_sizes, site_of
-from ._svg import human_bytes, line_chart
+from ..units import format_bytes
+from ._svg import line_chart
 
 __all__ = ["to_html", "export_html"]
 
@@ -96,19 +97,19 @@ def _sites(profiler: Any, events: np.ndarray, top: int) -> str:
     live = live_bytes_by_site(profiler)
     rows = sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]
     return _table(["Site (innermost frame)", "Allocated", "Allocations", "Live at end"],
-                  [(_stack_html(profiler, sid), human_bytes(b), f"{c:,}",
-                    human_bytes(live.get(site, (0, 0))[0])) for site, (b, c, sid) in rows],
+                  [(_stack_html(profiler, sid), format_bytes(b, 1), f"{c:,}",
+                    format_bytes(live.get(site, (0, 0))[0], 1)) for site, (b, c, sid) in rows],
                   numeric={1, 2, 3})
 
 
 def _leaks(profiler: Any, top: int) -> str:
     leaks = profiler.detect_potential_leaks()
     total = sum(leak.size_bytes for leak in leaks)
-    rows = [(f"0x{leak.address:x}", human_bytes(leak.size_bytes),
+    rows = [(f"0x{leak.address:x}", format_bytes(leak.size_bytes, 1),
              ("html", f"<pre>{_e(leak.stack_trace.format())}</pre>") if leak.stack_trace
              else ("html", '<span class="muted">no stack captured</span>'))
             for leak in leaks[:top]]
-    intro = (f"<p>{len(leaks):,} allocations ({_e(human_bytes(total))}) were still live at the "
+    intro = (f"<p>{len(leaks):,} allocations ({_e(format_bytes(total, 1))}) were still live at the "
              f"end of the trace; the largest {min(top, len(leaks))}:</p>") if leaks else ""
     return intro + _table(["Address", "Size", "Stack"], rows, numeric={1})
 
@@ -126,7 +127,7 @@ def _gc(profiler: Any, top: int) -> str:
     worst = sorted(recs, key=lambda r: -r.duration_ns)[:top]
     detail = _table(["Start", "Step", "Generation", "Pause", "Collected", "Tensor bytes freed"],
                     [(_time(r.start_ns), r.step, r.generation, f"{r.duration_ns / 1e6:.2f} ms",
-                      r.collected, human_bytes(r.tensor_bytes_freed)) for r in worst],
+                      r.collected, format_bytes(r.tensor_bytes_freed, 1)) for r in worst],
                     numeric={1, 2, 3, 4, 5})
     return summary + f"<p>Longest {len(worst)} pauses:</p>" + detail
 
@@ -136,8 +137,8 @@ def _devices_cell(devices: Any) -> str:
         parts = []
         for d in devices:
             get = d.get if isinstance(d, dict) else (lambda k, _d=d: getattr(_d, k, None))
-            parts.append(f"{get('index')}: {get('name')} used {human_bytes(get('used_bytes') or 0)}"
-                         f" of {human_bytes(get('total_bytes') or 0)}")
+            parts.append(f"{get('index')}: {get('name')} used {format_bytes(get('used_bytes') or 0, 1)}"
+                         f" of {format_bytes(get('total_bytes') or 0, 1)}")
         return "; ".join(parts) or "no devices"
     return str(devices) if devices is not None else "not queried"
 
@@ -147,9 +148,9 @@ def _snapshots(profiler: Any, top: int) -> str:
     if not snaps:
         return '<p class="muted">No snapshots.</p>'
     stride = max(1, len(snaps) // top)
-    rows = [(_time(s.timestamp_ns), s.step, human_bytes(s.current_usage_bytes),
-             human_bytes(s.peak_usage_bytes),
-             ", ".join(f"{k}: {human_bytes(v)}" for k, v in s.usage_by_type.items()),
+    rows = [(_time(s.timestamp_ns), s.step, format_bytes(s.current_usage_bytes, 1),
+             format_bytes(s.peak_usage_bytes, 1),
+             ", ".join(f"{k}: {format_bytes(v, 1)}" for k, v in s.usage_by_type.items()),
              _devices_cell(s.devices)) for s in snaps[::stride]]
     note = f"<p>{len(snaps):,} snapshots; every {stride}th shown.</p>" if stride > 1 else ""
     return note + _table(["Time", "Step", "Current", "Peak", "By type", "NVML devices"], rows,
@@ -157,9 +158,9 @@ def _snapshots(profiler: Any, top: int) -> str:
 
 
 def _ooms(profiler: Any) -> str:
-    rows = [(_time(o.get("timestamp_ns", 0)), o.get("device"), human_bytes(o.get("requested_bytes", 0)),
-             human_bytes(o.get("device_free_bytes", 0)), human_bytes(o.get("device_total_bytes", 0)),
-             human_bytes(o.get("live_bytes", 0)), _stack_html(profiler, o.get("stack_id", 0)))
+    rows = [(_time(o.get("timestamp_ns", 0)), o.get("device"), format_bytes(o.get("requested_bytes", 0), 1),
+             format_bytes(o.get("device_free_bytes", 0), 1), format_bytes(o.get("device_total_bytes", 0), 1),
+             format_bytes(o.get("live_bytes", 0), 1), _stack_html(profiler, o.get("stack_id", 0)))
             for o in profiler.oom_events]
     return _table(["Time", "Device", "Requested", "Device free", "Device total", "Live (tracked)",
                    "Site"], rows, numeric={2, 3, 4, 5})
@@ -176,13 +177,13 @@ def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
         progress(1, steps[1])
     summary = _table(["Total allocated", "Total freed", "Current", "Peak", "Allocations", "Frees",
                       "Average size", "GC count", "GC time"],
-                     [(human_bytes(stats.total_allocated_bytes), human_bytes(stats.total_freed_bytes),
-                       human_bytes(stats.current_usage_bytes), human_bytes(stats.peak_usage_bytes),
+                     [(format_bytes(stats.total_allocated_bytes, 1), format_bytes(stats.total_freed_bytes, 1),
+                       format_bytes(stats.current_usage_bytes, 1), format_bytes(stats.peak_usage_bytes, 1),
                        f"{stats.allocation_count:,}", f"{stats.deallocation_count:,}",
-                       human_bytes(stats.average_allocation_size_bytes), stats.gc_count,
+                       format_bytes(stats.average_allocation_size_bytes, 1), stats.gc_count,
                        f"{stats.total_gc_time.total_seconds() * 1e3:.1f} ms")],
                      numeric=set(range(9)))
-    by_type = _table(["Type", "Current"], [(k, human_bytes(v)) for k, v in
+    by_type = _table(["Type", "Current"], [(k, format_bytes(v, 1)) for k, v in
                                            sorted(stats.usage_by_type.items())], numeric={1})
     sections = [("Memory over time by type", _chart(profiler, events)
                  + '<p class="muted">Dashed lines: training step starts.</p>')]
@@ -204,7 +205,7 @@ def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
             f'<meta name="viewport" content="width=device-width">'
             f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
             f"<h1>{_e(title)}</h1><p class=\"muted\">{len(events):,} events; peak "
-            f"{_e(human_bytes(stats.peak_usage_bytes))}; generated "
+            f"{_e(format_bytes(stats.peak_usage_bytes, 1))}; generated "
             f"{_e(_time(int(datetime.datetime.now().timestamp() * 1e9)))}</p>{body}</body></html>")
 
 
