@@ -133,7 +133,7 @@ def run_mlp(steps: int, mode: str, directory: str) -> dict[str, float]:
             opt.step()
             p.step()
         loop, cpu = time.perf_counter() - t0, time.thread_time() - c0
-    events = p._next_seq()
+    events = p.next_seq
     p.close()
     if storage is not None:
         storage.wait()
@@ -171,7 +171,7 @@ def writer_throughput(n: int, directory: str, mode: str = "child",
     p = torchmem.MemoryProfiler(auto_snapshot=False, retention_events=n + 1)
     _track(p, n)
     cursors: dict = {}
-    delta = p._sink_delta(cursors, with_events=path == "rows")
+    delta = p.sink_delta(cursors, with_events=path == "rows")
     storage = SQLiteStorage(os.path.join(directory, f"w{time.monotonic_ns()}.db"),
                             _in_process=mode == "thread")
     t0 = time.perf_counter()

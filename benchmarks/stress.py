@@ -381,7 +381,7 @@ def run(scenario: str, seconds: float, threads: int) -> dict[str, Any]:
     live = p.live_allocations()
     worker_live = {a: s_ for t in tallies for a, s_ in t.live.items()}
     if scenario == "host":  # leave out what the host tracker still holds
-        live = live[live["type_id"] != p._type_names().index("CPU")]
+        live = live[live["type_id"] != p.type_names.index("CPU")]
     live_map = dict(zip(live["address"].tolist(), live["size"].tolist()))
     if live_map != worker_live:
         problems.append(f"live set: {len(live_map)} entries, expected {len(worker_live)}")
@@ -398,15 +398,15 @@ def run(scenario: str, seconds: float, threads: int) -> dict[str, Any]:
     if scenario == "sinks":
         from torchmem.storage import load
 
-        n_events = p._next_seq()
+        n_events = p.next_seq
         p.close()
         saved = load(trace_path)
         ss = saved.get_statistics()
         if (ss.total_allocated_bytes, ss.total_freed_bytes, ss.allocation_count,
                 ss.deallocation_count) != got:
             problems.append(f"saved trace counters differ: {ss} vs {got}")
-        if saved._next_seq() != n_events:
-            problems.append(f"saved trace holds {saved._next_seq()} of {n_events} events")
+        if saved.next_seq != n_events:
+            problems.append(f"saved trace holds {saved.next_seq} of {n_events} events")
         if storage.write_error:
             problems.append(f"storage failed: {storage.write_error}")
         sinks = {"events_written": storage.events_written, "delivered": delivered[0],
@@ -414,7 +414,7 @@ def run(scenario: str, seconds: float, threads: int) -> dict[str, Any]:
         publisher.close(timeout=5)
     result = {
         "scenario": scenario, "threads": threads, "seconds": round(elapsed, 2),
-        "ops": sum(t.ops for t in tallies), "events": p._next_seq(),
+        "ops": sum(t.ops for t in tallies), "events": p.next_seq,
         "allocations": s.allocation_count, "snapshots": counts.get("snapshots", 0),
         "queries": counts.get("queries", 0), "gc_records": len(p.gc_records),
         "host": host_part, "workload": workload, "sinks": sinks, "problems": problems,

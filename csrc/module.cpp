@@ -117,7 +117,7 @@ NB_MODULE(_native, m) {
              return out;
            })
       .def("_reset_peak", [](RecorderHandle& h, int t, int d) { rec(h).reset_peak(t, d); },
-           nb::arg("type_id") = -1, nb::arg("device") = -1)
+           nb::arg("type_id") = -1, nb::arg("device") = -2)
       .def("_type_names", [](RecorderHandle& h) { return rec(h).type_names(); })
       .def("_type_id", [](RecorderHandle& h, nb::handle name) {
              int id = h.type_id_of(name.ptr());

@@ -365,16 +365,18 @@ std::vector<std::pair<int16_t, Counters>> Recorder::per_device() const {
 void Recorder::reset_peak(int type_id, int device) {
   std::lock_guard<SpinLock> lock(mu_);
   auto reset = [](Counters& c) { c.peak = c.current; };
-  if (type_id < 0 && device < 0) reset(total_);
+  // -1 is the host, like everywhere else; anything below it means every device.
+  const bool all_devices = device < -1;
+  if (type_id < 0 && all_devices) reset(total_);
   for (size_t t = 0; t < by_pair_.size(); ++t) {
     if (type_id >= 0 && t != static_cast<size_t>(type_id)) continue;
-    if (device < 0) reset(by_type_[t]);
+    if (all_devices) reset(by_type_[t]);
     for (size_t d = 0; d < by_pair_[t].size(); ++d)
-      if (device < 0 || d == static_cast<size_t>(device + 1)) reset(by_pair_[t][d]);
+      if (all_devices || d == static_cast<size_t>(device + 1)) reset(by_pair_[t][d]);
   }
   if (type_id < 0)
     for (size_t d = 0; d < by_device_.size(); ++d)
-      if (device < 0 || d == static_cast<size_t>(device + 1)) reset(by_device_[d]);
+      if (all_devices || d == static_cast<size_t>(device + 1)) reset(by_device_[d]);
 }
 
 std::vector<LiveEntry> Recorder::live(std::vector<uint64_t>* streams) const {

@@ -138,7 +138,8 @@ class Recorder {
   Counters for_type_device(uint16_t type_id, int16_t device) const;
   std::vector<std::pair<uint16_t, Counters>> per_type() const;
   std::vector<std::pair<int16_t, Counters>> per_device() const;
-  // Peak := current, for every slice matching (type, device); -1 = any.
+  // Peak := current, for every slice matching (type, device): type -1 = any type,
+  // device -1 = the host, device < -1 = any device.
   void reset_peak(int type_id, int device);
 
   // Every live allocation, oldest first; `streams` (optional) receives the

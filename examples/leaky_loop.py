@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 import torchmem
-from torchmem import epoch
+from torchmem.epoch import epoch
 
 BATCH, FEATURES, OUT = 64, 32, 8
 

@@ -30,7 +30,7 @@ def simulate(profiler: torchmem.MemoryProfiler, chunks: list) -> None:
     for _ in range(8):
         chunks.append(torch.empty(1 << 20))  # 4 MiB of host tensors, on record
     want = 2 << 30
-    profiler._record_oom(want, 0, 0, 512 << 20, 16 << 30, "GPU")
+    profiler.record_oom(want, 0, 0, 512 << 20, 16 << 30, "GPU")
     raise torch.OutOfMemoryError(
         "CUDA out of memory. Tried to allocate 2.00 GiB on device 0 (simulated by torchmem)")
 

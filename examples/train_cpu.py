@@ -18,7 +18,7 @@ import os
 import torch
 
 import torchmem
-from torchmem import epoch
+from torchmem.epoch import epoch
 from torchmem.export import export_html
 
 

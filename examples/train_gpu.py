@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import torchmem
-from torchmem import epoch
+from torchmem.epoch import epoch
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ def make_workload(profiler: torchmem.MemoryProfiler) -> None:
     p.step()  # step 2
     p.track_reallocation(0x5000, 0x6000, 3 * KB)
     p.track_deallocation(0x7000)
-    p._record_gc_start(2)
-    p._record_gc_end(2, 5, 0)
+    p.record_gc_start(2)
+    p.record_gc_end(2, 5, 0)
     p.step()  # step 3
     p.track_deallocation(0x8000)
-    p._record_oom(1 << 30, 0, 7, 512 * KB, 80 << 30)
+    p.record_oom(1 << 30, 0, 7, 512 * KB, 80 << 30)

@@ -133,11 +133,11 @@ def test_constructor_arguments():
     with pytest.raises(TypeError, match="retention_events"):
         MemoryProfiler(retention_events="many")
     with pytest.raises(ValueError, match="size_bytes"):
-        MemoryEvent(timestamp=0, event_type=MemoryEventType.ALLOCATION, size_bytes=-1)
+        MemoryEvent(timestamp_ns=0, event_type=MemoryEventType.ALLOCATION, size_bytes=-1)
     with pytest.raises(TypeError, match="size_bytes"):
-        MemoryEvent(timestamp=0, event_type=MemoryEventType.ALLOCATION, size_bytes=1.0)
+        MemoryEvent(timestamp_ns=0, event_type=MemoryEventType.ALLOCATION, size_bytes=1.0)
     with pytest.raises(ValueError):
-        MemoryEvent(timestamp=0, event_type=99)
+        MemoryEvent(timestamp_ns=0, event_type=99)
 
 
 # -- trace files ----------------------------------------------------------------------

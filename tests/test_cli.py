@@ -82,7 +82,7 @@ def test_leaks(traces, capsys):
 def test_diff_shows_per_site_growth(traces, capsys):
     assert main(["diff", str(traces[2]), str(traces[5])]) == 0
     lines = capsys.readouterr().out.splitlines()
-    growth = [l for l in lines if "train.py:7:<module>" in l]
+    growth = [l for l in lines if "train.py:7 in <module>" in l]
     assert growth and "+6.0 KiB" in growth[0]  # 3 more kept tensors of 2 KiB
 
 

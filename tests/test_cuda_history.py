@@ -64,7 +64,7 @@ class Sink:
     def track_deallocation(self, addr, size=None):
         self.calls.append(("free", addr, size))
 
-    def _record_oom(self, requested, device, stream, device_free, device_total):
+    def record_oom(self, requested, device, stream, device_free, device_total):
         self.calls.append(("oom", requested, device, stream, device_free, device_total))
 
 

@@ -35,7 +35,7 @@ def session(tmp_path):
 
 def test_enable_is_idempotent_and_applies_live_settings(session):
     p = _session.enable(trace_dir=str(session), summary=False, auto_snapshot=False)
-    assert isinstance(p, torchmem.MemoryProfiler) and p._is_global
+    assert isinstance(p, torchmem.MemoryProfiler) and "gpu" in p._native_sources
     assert _session.enable() is p and _session.get_profiler() is p
     assert p.capture_stack_traces  # on by default: reports name lines
     assert _session.enable(capture_stack_traces=False, max_stack_trace_depth=4) is p
@@ -140,14 +140,6 @@ def test_torchmem_1_python_train_py(tmp_path):
     _check_trace_and_summary(r, tmp_path)
 
 
-def _has_cli_run() -> bool:
-    import importlib.util
-
-    # find_spec, not import: importing __main__ would run the CLI.
-    return all(importlib.util.find_spec(m) is not None for m in ("torchmem.__main__", "torchmem.cli"))
-
-
-@pytest.mark.skipif(not _has_cli_run(), reason="the torchmem CLI is not there yet")
 def test_python_m_torchmem_run(tmp_path):
     r = _run(["-m", "torchmem", "run", "train.py"], tmp_path)
     assert r.returncode == 0, r.stderr
@@ -184,3 +176,35 @@ def test_host_source_from_the_environment_and_bad_values(session, monkeypatch):
     with pytest.raises(ValueError, match="host=.*'bogus'"):
         _session.enable(trace=False, summary=False, host="bogus")
     assert _session._session is None
+
+
+def test_queries_never_start_profiling(session):
+    # Read-only queries and checks default to the session's profiler and, with
+    # none, answer or refuse; they never enable torchmem.
+    import torchmem.distributed as tmd
+    import torchmem.oom
+    from torchmem.summary import format_summary
+
+    assert torchmem.epoch_results() == []
+    assert format_summary() == "torchmem: not enabled"
+    with pytest.raises(RuntimeError, match="not enabled"):
+        torchmem.mark_epoch()
+    with pytest.raises(RuntimeError, match="not enabled"):
+        with torchmem.epoch():
+            pass
+    with pytest.raises(RuntimeError, match="not enabled"):
+        torchmem.oom.write_report()
+    with pytest.raises(RuntimeError, match="not enabled"):
+        tmd.rank_summary()
+    assert _session.get_profiler() is None and not torchmem.is_enabled()
+
+
+def test_the_entry_points_default_to_the_session_profiler(session):
+    from torchmem.summary import format_summary
+
+    p = _session.enable(trace_dir=str(session), summary=False, auto_snapshot=False, gc=False)
+    p.track_allocation(1, 4096, "MyType")
+    first = torchmem.mark_epoch()
+    assert first.baseline and torchmem.epoch_results() == [first]
+    text = format_summary()
+    assert "MyType" in text and f"trace: {_session.trace_path()}" in text

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import torchmem
-from torchmem.analysis.epoch import LeakError, epoch, mark_epoch, user_frame
+from torchmem.analysis.sites import user_frame
+from torchmem.epoch import LeakError, epoch, mark_epoch
 from torchmem.sources.host import HostTracker
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")

@@ -16,10 +16,10 @@ def test_events_carry_everything(profiler):
     (e,) = p.get_events()
     assert e.event_type == A
     assert (e.address, e.size_bytes, e.allocation_type, e.device, e.stream) == (0xA0, 64, "GPU", 3, 0xBEEF)
-    assert (e.total_allocated_bytes, e.total_free_bytes, e.current_usage_bytes) == (64, 0, 64)
+    assert (e.total_allocated_bytes, e.total_freed_bytes, e.current_usage_bytes) == (64, 0, 64)
     assert e.step == 0 and e.stack_trace is None
     assert e.thread_id > 0
-    assert abs(e.timestamp - time.time_ns()) < 5e9
+    assert abs(e.timestamp_ns - time.time_ns()) < 5e9
 
 
 def test_cumulative_totals_follow_each_event(profiler):
@@ -28,7 +28,7 @@ def test_cumulative_totals_follow_each_event(profiler):
     p.track_allocation(2, 20)
     p.track_deallocation(1)
     p.track_reallocation(2, 3, 5)
-    got = [(e.event_type, e.address, e.size_bytes, e.total_allocated_bytes, e.total_free_bytes)
+    got = [(e.event_type, e.address, e.size_bytes, e.total_allocated_bytes, e.total_freed_bytes)
            for e in p.get_events()]
     assert got == [(A, 1, 10, 10, 0), (A, 2, 20, 30, 0), (D, 1, 10, 30, 10),
                    (D, 2, 20, 30, 30), (R, 3, 5, 35, 30)]
@@ -56,7 +56,7 @@ def test_timestamps_non_decreasing_across_steps(profiler):
     p = profiler
     for i in range(20000):
         p.track_allocation(i + 1, 8)
-    ts = [e.timestamp for e in p.get_events()]
+    ts = [e.timestamp_ns for e in p.get_events()]
     assert ts == sorted(ts)
 
 
@@ -95,11 +95,22 @@ def test_retention_keeps_the_newest_events():
 
 
 def test_memory_event_validation():
-    ok = MemoryEvent(timestamp=1, event_type=A, address=5, size_bytes=3)
+    ok = MemoryEvent(timestamp_ns=1, event_type=A, address=5, size_bytes=3)
     assert ok.current_usage_bytes == 0
     with pytest.raises(ValueError, match="size_bytes"):
-        MemoryEvent(timestamp=1, event_type=A, address=5, size_bytes=-1)
+        MemoryEvent(timestamp_ns=1, event_type=A, address=5, size_bytes=-1)
     with pytest.raises(TypeError, match="size_bytes"):
-        MemoryEvent(timestamp=1, event_type=A, address=5, size_bytes=1.5)
+        MemoryEvent(timestamp_ns=1, event_type=A, address=5, size_bytes=1.5)
     with pytest.raises(ValueError):
-        MemoryEvent(timestamp=1, event_type=42)
+        MemoryEvent(timestamp_ns=1, event_type=42)
+
+
+def test_old_field_names_are_deprecated_aliases():
+    with pytest.warns(DeprecationWarning, match="timestamp_ns"):
+        e = MemoryEvent(timestamp=7, event_type=MemoryEventType.ALLOCATION, total_free_bytes=3,
+                        total_allocated_bytes=5)
+    assert (e.timestamp_ns, e.total_freed_bytes, e.current_usage_bytes) == (7, 3, 2)
+    with pytest.warns(DeprecationWarning, match="Event.timestamp_ns"):
+        assert e.timestamp == 7
+    with pytest.warns(DeprecationWarning, match="total_freed_bytes"):
+        assert e.total_free_bytes == 3

@@ -60,9 +60,9 @@ def make_seed(path: str) -> None:
             p.track_snapshot()
     p.track_reallocation(0x1000 + 64, 0x9000, 5000)
     p.track_deallocation(0xdead)  # an anomaly
-    p._record_gc_start(1)
-    p._record_gc_end(1, 10, 0)
-    p._record_oom(1 << 30, 0, 0, 100, 1000)
+    p.record_gc_start(1)
+    p.record_gc_end(1, 10, 0)
+    p.record_oom(1 << 30, 0, 0, 100, 1000)
     p.close()
 
 
@@ -167,7 +167,7 @@ def exercise(path: str) -> str:
         prof.snapshots
         prof.gc_records
         prof.oom_events
-        for t in list(prof._type_names())[:8]:
+        for t in prof.type_names[:8]:
             prof.get_statistics_for_type(t)
     finally:
         prof.close()

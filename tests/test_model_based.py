@@ -367,7 +367,7 @@ class ProfilerMachine(RuleBasedStateMachine):
             assert ev.event_type == MemoryEventType(kind)
             assert ev.size_bytes == size and ev.step == step
             assert (ev.device, ev.stream) == (device, stream)
-            assert (ev.total_allocated_bytes, ev.total_free_bytes) == (alloc, freed)
+            assert (ev.total_allocated_bytes, ev.total_freed_bytes) == (alloc, freed)
             assert ev.thread_id == self.tid and ev.stack_trace is None
             if kind == SNAPSHOT:
                 assert ev.address == 0 and ev.allocation_type == ""
@@ -388,7 +388,7 @@ class ProfilerMachine(RuleBasedStateMachine):
         cut = int(round(ts / 1e9 * 1e9))
         want = [i for i, r in enumerate(rows.tolist())
                 if r[1] >= cut and self.m.events[i][0] in (ALLOC, REALLOC)]
-        assert [(e.address, e.size_bytes, e.timestamp) for e in got] == \
+        assert [(e.address, e.size_bytes, e.timestamp_ns) for e in got] == \
             [(self.m.events[i][1], self.m.events[i][2], int(rows["timestamp_ns"][i]))
              for i in want]
 

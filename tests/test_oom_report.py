@@ -1,5 +1,5 @@
 """OOM reports on CPU: an OOM through the plugin's fake (host-side) backend,
-through profiler._record_oom, and through a raised torch.OutOfMemoryError."""
+through profiler.record_oom, and through a raised torch.OutOfMemoryError."""
 
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ def plugin_prof():
     clib = tcuda._clib()
     clib.torchmem_fake_fail_next(0)
     p = torchmem.MemoryProfiler(auto_snapshot=False, capture_stack_traces=True)
-    p._is_global = True
-    p._sync_hook_settings()
+    p.attach_native_source("gpu")
     _native.set_gpu_recorder(p)
     try:
         yield p
@@ -92,7 +91,7 @@ def _oom_with_live_blocks(plugin_prof, blocks, tmp_path, capsys):
 def test_record_oom_hook_and_allocator_view_without_cuda(tmp_path):
     p = torchmem.MemoryProfiler(auto_snapshot=False, capture_stack_traces=True)
     p.track_allocation(0x10, 5000, "GPU", 1)
-    p._record_oom(123456, 1, 9, 1000, 2000, "GPU")
+    p.record_oom(123456, 1, 9, 1000, 2000, "GPU")
     rep = oom.write_report(p, directory=str(tmp_path), quiet=True)
     assert rep.data["requested"] == 123456 and rep.data["device"] == 1
     assert rep.data["sites"][0].bytes == 5000 and rep.data["sites_scope"] == "device 1"
@@ -106,7 +105,7 @@ def test_guard_reports_a_raised_out_of_memory_error_then_reraises(tmp_path, caps
     p = torchmem.MemoryProfiler(auto_snapshot=False, capture_stack_traces=True)
     p.track_allocation(0x20, 4096, "CPU")
     err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 ...")
-    oom.install(p, directory=str(tmp_path))
+    oom.install(directory=str(tmp_path))
     try:
         with pytest.raises(torch.OutOfMemoryError):
             with oom.oom_guard(p):
@@ -131,7 +130,7 @@ def test_decorator_form_and_non_oom_errors_are_ignored(tmp_path):
     def fails(kind):
         raise kind("out of memory" if kind is RuntimeError else "other")
 
-    oom.install(p, directory=str(tmp_path))
+    oom.install(directory=str(tmp_path))
     try:
         with pytest.raises(RuntimeError):
             fails(RuntimeError)
@@ -160,7 +159,7 @@ def test_uncaught_oom_in_a_script_writes_the_report(tmp_path):
         from torchmem import _session
         prof = _session.enable(trace=False, summary=False, trace_dir=%r)
         keep = [torch.ones(1000) for _ in range(3)]
-        prof._record_oom(3 << 30, 0, 0, 0, 0, "GPU")
+        prof.record_oom(3 << 30, 0, 0, 0, 0, "GPU")
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
     """ % str(tmp_path / "out")))
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)

@@ -62,7 +62,7 @@ def test_slow_subscriber_never_blocks_and_drops_are_counted(capsys):
     cursors: dict = {}
     for i in range(10):
         p.track_allocation(0x1000 + i, 1)
-        pub.publish_delta(p, p._sink_delta(cursors))
+        pub.publish_delta(p.sink_delta(cursors))
         if i == 0:
             while not calls:  # the thread holds batch 0 inside the subscriber
                 time.sleep(0.001)
@@ -106,6 +106,42 @@ def test_bad_arguments():
         EventPublisher(max_queue_batches=0)
     assert pub.unsubscribe(print) is False
     pub.close()
-    pub.publish_delta(None, TraceDelta())  # ignored after close
+    pub.publish_delta(TraceDelta())  # ignored after close
     with pytest.raises(RuntimeError):
         pub.subscribe(print)
+
+
+def test_events_are_built_from_the_deltas_alone_without_the_profiler():
+    # The publisher keeps what the deltas carry (types, stacks, side records):
+    # it converts rows even after the profiler is gone.
+    pub = EventPublisher()
+    got = []
+    pub.subscribe(got.extend)
+    p = torchmem.MemoryProfiler(auto_snapshot=False, capture_stack_traces=True)
+    cursors: dict = {}
+    p.track_allocation(0x10, 64, "MyType", 2)
+    snap = p.track_snapshot()
+    p.record_oom(1 << 20, 2, 0, 5, 10)
+    deltas = [p.sink_delta(cursors)]
+    p.track_deallocation(0x10)
+    deltas.append(p.sink_delta(cursors))
+    p.close()
+    del p
+    for d in deltas:
+        pub.publish_delta(d)
+    assert pub.flush()
+    pub.close()
+    kinds = [e.event_type for e in got]
+    assert kinds == [MemoryEventType.ALLOCATION, MemoryEventType.SNAPSHOT,
+                     MemoryEventType.OUT_OF_MEMORY, MemoryEventType.DEALLOCATION]
+    assert (got[0].allocation_type, got[0].device, got[0].size_bytes) == ("MyType", 2, 64)
+    assert got[0].stack_trace.frames[0][2] == "test_events_are_built_from_the_deltas_alone_without_the_profiler"
+    assert got[1].details["snapshot"] == snap
+    assert got[2].details["oom"].requested_bytes == 1 << 20
+
+
+def test_publish_delta_with_a_profiler_is_the_deprecated_form():
+    pub = EventPublisher()
+    with pytest.warns(DeprecationWarning, match="publish_delta"):
+        pub.publish_delta(None, TraceDelta())
+    pub.close()

@@ -63,8 +63,13 @@ def test_leak_fails():
     CACHE.append(torch.ones(256))  # 1024 bytes kept
 
 
-@pytest.mark.torchmem_no_leaks(tolerance=1024)
+@pytest.mark.torchmem_no_leaks(tolerance_bytes="1 KiB")
 def test_leak_within_tolerance_passes():
+    CACHE.append(torch.ones(256))
+
+
+@pytest.mark.torchmem_no_leaks(tolerance=1024)  # the deprecated name
+def test_leak_within_the_old_tolerance_passes():
     CACHE.append(torch.ones(256))
 
 
@@ -103,6 +108,7 @@ def test_markers_pass_and_fail_the_right_tests(pytester):
         "test_other_type_is_not_counted": "passed",
         "test_leak_fails": "failed",
         "test_leak_within_tolerance_passes": "passed",
+        "test_leak_within_the_old_tolerance_passes": "passed",
         "test_clean_passes": "passed",
         "test_globals_and_fixtures_are_not_leaks": "passed",
         "test_cycles_are_collected_first": "passed",
@@ -115,6 +121,7 @@ def test_markers_pass_and_fail_the_right_tests(pytester):
     line = SYNTHETIC.lstrip("\n").splitlines().index("    CACHE.append(torch.ones(256))  # 1024 bytes kept") + 1
     assert f"test_synthetic.py:{line} in test_leak_fails [CPU, host]" in out  # the top site
     assert "pluggy/_callers.py" not in out and "_pytest/python.py" not in out  # stacks end at the test
+    assert "torchmem_no_leaks(tolerance=...) is deprecated" in out
 
 
 def test_record_every_test_with_the_option(pytester):

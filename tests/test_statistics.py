@@ -13,7 +13,7 @@ def test_empty_profiler_statistics(profiler):
             s.peak_usage_bytes, s.allocation_count, s.deallocation_count) == (0, 0, 0, 0, 0, 0)
     assert s.average_allocation_size_bytes == 0.0
     assert s.usage_by_type == {}
-    assert s.gc_count == 0 and s.total_gc_time == datetime.timedelta(0)
+    assert s.gc_count == 0 and s.total_gc_time_ns == 0
 
 
 def test_hand_computed_sequence(profiler):
@@ -63,7 +63,7 @@ def test_statistics_per_device_and_reset_peak(profiler):
     assert (d0.current_usage_bytes, d0.peak_usage_bytes) == (0, 100)
     # Only the slices the filters name are reset: (GPU, device 0) here.
     p.reset_peak("GPU", 0)
-    assert p._counters(0, 0)[3] == 0
+    assert p.counters("GPU", 0).peak_bytes == 0
     assert p.get_statistics_for_device(0).peak_usage_bytes == 100
     p.reset_peak(device=0)
     assert p.get_statistics_for_device(0).peak_usage_bytes == 0
@@ -71,6 +71,57 @@ def test_statistics_per_device_and_reset_peak(profiler):
     assert p.get_statistics().peak_usage_bytes == 200
     p.reset_peak()
     assert p.get_statistics().peak_usage_bytes == 100
+
+
+
+def test_reset_peak_device_minus_one_is_the_host_and_none_is_every_device(profiler):
+    p = profiler
+    p.track_allocation(1, 100, "CPU", -1)
+    p.track_allocation(2, 300, "GPU", 0)
+    p.track_deallocation(1)
+    p.track_deallocation(2)
+    p.reset_peak(device=-1)  # the host only
+    assert p.get_statistics_for_device(-1).peak_usage_bytes == 0
+    assert p.get_statistics_for_device(0).peak_usage_bytes == 300
+    assert p.get_statistics().peak_usage_bytes == 400
+    p.reset_peak(device=None)  # every device
+    assert p.get_statistics_for_device(0).peak_usage_bytes == 0
+    assert p.get_statistics().peak_usage_bytes == 0
+    assert p.get_statistics_for_device(None) == p.get_statistics()
+
+
+def test_named_counters_per_type_and_device(profiler):
+    p = profiler
+    p.track_allocation(1, 100, "CPU", -1)
+    p.track_allocation(2, 300, "GPU", 0)
+    p.track_allocation(3, 50, "GPU", 1)
+    p.track_deallocation(2)
+    assert p.counters() == (450, 300, 150, 450, 3, 1)
+    gpu0 = p.counters("GPU", 0)
+    assert (gpu0.allocated_bytes, gpu0.freed_bytes, gpu0.current_bytes, gpu0.peak_bytes,
+            gpu0.allocation_count, gpu0.deallocation_count) == (300, 300, 0, 300, 1, 1)
+    assert p.counters("GPU").current_bytes == 50
+    assert p.counters(device=-1).current_bytes == 100
+    assert p.counters("no such type") == (0, 0, 0, 0, 0, 0)
+    by_pair = p.counters_by_type_and_device()
+    assert list(by_pair) == [("GPU", 0), ("GPU", 1), ("CPU", -1)]  # type id, then device
+    assert by_pair[("GPU", 1)].peak_bytes == 50
+    assert p.type_names[:3] == ["GPU", "CPU", "Pinned"]
+
+
+def test_row_slices_by_seq_and_time(profiler):
+    p = profiler
+    for i in range(5):
+        p.track_allocation(i + 1, 10 * (i + 1))
+    assert p.next_seq == 5 and p.first_retained_seq == 0
+    rows = p.read_rows()
+    assert rows["size"].tolist() == [10, 20, 30, 40, 50]
+    assert p.read_rows(1, 3)["seq"].tolist() == [1, 2]
+    assert p.read_rows(3)["seq"].tolist() == [3, 4]
+    assert len(p.read_rows(4, 2)) == 0
+    t = int(rows["timestamp_ns"][2])
+    assert p.read_rows(since_ns=t)["seq"].tolist()[0] <= 2
+    assert len(p.read_rows(since_ns=int(rows["timestamp_ns"][-1]) + 1)) == 0
 
 
 def test_reallocation_moves_bytes(profiler):
@@ -102,3 +153,9 @@ def test_disabled_profiler_ignores_tracking(profiler):
     s = p.get_statistics()
     assert (s.allocation_count, s.deallocation_count, s.current_usage_bytes) == (1, 1, 0)
     assert len(p.get_events()) == 2
+
+
+def test_total_gc_time_is_a_deprecated_timedelta_of_total_gc_time_ns():
+    s = torchmem.MemoryStatistics(total_gc_time_ns=2_500_000)
+    with pytest.warns(DeprecationWarning, match="total_gc_time_ns"):
+        assert s.total_gc_time == datetime.timedelta(milliseconds=2.5)

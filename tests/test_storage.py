@@ -57,8 +57,8 @@ def test_sqlite_roundtrip_is_identical(tmp_path):
         (0x1000, 4 * KB), (0x6000, 3 * KB), (0x9000, 2 * KB)]
     frames = loaded.detect_potential_leaks()[0].stack_trace.frames
     assert frames[0][2] == "make_workload" and frames[0][0].endswith("_trace_helpers.py")
-    assert loaded.oom_events[0]["requested_bytes"] == 1 << 30
-    assert loaded.oom_events[0]["device_free_bytes"] == 512 * KB
+    assert loaded.oom_events[0].requested_bytes == 1 << 30
+    assert loaded.oom_events[0].device_free_bytes == 512 * KB
     assert loaded.snapshots[0].current_usage_bytes == 24 * KB
     assert [e.step for e in loaded.get_events(3, 3)] == [3, 3]
     meta = loaded.trace_metadata
@@ -166,7 +166,7 @@ def test_queries_older_than_retention_come_from_storage(tmp_path):
             prof.step()
             if prof is p:
                 p.flush()  # lets the ring drop what storage holds
-    assert p._first_retained_seq() > 2000, "the ring should have dropped old events"
+    assert p.first_retained_seq > 2000, "the ring should have dropped old events"
     old = p.get_event_rows(0, 1)
     assert len(old) == 4000
     np.testing.assert_array_equal(old["address"], ref.get_event_rows(0, 1)["address"])
@@ -497,3 +497,20 @@ def test_every_documented_query_runs(tmp_path):
     since = next(r for q, r in zip(queries, results) if ":t" in q)
     assert [row[0] for row in since] == [i for i, t in enumerate(stamps) if t >= t0]
 
+
+
+def test_oom_events_are_dataclasses_with_the_old_dict_access_deprecated():
+    from torchmem import OomEvent
+
+    p = torchmem.MemoryProfiler(auto_snapshot=False)
+    p.record_oom(1 << 20, 0, 7, 100, 1000)
+    [o] = p.oom_events
+    assert isinstance(o, OomEvent)
+    assert (o.requested_bytes, o.device, o.stream, o.device_free_bytes, o.device_total_bytes) == (
+        1 << 20, 0, 7, 100, 1000)
+    with pytest.warns(DeprecationWarning, match="OomEvent"):
+        assert o["requested_bytes"] == 1 << 20
+    with pytest.warns(DeprecationWarning):
+        assert dict(o)["device"] == 0
+    assert o.as_dict()["live_bytes"] == 0
+    p.close()

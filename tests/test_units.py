@@ -43,7 +43,7 @@ def test_format_bytes_digits_and_round_trip():
 
 def test_the_oom_message_and_the_pytest_marker_agree_on_mb():
     # One table: "MB" is 10**6 wherever torchmem reads a size.
-    from torchmem.oom import _requested_from_message
+    from torchmem.analysis.oom import requested_from_message
 
-    assert _requested_from_message("Tried to allocate 2.00 MB") == parse_bytes("2 MB") == 2 * 10**6
-    assert _requested_from_message("Tried to allocate 2.00 MiB") == 2 << 20
+    assert requested_from_message("Tried to allocate 2.00 MB") == parse_bytes("2 MB") == 2 * 10**6
+    assert requested_from_message("Tried to allocate 2.00 MiB") == 2 << 20

@@ -8,30 +8,33 @@ from __future__ import annotations
 
 import os as _os
 
-from . import _native
+from . import _recorder
 from ._types import (
+    Counters,
     Event,
     GCRecord,
     Leak,
     MemoryEvent,
     MemoryEventType,
     MemoryStatistics,
+    OomEvent,
     Snapshot,
     StackTrace,
 )
 from ._session import disable, enable, get_profiler, is_enabled, trace_path
-from .analysis.epoch import LeakError, epoch, mark_epoch
+from .epoch import LeakError, epoch, epoch_results, mark_epoch
 from .oom import oom_guard
 from .profiler import MemoryProfiler
 from .publisher import EventPublisher
 from .storage import InMemoryStorage, SQLiteStorage, TraceFormatError, load
 from .trace import TraceDelta
+from . import _compat  # noqa: F401  (deprecated MemoryProfiler methods)
+from ._version import __version__
 
 # Frames inside the package are torchmem's own machinery, never a user's
 # allocation site.
-_native.set_skip_prefixes([_os.path.dirname(_os.path.abspath(__file__)) + _os.sep])
+_recorder.set_skip_prefixes([_os.path.dirname(_os.path.abspath(__file__)) + _os.sep])
 
-__version__ = "0.1.0"
 
 __all__ = [
     "enable",
@@ -41,8 +44,10 @@ __all__ = [
     "trace_path",
     "epoch",
     "mark_epoch",
+    "epoch_results",
     "LeakError",
     "oom_guard",
+    "Counters",
     "Event",
     "EventPublisher",
     "InMemoryStorage",
@@ -55,6 +60,7 @@ __all__ = [
     "MemoryEventType",
     "MemoryProfiler",
     "MemoryStatistics",
+    "OomEvent",
     "Snapshot",
     "StackTrace",
     "TraceDelta",

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import _native
+from ._recorder import EVENT_ROW_BYTES, LIVE_ROW_BYTES
 from ._types import MemoryEvent, MemoryEventType, StackTrace
 
 EVENT_DTYPE = np.dtype(
@@ -48,8 +48,8 @@ LIVE_DTYPE = np.dtype(
 )
 STACK_NODE_DTYPE = np.dtype([("parent", "<u4"), ("frame", "<u4")])
 
-assert EVENT_DTYPE.itemsize == _native.EVENT_ROW_BYTES
-assert LIVE_DTYPE.itemsize == _native.LIVE_ROW_BYTES
+assert EVENT_DTYPE.itemsize == EVENT_ROW_BYTES
+assert LIVE_DTYPE.itemsize == LIVE_ROW_BYTES
 
 ALLOCATING_KINDS = (int(MemoryEventType.ALLOCATION), int(MemoryEventType.REALLOCATION))
 TYPE_NONE = 0xFFFF  # markers (snapshot, GC) carry no allocation type
@@ -111,13 +111,13 @@ def to_memory_events(
         is_marker = kind in (3, 4, 5, 6)
         out.append(
             MemoryEvent(
-                timestamp=ts,
+                timestamp_ns=ts,
                 step=step,
                 event_type=MemoryEventType(kind),
                 address=0 if is_marker else address,
                 size_bytes=size,
                 total_allocated_bytes=alloc,
-                total_free_bytes=freed,
+                total_freed_bytes=freed,
                 allocation_type=type_names[type_id] if type_id < n_types else "",
                 device=device,
                 stream=stream,

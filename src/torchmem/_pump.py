@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import os
 import platform
 import socket
@@ -12,13 +11,16 @@ import time
 import weakref
 from typing import Any
 
+from ._version import __version__
+
 # Pumps still running at interpreter exit get a final flush, so a script
-# that never calls profiler.close() still leaves a complete trace.
+# that never calls profiler.close() still leaves a complete trace (the
+# session runs stop_all at exit, before the storages close).
 _live_pumps: "weakref.WeakSet[SinkPump]" = weakref.WeakSet()
 
 
-@atexit.register
-def _flush_all_at_exit() -> None:
+def stop_all() -> None:
+    """Final flush and stop of every pump still running (at exit)."""
     for pump in list(_live_pumps):
         try:
             pump.stop()
@@ -49,8 +51,6 @@ def run_metadata(profiler: Any, interval_ms: float) -> dict[str, Any]:
     Times are ns since the epoch; ``rank`` / ``world_size`` only when
     torch.distributed is initialised.
     """
-    from . import __version__
-
     meta: dict[str, Any] = {
         "torchmem_version": __version__,
         "python_version": platform.python_version(),
@@ -118,7 +118,7 @@ class SinkPump:
             open_ = getattr(storage, "open", None)
             if open_ is not None:
                 self._deliver("storage", open_, run_metadata(profiler, interval_ms))
-        profiler._set_consumer_seq(0)
+        profiler.set_consumer_seq(0)
         self._stopped = False
         _live_pumps.add(self)
 
@@ -151,7 +151,7 @@ class SinkPump:
         profiler = self._profiler()
         if profiler is None:
             return 0
-        return profiler._next_seq() - self._cursors.get("seq", 0)
+        return profiler.next_seq - self._cursors.get("seq", 0)
 
     def flush(self) -> None:
         """Delivers everything recorded so far (synchronously)."""
@@ -160,7 +160,7 @@ class SinkPump:
             return
         with self._flush_lock:
             start = self._cursors.get("seq", 0)
-            delta = profiler._sink_delta(self._cursors, with_events=self._rows)
+            delta = profiler.sink_delta(self._cursors, with_events=self._rows)
             end = self._cursors["seq"]
             if delta.is_empty() and end == start:
                 return
@@ -168,13 +168,13 @@ class SinkPump:
             # waits while its pipe is full (so a stalled disk delays the
             # next hand-over to subscribers, not this one).
             if self.publisher is not None:
-                self._deliver("publisher", self.publisher.publish_delta, profiler, delta)
+                self._deliver("publisher", self.publisher.publish_delta, delta)
             if self._direct:
                 self._deliver("storage", self.storage.append_from_recorder, profiler, start,
                               end, delta)
             elif self.storage is not None:
                 self._deliver("storage", self.storage.append, delta)
-            profiler._set_consumer_seq(self._cursors["seq"])
+            profiler.set_consumer_seq(self._cursors["seq"])
 
     def _deliver(self, name: str, fn: Any, *args: Any) -> None:
         try:

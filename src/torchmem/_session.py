@@ -30,40 +30,43 @@ import warnings
 from typing import Any
 
 
-from .analysis.summary import format_summary
+from . import _oom_hooks, _recorder
+from ._settings import (
+    DEFAULT_TRACE_DIR,
+    HOST_CHOICES,
+    LIVE_SETTINGS,
+    defaults as _defaults,
+    rank as _rank,
+    run_metadata as _run_metadata,
+    trace_dir as _trace_dir,
+)
 from .profiler import MemoryProfiler
+from .reports.oom import report_pending
+from .reports.summary import format_summary
+from .sources.nvml import query_devices
+from ._pump import stop_all as stop_pumps
+from .storage import SQLiteStorage
+from .storage.sqlite import close_all as close_storages
 
-__all__ = ["enable", "disable", "get_profiler", "is_enabled", "trace_path", "format_summary"]
+__all__ = ["enable", "disable", "get_profiler", "is_enabled", "trace_path", "DEFAULT_TRACE_DIR"]
 
-DEFAULT_TRACE_DIR = "torchmem-traces"
-# Settings that can change on a running profiler (enable() applies them again).
-_LIVE_SETTINGS = ("capture_stack_traces", "max_stack_trace_depth", "snapshot_interval_ms",
-                  "auto_snapshot")
+# Snapshots carry NVML's device totals: the profiler does not import sources,
+# the session gives it the query (every profiler, the session's or not).
+MemoryProfiler.device_query = staticmethod(query_devices)
+
+
+@atexit.register
+def _sinks_at_exit() -> None:
+    """The exit order of the sinks, for every profiler of the process: each
+    pump's last hand-over first, then the storages still open (registered at
+    import, so it runs after the session's own exit handler and the user's)."""
+    try:
+        stop_pumps()
+    finally:
+        close_storages()
 
 _lock = threading.RLock()
 _session: "_Session | None" = None
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    return value.strip().lower() not in ("0", "false", "no", "off")
-
-
-def _rank() -> int | None:
-    """This process's rank in a distributed job, or None outside one."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return int(dist.get_rank())
-    except Exception:
-        pass
-    value = os.environ.get("RANK")
-    if value is not None and value.strip().isdigit():
-        return int(value)
-    return None
 
 
 class _Session:
@@ -85,38 +88,9 @@ class _Session:
         self.finished = False
 
 
-def _trace_dir(settings: dict[str, Any]) -> str:
-    return os.path.abspath(settings["trace_dir"] or os.environ.get("TORCHMEM_DIR")
-                           or DEFAULT_TRACE_DIR)
-
-
-def _run_metadata(settings: dict[str, Any], rank: int | None) -> dict[str, Any]:
-    """What enable() adds to the trace's run metadata (the pump adds torch
-    version, devices, host and start time)."""
-    return {"rank": rank, "world_size": _world_size(), "argv": list(sys.argv), "pid": os.getpid(),
-            "enable_settings": {k: v for k, v in settings.items()
-                                if isinstance(v, (bool, int, str, type(None)))}}
-
-
-def _world_size() -> int | None:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return int(dist.get_world_size())
-    except Exception:
-        pass
-    value = os.environ.get("WORLD_SIZE", "")
-    return int(value) if value.isdigit() else None
-
-
 def _make_storage(settings: dict[str, Any], rank: int | None) -> tuple[Any, str | None]:
     if not settings["trace"]:
         return None, None
-    try:
-        from .storage import SQLiteStorage
-    except ImportError:
-        return None, None  # the storage package is optional at this stage
     directory = _trace_dir(settings)
     os.makedirs(directory, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -133,6 +107,8 @@ def _start_sources(s: _Session) -> None:
         from .cuda import start_gpu_recording
 
         s.gpu = start_gpu_recording(prof, settings["gpu_source"])
+        if s.gpu.history is not None:
+            prof.add_batch_source(s.gpu.history.poll)
     if settings["host"] and s.host is None:
         s.host = _start_host_source(prof, settings["host"])
         s.host_thread = threading.get_ident()
@@ -150,12 +126,7 @@ def _start_sources(s: _Session) -> None:
         except Exception:
             s.step_hook = None
     if settings["oom_report"]:
-        from . import oom
-
-        oom.install(prof, directory=_trace_dir(settings))
-
-
-_HOST_CHOICES = (True, False, "auto", "allocator", "dispatch")
+        _oom_hooks.install(get_profiler, directory=_trace_dir(settings))
 
 
 def _start_host_source(prof: MemoryProfiler, choice: Any) -> Any:
@@ -229,8 +200,8 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
         if unknown:
             raise TypeError(f"enable() got unknown settings: {', '.join(sorted(unknown))}")
         opts.update(settings)
-        if opts["host"] not in _HOST_CHOICES:
-            raise ValueError(f"enable(host=...) must be one of {_HOST_CHOICES[1:]}, "
+        if opts["host"] not in HOST_CHOICES:
+            raise ValueError(f"enable(host=...) must be one of {HOST_CHOICES[1:]}, "
                              f"got {opts['host']!r}")
         rank = _rank()
         if storage is not None:
@@ -248,9 +219,8 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
             auto_snapshot=opts["auto_snapshot"],
         )
         # The CUDA plugin records into the global profiler and reads its stack
-        # settings from native globals; _sync_hook_settings() publishes them.
-        prof._is_global = True
-        prof._sync_hook_settings()
+        # settings from native globals, which the profiler then keeps in step.
+        prof.attach_native_source("gpu")
         s = _Session(prof, opts)
         s.trace_path, s.rank = path, rank
         _session = s
@@ -260,42 +230,10 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
         return prof
 
 
-def _defaults() -> dict[str, Any]:
-    return {
-        "capture_stack_traces": _env_flag("TORCHMEM_STACKS", True),
-        "max_stack_trace_depth": 10,
-        "snapshot_interval_ms": 1000,
-        "auto_snapshot": True,
-        "retention_events": 1 << 20,
-        "trace": True,
-        "trace_dir": None,
-        "gpu_source": os.environ.get("TORCHMEM_GPU_SOURCE") or "auto",
-        "host": _env_host(),
-        "gc": True,
-        "auto_step": True,
-        "oom_report": True,
-        "summary": _env_flag("TORCHMEM_SUMMARY", True),
-    }
-
-
-def _env_host() -> Any:
-    value = (os.environ.get("TORCHMEM_HOST") or "auto").strip().lower()
-    if value in ("0", "false", "no", "off", "none"):
-        return False
-    if value in ("1", "true", "yes", "on", ""):
-        return "auto"
-    if value not in _HOST_CHOICES:
-        # An environment typo must not stop the training run.
-        warnings.warn(f"torchmem: TORCHMEM_HOST={value!r} is not one of auto, allocator, "
-                      "dispatch, 0; using auto", RuntimeWarning, stacklevel=3)
-        return "auto"
-    return value
-
-
 def _apply_live_settings(s: _Session, settings: dict[str, Any]) -> None:
     fixed = []
     for name, value in settings.items():
-        if name in _LIVE_SETTINGS:
+        if name in LIVE_SETTINGS:
             setattr(s.profiler, name, value)
             s.settings[name] = value
         elif name == "summary":
@@ -320,6 +258,7 @@ def _stop_sources(s: _Session) -> None:
         s.gc.stop()
         s.gc = None
     if s.gpu is not None and s.gpu.history is not None:
+        s.profiler.remove_batch_source(s.gpu.history.poll)
         s.gpu.history.stop()
         s.gpu = None
     # The plugin stays installed (the swap cannot be undone); it keeps
@@ -365,17 +304,6 @@ def trace_path() -> str | None:
     return s.trace_path if s is not None else None
 
 
-def _poll_sources(profiler: Any) -> None:
-    """Brings sources that read in batches (CUDA history) up to date."""
-    s = _session
-    if s is None or s.profiler is not profiler or s.gpu is None or s.gpu.history is None:
-        return
-    try:
-        s.gpu.history.poll()
-    except Exception:
-        pass
-
-
 def _at_exit() -> None:
     s = _session
     if s is None or s.finished or os.getpid() != s.pid:
@@ -383,12 +311,10 @@ def _at_exit() -> None:
     s.finished = True
     prof = s.profiler
     try:
-        _poll_sources(prof)
+        prof.poll_sources()
         if s.settings.get("oom_report"):
-            from . import oom
-
-            oom.report_pending(prof)
-        text = format_summary(prof) if s.settings.get("summary") else None
+            report_pending(prof, _oom_hooks.installed_directory())
+        text = format_summary(prof, trace=s.trace_path) if s.settings.get("summary") else None
         with _lock:
             if s.active:
                 _stop_sources(s)
@@ -401,15 +327,9 @@ def _at_exit() -> None:
 
 
 def _detach_gpu_recorder() -> None:
-    """The CUDA plugin records into nothing from now on."""
-    from . import _native
-
-    try:
-        _native.set_gpu_recorder(None)
-    except TypeError:  # a module that wants a recorder: give it a disabled one
-        idle = _native.Recorder(1024)
-        idle.enabled = False
-        _native.set_gpu_recorder(idle)
+    """The CUDA plugin records into nothing from now on (the process-wide slot is
+    the session's global state, like the allocator swap)."""
+    _recorder.set_gpu_recorder(None)
 
 
 def _reset_for_tests() -> None:
@@ -424,7 +344,5 @@ def _reset_for_tests() -> None:
         s.finished = True
         s.profiler.close()
         _detach_gpu_recorder()
-        from . import oom
-
-        oom.uninstall()
+        _oom_hooks.uninstall()
         _session = None

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _native
+from . import _recorder
 from ._events import STACK_NODE_DTYPE
 from ._types import StackTrace
 
@@ -22,7 +22,7 @@ class LiveStacks:
             return None
         trace = self._cache.get(stack_id)
         if trace is None:
-            trace = StackTrace(tuple(_native.resolve_stack(stack_id)))
+            trace = StackTrace(tuple(_recorder.resolve_stack(stack_id)))
             self._cache[stack_id] = trace
         return trace
 

@@ -1,5 +1,9 @@
 """torchmem.cuda: the CUDA plugin allocator and the choice of GPU source.
 
+Over 400 lines for now: the plugin's ctypes interface, its backends, torch's
+stats functions patched under it, and the choice of GPU source; the CUDA
+rewrite under way splits them by job.
+
 The plugin is a set of C functions exported from torchmem's own native module
 (``plugin_path()``); ``install_allocator()`` hands them to
 ``torch.cuda.memory.CUDAPluggableAllocator`` so that every CUDA allocation and

@@ -1,15 +1,31 @@
-"""MemoryProfiler: the one object that reads the recorder and answers questions."""
+"""MemoryProfiler: the one object that reads the recorder and answers questions.
+
+Over 400 lines on purpose: this is the only module that calls the native
+recorder's private methods (``tests/test_layers.py`` checks it), so every
+read of the recorder lives here, behind the public read API the rest of
+torchmem uses (``read_rows``, ``live_allocations``, ``counters``,
+``counters_by_type_and_device``, ``type_names``, ``resolve_stack``, the seq
+bounds, and the sink hand-over). What does not touch the recorder lives
+elsewhere: value types in ``_types``, layouts in ``_events``, stacks in
+``_stacks``, the sink thread in ``_pump``, the snapshot timer in
+``_snapshots``.
+
+The profiler imports nothing above it (sources, analysis, sinks, the
+session): NVML's device totals reach ``track_snapshot`` through
+``MemoryProfiler.device_query``, which the session sets, and sources that
+read in batches register with ``add_batch_source``.
+"""
 
 from __future__ import annotations
 
 import datetime
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from . import _native
+from . import _recorder
 from ._events import (
     ALLOCATING_KINDS,
     check_event_rows,
@@ -20,19 +36,27 @@ from ._events import (
     events_from_bytes,
     to_memory_events,
 )
+from ._snapshots import AutoSnapshotter
 from ._stacks import LiveStacks, SavedStacks
-from .trace import TraceDelta
+from .trace import TraceDelta, marker_details
 from ._types import (
+    Counters,
     GCRecord,
     Leak,
     MemoryEvent,
     MemoryEventType,
     MemoryStatistics,
+    OomEvent,
     Snapshot,
     StackTrace,
 )
 
 _NO_END = 2**64 - 1
+#: The native recorder's "every device" (device -1 is the host).
+_ALL_DEVICES = -2
+_NO_COUNTERS = Counters()
+#: Which native sources read the stack settings from native globals.
+NATIVE_SOURCES = ("gpu", "cpu")
 
 
 def _as_epoch_ns(t: datetime.datetime | float | int) -> int:
@@ -51,7 +75,7 @@ def _check_nonneg_int(value: Any, name: str) -> int:
     return value
 
 
-class MemoryProfiler(_native.Recorder):
+class MemoryProfiler(_recorder.Recorder):
     """Records allocations and frees and answers questions about them.
 
     ``track_allocation(address, size_bytes, allocation_type="CPU", device=-1,
@@ -75,6 +99,11 @@ class MemoryProfiler(_native.Recorder):
         flush_interval_ms: how often sinks are handed new events.
     """
 
+    #: Called by ``track_snapshot`` for device totals (a list of per-device
+    #: records, or a string saying why there are none). The session sets it
+    #: to NVML's ``query_devices``; None means "not queried".
+    device_query: ClassVar[Callable[[], Any] | None] = None
+
     def __init__(
         self,
         storage: Any = None,
@@ -95,8 +124,9 @@ class MemoryProfiler(_native.Recorder):
         self._gc_count_by_generation: dict[int, int] = {}
         self._gc_total_ns = 0
         self._snapshots: list[Snapshot] = []
-        self._is_global = False
-        self._feeds_cpu_hook = False  # set by CPUAllocatorHook.start()
+        self._saved_ooms: list[OomEvent] | None = None  # a loaded trace's
+        self._native_sources: set[str] = set()  # see attach_native_source
+        self._batch_sources: list[Callable[[], Any]] = []
         self.storage = storage
         self.publisher = publisher
         self.max_stack_trace_depth = max_stack_trace_depth
@@ -179,8 +209,6 @@ class MemoryProfiler(_native.Recorder):
         to_stop = None
         with self._lock:
             if want and self._snapshotter is None:
-                from ._snapshots import AutoSnapshotter
-
                 self._snapshotter = AutoSnapshotter(self, self._snapshot_interval_ms)
                 self._snapshotter.start()
             elif not want and self._snapshotter is not None:
@@ -192,8 +220,43 @@ class MemoryProfiler(_native.Recorder):
     def _sync_hook_settings(self) -> None:
         # The CUDA plugin and the CPU allocator hook have no profiler object
         # in hand; they read these.
-        if self._is_global or self._feeds_cpu_hook:
-            _native.set_stack_capture(self._capture_stacks, self._max_depth)
+        if self._native_sources:
+            _recorder.set_stack_capture(self._capture_stacks, self._max_depth)
+
+    def attach_native_source(self, kind: str) -> None:
+        """Says that a native source (``"gpu"``: the CUDA plugin, ``"cpu"``: the
+        CPU allocator hook) records into this profiler: such sources read the
+        stack settings from native globals, which this profiler then keeps
+        in step with ``capture_stack_traces`` / ``max_stack_trace_depth``."""
+        if kind not in NATIVE_SOURCES:
+            raise ValueError(f"kind must be one of {NATIVE_SOURCES}, got {kind!r}")
+        self._native_sources.add(kind)
+        self._sync_hook_settings()
+
+    # -- sources that read in batches ------------------------------------------
+    def add_batch_source(self, poll: Callable[[], Any]) -> None:
+        """Registers ``poll()``, which brings a batch-reading source (torch's CUDA
+        allocation history) up to date; ``poll_sources`` calls it."""
+        with self._lock:
+            if poll not in self._batch_sources:
+                self._batch_sources.append(poll)
+
+    def remove_batch_source(self, poll: Callable[[], Any]) -> None:
+        """Undoes ``add_batch_source`` (no error when it was not registered)."""
+        with self._lock:
+            if poll in self._batch_sources:
+                self._batch_sources.remove(poll)
+
+    def poll_sources(self) -> None:
+        """Brings every batch-reading source up to date (before a report reads
+        the events); a source that fails is skipped, never raised."""
+        with self._lock:
+            polls = list(self._batch_sources)
+        for poll in polls:
+            try:
+                poll()
+            except Exception:
+                pass
 
     # -- steps -----------------------------------------------------------------
     @property
@@ -207,11 +270,11 @@ class MemoryProfiler(_native.Recorder):
 
     # -- snapshots, GC -----------------------------------------------------
     def track_snapshot(self) -> Snapshot:
-        """Records a SNAPSHOT event with the counters and NVML device totals."""
-        from .sources.nvml import query_devices
-
+        """Records a SNAPSHOT event with the counters and NVML device totals
+        (``device_query``; ``devices`` is None when none is set)."""
+        query = type(self).device_query
         try:
-            devices = query_devices()
+            devices = query() if query is not None else None
         except Exception as exc:  # NVML must never break a training run
             devices = f"unavailable: {exc}"
         stats = self.get_statistics()
@@ -235,7 +298,7 @@ class MemoryProfiler(_native.Recorder):
         """Every snapshot taken, oldest first."""
         return list(self._snapshots)
 
-    def _record_gc_start(self, generation: int) -> None:
+    def record_gc_start(self, generation: int) -> None:
         """GC monitor hook: a collection of ``generation`` starts now."""
         with self._lock:
             index = len(self._gc_records) + len(self._gc_open)
@@ -243,7 +306,7 @@ class MemoryProfiler(_native.Recorder):
             self._gc_open[generation] = (time.time_ns(), freed, index)
             self._record_marker(int(MemoryEventType.GC_START), index, 0)
 
-    def _record_gc_end(self, generation: int, collected: int, uncollectable: int) -> GCRecord:
+    def record_gc_end(self, generation: int, collected: int, uncollectable: int) -> GCRecord:
         """GC monitor hook: the collection of ``generation`` ended now."""
         with self._lock:
             end = time.time_ns()
@@ -265,14 +328,18 @@ class MemoryProfiler(_native.Recorder):
         """Every garbage collection seen, oldest first."""
         return list(self._gc_records)
 
-    def find_gc_problems(self, **thresholds: Any) -> list:
-        """Bad GC patterns (frequent gen-2, long pauses, high GC time share)."""
-        from .sources.gc_monitor import find_gc_problems
-
-        return find_gc_problems(self.gc_records, **thresholds)
+    def record_oom(self, requested_bytes: int, device: int, stream: int = 0,
+                   device_free_bytes: int = 0, device_total_bytes: int = 0,
+                   allocation_type: str | None = None) -> None:
+        """Records an OUT_OF_MEMORY event: a request of ``requested_bytes`` on
+        ``device`` failed (what the device had free and in total, if known).
+        Sources call it (the CUDA history's OOM observer); a test can too, to
+        simulate one on CPU. The requesting stack is captured when stacks are on."""
+        self._record_oom(requested_bytes, device, stream, device_free_bytes, device_total_bytes,
+                         allocation_type)
 
     # -- statistics ------------------------------------------------------------
-    def _make_stats(self, counters: tuple, usage_by_type: dict[str, int],
+    def _make_stats(self, counters: Counters, usage_by_type: dict[str, int],
                     usage_by_device: dict[int, int]) -> MemoryStatistics:
         allocated, freed, current, peak, n_alloc, n_free = counters
         return MemoryStatistics(
@@ -286,7 +353,7 @@ class MemoryProfiler(_native.Recorder):
             usage_by_type=usage_by_type,
             usage_by_device=usage_by_device,
             gc_count=len(self._gc_records),
-            total_gc_time=datetime.timedelta(microseconds=self._gc_total_ns / 1000),
+            total_gc_time_ns=self._gc_total_ns,
             gc_count_by_generation=dict(self._gc_count_by_generation),
         )
 
@@ -295,7 +362,38 @@ class MemoryProfiler(_native.Recorder):
         names = self._type_names()
         by_type = {names[t]: c[2] for t, c in self._per_type()}
         by_device = {d: c[2] for d, c in self._per_device()}
-        return self._make_stats(self._counters(), by_type, by_device)
+        return self._make_stats(Counters(*self._counters()), by_type, by_device)
+
+    # -- counters (the read API) ------------------------------------------------
+    @property
+    def type_names(self) -> list[str]:
+        """Allocation type names by type id ("GPU", "CPU", "Pinned", user strings)."""
+        return list(self._type_names())
+
+    def counters(self, allocation_type: str | None = None,
+                 device: int | None = None) -> Counters:
+        """The exact counters of one slice: an allocation type (None: all types)
+        on a device (None: all devices; -1: host memory). O(1)."""
+        type_id = None
+        if allocation_type is not None:
+            names = self._type_names()
+            if allocation_type not in names:
+                return _NO_COUNTERS
+            type_id = names.index(allocation_type)
+        return Counters(*self._counters(type_id, device))
+
+    def counters_by_type_and_device(self) -> dict[tuple[str, int], Counters]:
+        """Counters of every (allocation type, device) pair that was ever
+        allocated, ordered by type id then device (-1, host, first)."""
+        names = self._type_names()
+        devices = sorted(d for d, _ in self._per_device())
+        out: dict[tuple[str, int], Counters] = {}
+        for t, _ in self._per_type():
+            for d in devices:
+                c = Counters(*self._counters(t, d))
+                if c.allocation_count:
+                    out[(names[t], d)] = c
+        return out
 
     def get_statistics_for_type(self, allocation_type: str) -> MemoryStatistics:
         """Totals for one allocation type ("GPU", "CPU", "Pinned" or a user string)."""
@@ -303,36 +401,39 @@ class MemoryProfiler(_native.Recorder):
             raise TypeError(f"allocation_type must be a str, not {type(allocation_type).__name__}")
         names = self._type_names()
         if allocation_type not in names:
-            return self._make_stats((0, 0, 0, 0, 0, 0), {}, {})
+            return self._make_stats(_NO_COUNTERS, {}, {})
         type_id = names.index(allocation_type)
-        counters = self._counters(type_id, None)
+        counters = Counters(*self._counters(type_id, None))
         by_device = {}
         for d, _ in self._per_device():
             current = self._counters(type_id, d)[2]
             if current:
                 by_device[d] = current
-        return self._make_stats(counters, {allocation_type: counters[2]}, by_device)
+        return self._make_stats(counters, {allocation_type: counters.current_bytes}, by_device)
 
-    def get_statistics_for_device(self, device: int) -> MemoryStatistics:
-        """Totals for one device (-1 = host memory)."""
+    def get_statistics_for_device(self, device: int | None) -> MemoryStatistics:
+        """Totals for one device (-1 = host memory; None = all devices, as get_statistics)."""
+        if device is None:
+            return self.get_statistics()
         names = self._type_names()
         by_type = {}
         for t, _ in self._per_type():
             current = self._counters(t, device)[2]
             if current:
                 by_type[names[t]] = current
-        counters = self._counters(None, device)
-        return self._make_stats(counters, by_type, {device: counters[2]})
+        counters = Counters(*self._counters(None, device))
+        return self._make_stats(counters, by_type, {device: counters.current_bytes})
 
     def reset_peak(self, allocation_type: str | None = None, device: int | None = None) -> None:
-        """Sets peak := current for the matching counters (all by default)."""
+        """Sets peak := current for the matching counters: an allocation type
+        (None: all) on a device (None: all devices; -1: host memory only)."""
         type_id = -1
         if allocation_type is not None:
             names = self._type_names()
             if allocation_type not in names:
                 return
             type_id = names.index(allocation_type)
-        self._reset_peak(type_id, -1 if device is None else device)
+        self._reset_peak(type_id, _ALL_DEVICES if device is None else device)
 
     @property
     def anomalies(self) -> dict[str, Any]:
@@ -344,6 +445,39 @@ class MemoryProfiler(_native.Recorder):
     # -- events ----------------------------------------------------------------
     def _read_rows(self, start_seq: int, end_seq: int) -> np.ndarray:
         return events_from_bytes(self._read_events(start_seq, end_seq))
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next recorded event gets (= events recorded so far)."""
+        return self._next_seq()
+
+    @property
+    def first_retained_seq(self) -> int:
+        """The oldest seq still in memory (older events are in storage, if any)."""
+        return self._first_retained_seq()
+
+    def read_rows(self, start_seq: int | None = None, end_seq: int | None = None, *,
+                  since_ns: int | None = None) -> np.ndarray:
+        """Events still in memory as an EVENT_DTYPE array (no object per event).
+
+        Seqs ``[start_seq, end_seq)`` (default: everything retained), from
+        wall-clock time ``since_ns`` on when given. Older events, gone from
+        memory, are not read from storage here (``get_event_rows`` does that).
+        """
+        start = self._first_retained_seq() if start_seq is None else max(
+            _check_nonneg_int(start_seq, "start_seq"), self._first_retained_seq())
+        if since_ns is not None:
+            start = max(start, self._first_seq_at_or_after_time(int(since_ns)))
+        end = _NO_END if end_seq is None else _check_nonneg_int(end_seq, "end_seq")
+        if end <= start:
+            return empty_events()
+        return self._read_rows(start, end)
+
+    def write_event_columns(self, fd: int, start_seq: int, end_seq: int, kind: bytes) -> int:
+        """Writes events ``[start_seq, end_seq)`` to file descriptor ``fd`` as
+        column-chunk frames of kind ``kind`` (the SQLite writer's protocol),
+        without building rows and with the GIL released; returns the count."""
+        return self._write_event_columns(fd, start_seq, end_seq, kind)
 
     def _older_rows(self, before_seq: int, **query: Any) -> np.ndarray:
         """Events that left memory, from storage (empty without one)."""
@@ -390,24 +524,16 @@ class MemoryProfiler(_native.Recorder):
         return to_memory_events(rows, self._type_names(), self.resolve_stack, self._details)
 
     def _details(self, kind: int, index: int) -> dict | None:
-        try:
-            if kind == MemoryEventType.SNAPSHOT:
-                return {"snapshot": self._snapshots[index]}
-            if kind == MemoryEventType.GC_END:
-                return {"gc": self._gc_records[index]}
-            if kind == MemoryEventType.GC_START:
-                return {"gc_index": index}
-            if kind == MemoryEventType.OUT_OF_MEMORY:
-                return dict(self.oom_events[index])
-        except IndexError:
-            return None
-        return None
+        ooms = self.oom_events if kind == MemoryEventType.OUT_OF_MEMORY else []
+        return marker_details(kind, index, self._snapshots, self._gc_records, ooms)
 
     @property
-    def oom_events(self) -> list[dict[str, Any]]:
-        """Out-of-memory failures: requested bytes, device, free/total, live bytes."""
-        saved = getattr(self, "_saved_ooms", None)
-        return list(saved) if saved is not None else self._oom_events()
+    def oom_events(self) -> list[OomEvent]:
+        """Out-of-memory failures (OomEvent: requested bytes, device, free/total,
+        live bytes), oldest first."""
+        if self._saved_ooms is not None:
+            return list(self._saved_ooms)
+        return [OomEvent.from_dict(o) for o in self._oom_events()]
 
     def resolve_stack(self, stack_id: int) -> StackTrace | None:
         """The StackTrace of an interned stack id (None for 0)."""
@@ -442,12 +568,6 @@ class MemoryProfiler(_native.Recorder):
         return [Leak(int(r["address"]), int(r["size"]), self.resolve_stack(int(r["stack_id"])))
                 for r in live[order]]
 
-    def mark_epoch(self):
-        """Ends an epoch: GC, then the sites whose live bytes grew (see torchmem.epoch)."""
-        from .analysis.epoch import mark_epoch
-
-        return mark_epoch(self)
-
     # -- lifecycle -------------------------------------------------------------
     def flush(self) -> None:
         """Hands every event recorded so far to the storage and publisher."""
@@ -460,7 +580,12 @@ class MemoryProfiler(_native.Recorder):
         if self._pump is not None:
             self._pump.stop()
 
-    def _sink_delta(self, cursors: dict[str, int], with_events: bool = True):
+    def set_consumer_seq(self, seq: int) -> None:
+        """Every sink has the events before ``seq``: the ring may drop them
+        (the pump calls it; events no sink has read are never dropped)."""
+        self._set_consumer_seq(seq)
+
+    def sink_delta(self, cursors: dict[str, int], with_events: bool = True) -> TraceDelta:
         """Everything new since ``cursors`` (updated in place), as a TraceDelta.
 
         ``with_events=False`` leaves the events out (the delta's events are
@@ -484,8 +609,8 @@ class MemoryProfiler(_native.Recorder):
             ooms = self.oom_events
             delta.ooms_start = cursors.get("ooms", 0)
             delta.ooms = ooms[delta.ooms_start:]
-            delta.frames = [tuple(f) for f in _native.stack_frames_since(delta.frames_start)]
-            delta.stack_nodes = np.frombuffer(_native.stack_nodes_since(delta.nodes_start),
+            delta.frames = [tuple(f) for f in _recorder.stack_frames_since(delta.frames_start)]
+            delta.stack_nodes = np.frombuffer(_recorder.stack_nodes_since(delta.nodes_start),
                                               dtype=STACK_NODE_DTYPE)
             if len(delta.events):
                 end = int(delta.events["seq"][-1]) + 1
@@ -522,6 +647,6 @@ class MemoryProfiler(_native.Recorder):
                 prof._gc_count_by_generation.get(rec.generation, 0) + 1)
             prof._gc_total_ns += rec.duration_ns
         prof._snapshots = list(delta.snapshots)
-        prof._saved_ooms = list(delta.ooms)
+        prof._saved_ooms = [OomEvent.from_dict(o) for o in delta.ooms]
         prof._replay(np.ascontiguousarray(events).tobytes())
         return prof

@@ -1,8 +1,11 @@
 """EventPublisher: MemoryEvents delivered to subscribers in batches, off the hot path.
 
 The profiler's pump calls ``publish_delta`` every flush interval with what
-is new. Turning rows into MemoryEvent objects and calling subscribers both
-happen on the publisher's own daemon thread, behind a bounded queue: when a
+is new. The publisher never reads the profiler: each delta carries the type
+names, the new stack-table entries and side records, which the publisher
+keeps (``_TraceView``) to turn rows into MemoryEvents. That conversion and the
+calls to subscribers happen on the publisher's own daemon thread, behind a
+bounded queue: when a
 subscriber is too slow the queue fills and new batches are dropped (counted
 in ``dropped_batches`` and reported once on stderr) instead of blocking the
 caller. A subscriber that raises is reported on stderr and unsubscribed.
@@ -17,7 +20,11 @@ import threading
 import traceback
 from typing import Any, Callable, Iterable
 
+from ._deprecation import warn_deprecated
+from ._events import to_memory_events
+from ._stacks import SavedStacks
 from ._types import MemoryEvent, MemoryEventType
+from .trace import TraceDelta, marker_details
 
 __all__ = ["EventPublisher", "Subscription"]
 
@@ -41,6 +48,36 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"<Subscription {self.id} {getattr(self.callback, '__name__', self.callback)!r}>"
+
+
+class _TraceView:
+    """What the deltas so far say: type names, the stack table, side records."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.type_names: list[str] = []
+        self.stacks = SavedStacks()
+        self.gc_records: list = []
+        self.snapshots: list = []
+        self.ooms: list = []
+
+    def add(self, d: TraceDelta) -> None:
+        with self.lock:
+            if len(d.type_names) >= len(self.type_names):
+                self.type_names = list(d.type_names)
+            if d.frames or len(d.stack_nodes):
+                self.stacks.extend(d.frames, d.frames_start, d.stack_nodes, d.nodes_start)
+            for records, start, new in ((self.gc_records, d.gc_start, d.gc_records),
+                                        (self.snapshots, d.snapshots_start, d.snapshots),
+                                        (self.ooms, d.ooms_start, d.ooms)):
+                del records[start:]
+                records.extend(new)
+
+    def events(self, rows: Any) -> list[MemoryEvent]:
+        with self.lock:
+            return to_memory_events(rows, self.type_names, self.stacks.resolve,
+                                    lambda kind, i: marker_details(kind, i, self.snapshots,
+                                                                   self.gc_records, self.ooms))
 
 
 class EventPublisher:
@@ -70,6 +107,7 @@ class EventPublisher:
         self.published_batches = 0
         self._reported_drop = False
         self._thread: threading.Thread | None = None
+        self._view = _TraceView()
 
     # -- subscribers -----------------------------------------------------------
     def subscribe(self, callback: Callback,
@@ -107,20 +145,30 @@ class EventPublisher:
             return list(self._subs.values())
 
     # -- publishing --------------------------------------------------------------
-    def publish_delta(self, profiler: Any, delta: Any) -> None:
+    def publish_delta(self, delta: TraceDelta, *old: Any) -> None:
         """Queues the events of ``delta`` for delivery; never blocks on subscribers.
 
-        The rows are kept as numpy arrays until the publisher thread turns
-        them into MemoryEvents (with ``profiler.to_memory_events``).
+        Every delta the profiler hands over must come here, in order (its
+        stack-table entries and side records are kept, even when no one is
+        subscribed); the rows stay numpy arrays until the publisher thread
+        turns them into MemoryEvents. ``publish_delta(profiler, delta)``, the
+        old form, still works for one release (with a DeprecationWarning).
         """
+        if old:
+            warn_deprecated("EventPublisher.publish_delta(profiler, delta)",
+                            "EventPublisher.publish_delta(delta)")
+            delta = old[0]
+        if self._closed:
+            return
+        self._view.add(delta)
         events = delta.events
-        if not len(events) or self._closed:
+        if not len(events):
             return
         with self._cond:
             if not self._subs:
                 return
         for start in range(0, len(events), self.max_batch_events):
-            self._enqueue((profiler, events[start:start + self.max_batch_events].copy()))
+            self._enqueue((self._view, events[start:start + self.max_batch_events].copy()))
 
     def publish(self, events: list[MemoryEvent]) -> None:
         """Queues ready-made MemoryEvents (for sources outside a profiler)."""
@@ -158,11 +206,11 @@ class EventPublisher:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
                     return
-                profiler, payload = self._queue.popleft()
+                view, payload = self._queue.popleft()
                 self._busy = True
                 subs = list(self._subs.values())
             try:
-                events = payload if profiler is None else profiler.to_memory_events(payload)
+                events = payload if view is None else view.events(payload)
             except Exception as exc:  # a bad batch must not end delivery
                 print(f"torchmem: could not convert events for subscribers: {exc!r}",
                       file=sys.stderr)

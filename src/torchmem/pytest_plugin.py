@@ -3,8 +3,9 @@
 - ``@pytest.mark.torchmem_limit("512 MiB", allocation_type=None)`` fails a
   test whose peak memory, above what was live when it started, exceeds the
   limit (all tracked memory, or one allocation type: "CPU", "GPU", ...).
-- ``@pytest.mark.torchmem_no_leaks(tolerance=0)`` fails a test that, after a
-  garbage collection, still holds more than ``tolerance`` bytes it allocated.
+- ``@pytest.mark.torchmem_no_leaks(tolerance_bytes=0)`` fails a test that,
+  after a garbage collection, still holds more than ``tolerance_bytes`` (an
+  int or "64 KiB") it allocated (``tolerance=`` is the deprecated name).
 - ``--torchmem`` enables torchmem for the whole session (every source,
   including the CUDA plugin when CUDA is present) and records every test; the
   terminal summary lists the tests with the highest peaks.
@@ -25,8 +26,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from .analysis.epoch import live_by_site, top_sites
-from ._deprecation import deprecated_function
+from ._events import ALLOCATING_KINDS
+from .analysis.sites import group_by_site, top_sites
+from ._deprecation import deprecated_function, warn_deprecated
 from .units import format_bytes, parse_bytes
 from .sources.gc_monitor import collect_unreported
 
@@ -50,8 +52,8 @@ def pytest_configure(config: Any) -> None:
     # Registered here too, so projects that install torchmem need no config.
     config.addinivalue_line("markers", "torchmem_limit(limit, allocation_type=None): fail the "
                             "test when its peak memory exceeds limit (bytes or '512 MiB')")
-    config.addinivalue_line("markers", "torchmem_no_leaks(tolerance=0): fail the test when it "
-                            "leaves more than tolerance bytes allocated")
+    config.addinivalue_line("markers", "torchmem_no_leaks(tolerance_bytes=0): fail the test "
+                            "when it leaves more than tolerance_bytes allocated")
     config.stash[_RESULTS] = []
     if config.getoption("torchmem", False):
         from . import _session
@@ -102,7 +104,7 @@ class _Measure:
         if self.want_leaks:
             collect_unreported()
         prof = self.prof
-        self.start_seq = prof._next_seq()
+        self.start_seq = prof.next_seq
         self.base = self._current()
         prof.reset_peak(self.type_name)
 
@@ -130,14 +132,11 @@ class _Measure:
             self.tracker.stop()
 
     def _allocated_rows(self) -> np.ndarray:
-        from ._events import ALLOCATING_KINDS
-
-        rows = self.prof._read_rows(max(self.start_seq, self.prof._first_retained_seq()),
-                                    self.prof._next_seq())
+        rows = self.prof.read_rows(self.start_seq)
         return rows[np.isin(rows["kind"], ALLOCATING_KINDS)]
 
     def sites_text(self, rows: np.ndarray, title: str, n: int = 5) -> str:
-        sites = top_sites(live_by_site(self.prof, rows), n)
+        sites = top_sites(group_by_site(self.prof, rows), n)
         if not sites:
             return ""
         lines = [title]
@@ -171,7 +170,11 @@ def pytest_runtest_call(item: Any) -> Any:
         type_name = limit_m.kwargs.get("allocation_type")
     tolerance = None
     if leak_m is not None:
-        tolerance = parse_bytes(leak_m.args[0] if leak_m.args else leak_m.kwargs.get("tolerance", 0))
+        kwargs = dict(leak_m.kwargs)
+        if "tolerance" in kwargs:
+            warn_deprecated("torchmem_no_leaks(tolerance=...)", "torchmem_no_leaks(tolerance_bytes=...)")
+            kwargs.setdefault("tolerance_bytes", kwargs.pop("tolerance"))
+        tolerance = parse_bytes(leak_m.args[0] if leak_m.args else kwargs.get("tolerance_bytes", 0))
     m = _Measure(type_name, tolerance is not None)
     m.start()
     try:

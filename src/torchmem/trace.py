@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ._events import STACK_NODE_DTYPE, empty_events
-from ._types import GCRecord, Snapshot
+from ._types import GCRecord, MemoryEventType, OomEvent, Snapshot
 
 
 @dataclass
@@ -44,3 +44,22 @@ class TraceDelta:
     def is_empty(self) -> bool:
         return not (len(self.events) or self.frames or len(self.stack_nodes)
                     or self.gc_records or self.snapshots or self.ooms)
+
+
+def marker_details(kind: int, index: int, snapshots: list[Snapshot], gc_records: list[GCRecord],
+                   ooms: list[OomEvent]) -> dict | None:
+    """``MemoryEvent.details`` of a marker event: the side record whose index its
+    address column holds (None for other kinds, or an index with no record)."""
+    try:
+        if kind == MemoryEventType.SNAPSHOT:
+            return {"snapshot": snapshots[index]}
+        if kind == MemoryEventType.GC_END:
+            return {"gc": gc_records[index]}
+        if kind == MemoryEventType.GC_START:
+            return {"gc_index": index}
+        if kind == MemoryEventType.OUT_OF_MEMORY:
+            oom = OomEvent.from_dict(ooms[index])
+            return {"oom": oom, **oom.as_dict()}
+    except IndexError:
+        return None
+    return None

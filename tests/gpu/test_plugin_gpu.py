@@ -112,8 +112,8 @@ else:
 gib = huge / 2**30
 assert f"CUDA out of memory. Tried to allocate {gib:.2f} GiB on device 0." in msg, msg
 [oom] = prof.oom_events
-assert oom["requested_bytes"] == huge and oom["device"] == 0
-assert oom["device_total_bytes"] == total_b
+assert oom.requested_bytes == huge and oom.device == 0
+assert oom.device_total_bytes == total_b
 assert tcuda.plugin_stats(0)["oom_count"] == 1
 x = torch.ones(1024, device="cuda")  # the allocator still works
 assert x.sum().item() == 1024

@@ -121,7 +121,7 @@ void test_alloc_free_counters() {
   }
   CHECK_EQ(rows[1].stream, 7u);  // stream index expanded back to the value
   CHECK_EQ(rows[4].stream, 7u);  // the free carries the allocation's stream
-  r.reset_peak(-1, -1);
+  r.reset_peak(-1, -2);  // every type, every device
   CHECK_EQ(r.total().peak, 50u);
 }
 
@@ -376,7 +376,7 @@ void test_threads() {
       (void)r.live();
       (void)r.per_type();
       (void)r.anomaly_examples();
-      r.reset_peak(-1, -1);
+      r.reset_peak(-1, -2);  // every type, every device
       reads.fetch_add(1);
     }
   });

@@ -1,4 +1,4 @@
-"""What the exporters share: reading a profiler's whole trace, progress, sites."""
+"""What the exporters share: reading a profiler's whole trace, event kinds, progress."""
 
 from __future__ import annotations
 
@@ -46,31 +46,6 @@ def signed_sizes(events: np.ndarray) -> np.ndarray:
     size = events["size"].astype(np.int64)
     return np.where((kind == ALLOC) | (kind == REALLOC), size,
                     np.where(kind == FREE, -size, 0))
-
-
-def site_of(profiler: Any, stack_id: int) -> str:
-    """"file:line:function" of a stack's innermost frame ("<unknown>" without a stack)."""
-    trace = profiler.resolve_stack(int(stack_id)) if stack_id else None
-    if trace is None or not trace.frames:
-        return "<unknown>"
-    f, line, fn = trace.frames[0]
-    return f"{f}:{line}:{fn}"
-
-
-def live_bytes_by_site(profiler: Any) -> dict[str, tuple[int, int]]:
-    """Live allocations at the end of the trace by site: {site: (bytes, count)}."""
-    live = profiler.live_allocations()
-    out: dict[str, tuple[int, int]] = {}
-    if not len(live):
-        return out
-    ids, inverse = np.unique(live["stack_id"], return_inverse=True)
-    sizes = np.bincount(inverse, weights=live["size"].astype(np.float64))
-    counts = np.bincount(inverse)
-    for sid, b, c in zip(ids.tolist(), sizes.tolist(), counts.tolist()):
-        site = site_of(profiler, sid)
-        old = out.get(site, (0, 0))
-        out[site] = (old[0] + int(b), old[1] + int(c))
-    return out
 
 
 class ProgressBar:

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ._common import ALLOC, REALLOC, Progress, all_events, live_bytes_by_site, signed_sizes, site_of
+from ..analysis.sites import bytes_by_site_name, site_name
+from ._common import ALLOC, REALLOC, Progress, all_events, signed_sizes
 from ..units import format_bytes
 from ._svg import line_chart
 
@@ -58,7 +59,7 @@ def _stack_html(profiler: Any, stack_id: int) -> tuple[str, str]:
     trace = profiler.resolve_stack(int(stack_id)) if stack_id else None
     if trace is None or not trace.frames:
         return ("html", '<span class="muted">no stack captured</span>')
-    return ("html", f"<details><summary><code>{_e(site_of(profiler, stack_id))}</code></summary>"
+    return ("html", f"<details><summary><code>{_e(site_name(trace))}</code></summary>"
                     f"<pre>{_e(trace.format())}</pre></details>")
 
 
@@ -86,17 +87,10 @@ def _sites(profiler: Any, events: np.ndarray, top: int) -> str:
     allocs = events[np.isin(events["kind"], (ALLOC, REALLOC))]
     if not len(allocs):
         return _table([], [])
-    ids, inverse = np.unique(allocs["stack_id"], return_inverse=True)
-    nbytes = np.bincount(inverse, weights=allocs["size"].astype(np.float64))
-    counts = np.bincount(inverse)
-    by_site: dict[str, list[Any]] = {}
-    for sid, b, c in zip(ids.tolist(), nbytes.tolist(), counts.tolist()):
-        row = by_site.setdefault(site_of(profiler, sid), [0, 0, sid])
-        row[0] += int(b)
-        row[1] += int(c)
-    live = live_bytes_by_site(profiler)
-    rows = sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]
-    return _table(["Site (innermost frame)", "Allocated", "Allocations", "Live at end"],
+    by_site = bytes_by_site_name(profiler, allocs)
+    live = bytes_by_site_name(profiler)
+    rows = sorted(by_site.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]
+    return _table(["Site (your line)", "Allocated", "Allocations", "Live at end"],
                   [(_stack_html(profiler, sid), format_bytes(b, 1), f"{c:,}",
                     format_bytes(live.get(site, (0, 0))[0], 1)) for site, (b, c, sid) in rows],
                   numeric={1, 2, 3})
@@ -106,12 +100,13 @@ def _leaks(profiler: Any, top: int) -> str:
     leaks = profiler.detect_potential_leaks()
     total = sum(leak.size_bytes for leak in leaks)
     rows = [(f"0x{leak.address:x}", format_bytes(leak.size_bytes, 1),
+             ("html", f"<code>{_e(site_name(leak.stack_trace))}</code>"),
              ("html", f"<pre>{_e(leak.stack_trace.format())}</pre>") if leak.stack_trace
              else ("html", '<span class="muted">no stack captured</span>'))
             for leak in leaks[:top]]
     intro = (f"<p>{len(leaks):,} allocations ({_e(format_bytes(total, 1))}) were still live at the "
              f"end of the trace; the largest {min(top, len(leaks))}:</p>") if leaks else ""
-    return intro + _table(["Address", "Size", "Stack"], rows, numeric={1})
+    return intro + _table(["Address", "Size", "Site", "Stack"], rows, numeric={1})
 
 
 def _gc(profiler: Any, top: int) -> str:
@@ -158,9 +153,9 @@ def _snapshots(profiler: Any, top: int) -> str:
 
 
 def _ooms(profiler: Any) -> str:
-    rows = [(_time(o.get("timestamp_ns", 0)), o.get("device"), format_bytes(o.get("requested_bytes", 0), 1),
-             format_bytes(o.get("device_free_bytes", 0), 1), format_bytes(o.get("device_total_bytes", 0), 1),
-             format_bytes(o.get("live_bytes", 0), 1), _stack_html(profiler, o.get("stack_id", 0)))
+    rows = [(_time(o.timestamp_ns), o.device, format_bytes(o.requested_bytes, 1),
+             format_bytes(o.device_free_bytes, 1), format_bytes(o.device_total_bytes, 1),
+             format_bytes(o.live_bytes, 1), _stack_html(profiler, o.stack_id))
             for o in profiler.oom_events]
     return _table(["Time", "Device", "Requested", "Device free", "Device total", "Live (tracked)",
                    "Site"], rows, numeric={2, 3, 4, 5})
@@ -181,7 +176,7 @@ def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
                        format_bytes(stats.current_usage_bytes, 1), format_bytes(stats.peak_usage_bytes, 1),
                        f"{stats.allocation_count:,}", f"{stats.deallocation_count:,}",
                        format_bytes(stats.average_allocation_size_bytes, 1), stats.gc_count,
-                       f"{stats.total_gc_time.total_seconds() * 1e3:.1f} ms")],
+                       f"{stats.total_gc_time_ns / 1e6:.1f} ms")],
                      numeric=set(range(9)))
     by_type = _table(["Type", "Current"], [(k, format_bytes(v, 1)) for k, v in
                                            sorted(stats.usage_by_type.items())], numeric={1})

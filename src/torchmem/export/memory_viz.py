@@ -133,9 +133,9 @@ def to_memory_viz(profiler: Any, progress: Progress = None) -> dict[str, Any]:
                     t.append({"action": action, "addr": addr, "size": size, "stream": stream,
                               "time_us": time_us, "frames": f})
             elif kind == OOM:
-                info = ooms[addr] if addr < len(ooms) else {}
+                info = ooms[addr] if addr < len(ooms) else None
                 t.append({"action": "oom", "size": size, "stream": stream, "time_us": time_us,
-                          "device_free": int(info.get("device_free_bytes", 0)),
+                          "device_free": info.device_free_bytes if info else 0,
                           "frames": frames(stack)})
     # Every address any event touched must lie in a segment: memory_viz's
     # segment view replays the trace backwards over them.

@@ -83,13 +83,13 @@ def to_perfetto(profiler: Any, progress: Progress = None) -> dict[str, Any]:
                         "tid": _STEPS_TID, "ts": s, "dur": round(max(e - s, 0.0), 3)})
         ooms = profiler.oom_events
         for row in events[events["kind"] == OOM]:
-            info = ooms[int(row["address"])] if int(row["address"]) < len(ooms) else {}
+            info = ooms[int(row["address"])] if int(row["address"]) < len(ooms) else None
             out.append({"name": "out of memory", "ph": "i", "s": "g", "pid": _PID,
                         "tid": _MARK_TID, "ts": _us(int(row["timestamp_ns"]), t0),
                         "args": {"requested_bytes": int(row["size"]),
                                  "device": _device_name(int(row["device"])),
-                                 "device_free_bytes": int(info.get("device_free_bytes", 0)),
-                                 "device_total_bytes": int(info.get("device_total_bytes", 0))}})
+                                 "device_free_bytes": info.device_free_bytes if info else 0,
+                                 "device_total_bytes": info.device_total_bytes if info else 0}})
         for row in events[events["kind"] == SNAPSHOT]:
             out.append({"name": "snapshot", "ph": "i", "s": "g", "pid": _PID, "tid": _MARK_TID,
                         "ts": _us(int(row["timestamp_ns"]), t0),

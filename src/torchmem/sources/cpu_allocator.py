@@ -202,8 +202,7 @@ class CPUAllocatorHook:
 
     def _feed(self) -> None:
         _native.set_host_recorder(self.profiler)
-        self.profiler._feeds_cpu_hook = True
-        self.profiler._sync_hook_settings()
+        self.profiler.attach_native_source("cpu")
 
     def start(self) -> CPUAllocatorHook:
         """Begin recording CPU allocations of every thread. Idempotent."""

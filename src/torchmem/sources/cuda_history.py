@@ -11,7 +11,7 @@ exit, and feeds each new entry to the profiler:
 - ``alloc``          -> ``track_allocation(addr, size, "GPU", device, stream)``
 - ``free_completed`` -> ``track_deallocation(addr, size)`` (the moment torch
   can reuse the block, which is also when its allocated-bytes counter drops)
-- out of memory      -> ``profiler._record_oom(...)`` from torch's OOM observer
+- out of memory      -> ``profiler.record_oom(...)`` from torch's OOM observer
   (or the trace's ``oom`` entry when the observer cannot be attached).
 
 Entries already read are skipped by a per-device cursor over the entries'
@@ -384,6 +384,6 @@ class CudaHistorySource:
     def _record_oom(self, device: int, requested: int, stream: int, device_free: int,
                     device_total: int) -> None:
         try:
-            self.profiler._record_oom(requested, device, stream, device_free, device_total)
+            self.profiler.record_oom(requested, device, stream, device_free, device_total)
         except Exception:
             self.errors += 1

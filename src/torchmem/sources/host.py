@@ -1,5 +1,9 @@
 """Host (CPU and pinned) tensor tracking through a TorchDispatchMode.
 
+Over 400 lines on purpose: the per-op path is one set of closures over shared
+locals (each op pays for every attribute lookup); split across modules they
+would become lookups.
+
 Every op that runs on the thread that started the tracker (and on autograd's
 engine threads, which inherit the mode) passes through ``__torch_dispatch__``.
 For each CPU storage an op returns or takes that the tracker has not seen, it

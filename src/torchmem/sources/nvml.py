@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 from typing import Any
+
+from .._types import DeviceMemory, NvmlUnavailable
 
 __all__ = [
     "DeviceMemory",
@@ -31,35 +32,6 @@ __all__ = [
     "use_backend",
     "reset",
 ]
-
-
-@dataclass(frozen=True)
-class DeviceMemory:
-    """One device's memory as NVML reports it, in bytes.
-
-    ``process_used_bytes`` is this process's usage summed over its NVML
-    compute-process entries; None when NVML does not report it (the value
-    is "not available", or this pid is not in the list: in a container NVML
-    lists host pids, which never match ``os.getpid()``).
-    """
-
-    index: int
-    name: str
-    total_bytes: int
-    used_bytes: int
-    free_bytes: int
-    process_used_bytes: int | None
-
-
-class NvmlUnavailable(str):
-    """Why NVML gave no answer; a str reading "unavailable: <reason>"."""
-
-    def __new__(cls, reason: str) -> NvmlUnavailable:
-        self = super().__new__(cls, f"unavailable: {reason}")
-        self.reason = reason
-        return self
-
-    available = False
 
 
 _lock = threading.Lock()

@@ -1,10 +1,15 @@
-"""Where traces go: in memory (default) or a durable SQLite file; ``load`` reads one back."""
+"""Where traces go: in memory (default) or a durable SQLite file; ``load`` reads one back.
+
+``load`` lives here, with the formats it reads: a sink may import the
+profiler below it (``MemoryProfiler.from_trace``), never the other way round.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from ..profiler import MemoryProfiler
 from .base import StorageBackend, TraceFormatError, merge_deltas
 from .memory import InMemoryStorage
 from .sqlite import SQLiteStorage, TraceReader
@@ -30,8 +35,6 @@ def load(path: str | os.PathLike) -> Any:
     A missing, foreign, corrupt or truncated file raises TraceFormatError
     with a one-line message. Nothing in the file is ever unpickled.
     """
-    from ..profiler import MemoryProfiler
-
     with TraceReader(path) as reader:
         delta = reader.read_trace()
         meta = reader.metadata

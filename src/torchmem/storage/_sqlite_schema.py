@@ -1,5 +1,10 @@
 """The SQLite trace schema (from ``_writer``), ``TraceReader``, and rows back into a TraceDelta.
 
+Over 400 lines for now: the schema's checks, its queries and the decoders of
+its chunk layouts read one file format together; the decoders change with the
+trace-format work (constants exported from C++), after which the reader
+(``TraceReader`` and the file checks) can move to a module of its own.
+
 Shared by ``SQLiteStorage`` (its reads) and ``load`` (via ``TraceReader``).
 docs/trace-format.md documents the same schema for plain SQL; change both.
 """
@@ -15,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .._events import EVENT_DTYPE, STACK_NODE_DTYPE, empty_events
-from .._types import GCRecord, Snapshot
+from .._types import DeviceMemory, GCRecord, NvmlUnavailable, Snapshot
 from ..trace import TraceDelta
 from . import _chunks
 from .base import TraceFormatError
@@ -76,13 +81,11 @@ def _devices_from_json(text: str | None) -> Any:
     value = json.loads(text) if text else None
     if isinstance(value, list):
         try:
-            from ..sources.nvml import DeviceMemory
             return [DeviceMemory(**d) if isinstance(d, dict) else d for d in value]
         except Exception:  # an older/newer field set: keep the plain dicts
             return value
     if isinstance(value, str) and value.startswith("unavailable: "):
         try:
-            from ..sources.nvml import NvmlUnavailable
             return NvmlUnavailable(value[len("unavailable: "):])
         except Exception:
             return value

@@ -1,5 +1,9 @@
 """The SQLite trace writer: a child process fed framed records through a pipe.
 
+Over 400 lines on purpose: the child process runs this file as a script with
+the standard library only and finds nothing but its sibling ``_chunks.py``
+by path; every further module would be one more file it loads by path.
+
 Python's sqlite3 binds every parameter with the GIL held, so an in-process
 writer thread slows the training thread by ~10 us of GIL time per stored
 event. Here the writer runs in its own interpreter, started as

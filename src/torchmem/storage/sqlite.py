@@ -1,5 +1,10 @@
 """SQLiteStorage: a durable, crash-safe trace written by a child process.
 
+Over 400 lines on purpose: one class, whose pipe, sender thread, reply thread
+and writer-process lifecycle share one condition variable and the counters
+it guards (queued, sent, acknowledged); split apart, they would share that
+private state across modules.
+
 Each ``append`` (the profiler's pump calls it every flush interval, 200 ms
 by default) turns the delta into frames: the event rows as the recorder's
 raw bytes (no per-event Python work), the side records as JSON. A sender
@@ -18,7 +23,6 @@ the child cannot start, the same writer runs in a thread of this process
 
 from __future__ import annotations
 
-import atexit
 import collections
 import json
 import os
@@ -33,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .._events import EVENT_DTYPE
-from .._native import write_all as _write_all
+from .._io import write_all as _write_all
 from ..trace import TraceDelta
 from . import _sqlite_schema as schema
 from . import _writer
@@ -76,10 +80,15 @@ def _side_payload(d: TraceDelta, n_types: int, meta: list | None = None) -> byte
         side["snapshots"] = [d.snapshots_start, [schema.snapshot_row(0, s)[1:]
                                                  for s in d.snapshots]]
     if d.ooms:
-        side["ooms"] = [d.ooms_start, [schema.oom_row(0, dict(o))[1:] for o in d.ooms]]
+        side["ooms"] = [d.ooms_start, [schema.oom_row(0, _oom_dict(o))[1:] for o in d.ooms]]
     if d.anomalies:
         side["anomalies"] = {str(k): int(v) for k, v in d.anomalies.items()}
     return json.dumps(side, default=_json_default).encode() if side else None
+
+
+def _oom_dict(o: Any) -> dict:
+    # OomEvent (or a plain dict from an older caller).
+    return o.as_dict() if hasattr(o, "as_dict") else dict(o)
 
 
 def _json_default(o: Any) -> Any:
@@ -286,8 +295,8 @@ class SQLiteStorage:
                             continue  # one was queued meanwhile
                     if side is not None:  # before the events that use it
                         _write_all(self._data_fd, side)
-                    profiler._write_event_columns(self._data_fd, start_seq, end_seq,
-                                                  _writer.COLUMNS)
+                    profiler.write_event_columns(self._data_fd, start_seq, end_seq,
+                                                 _writer.COLUMNS)
                     return
         except OSError:  # EPIPE: the writer is gone; _reply_loop reports it
             self._pipe_gone()
@@ -507,16 +516,14 @@ class SQLiteStorage:
         self._proc = None
 
 
-# Storages not closed by their profiler are closed at exit, after the pumps'
-# final flush (so the trace is complete) and before the interpreter dies.
+# Storages not closed by their profiler are closed at exit: the session
+# runs close_all after the pumps' final flush (so the trace is complete) and
+# before the interpreter dies.
 _live: "weakref.WeakSet[SQLiteStorage]" = weakref.WeakSet()
 
 
-@atexit.register
-def _close_all_at_exit() -> None:
-    pump = sys.modules.get("torchmem._pump")
-    if pump is not None:
-        pump._flush_all_at_exit()
+def close_all() -> None:
+    """Closes every SQLiteStorage still open (at exit, after the pumps' last flush)."""
     for storage in list(_live):
         try:
             storage.close()

@@ -1,0 +1,99 @@
+"""The settings of ``torchmem.enable()``: defaults, the environment, and what a trace records of them."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any
+
+__all__ = ["DEFAULT_TRACE_DIR", "HOST_CHOICES", "LIVE_SETTINGS", "defaults", "rank", "run_metadata",
+           "trace_dir", "world_size"]
+
+DEFAULT_TRACE_DIR = "torchmem-traces"
+#: Settings that can change on a running profiler (enable() applies them again).
+LIVE_SETTINGS = ("capture_stack_traces", "max_stack_trace_depth", "snapshot_interval_ms",
+                 "auto_snapshot")
+HOST_CHOICES = (True, False, "auto", "allocator", "dispatch")
+
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def rank() -> int | None:
+    """This process's rank in a distributed job, or None outside one."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank())
+    except Exception:
+        pass
+    value = os.environ.get("RANK")
+    if value is not None and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def trace_dir(settings: dict[str, Any]) -> str:
+    return os.path.abspath(settings["trace_dir"] or os.environ.get("TORCHMEM_DIR")
+                           or DEFAULT_TRACE_DIR)
+
+
+def run_metadata(settings: dict[str, Any], rank: int | None) -> dict[str, Any]:
+    """What enable() adds to the trace's run metadata (the pump adds torch
+    version, devices, host and start time)."""
+    return {"rank": rank, "world_size": world_size(), "argv": list(sys.argv), "pid": os.getpid(),
+            "enable_settings": {k: v for k, v in settings.items()
+                                if isinstance(v, (bool, int, str, type(None)))}}
+
+
+def world_size() -> int | None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_world_size())
+    except Exception:
+        pass
+    value = os.environ.get("WORLD_SIZE", "")
+    return int(value) if value.isdigit() else None
+
+
+def defaults() -> dict[str, Any]:
+    return {
+        "capture_stack_traces": _env_flag("TORCHMEM_STACKS", True),
+        "max_stack_trace_depth": 10,
+        "snapshot_interval_ms": 1000,
+        "auto_snapshot": True,
+        "retention_events": 1 << 20,
+        "trace": True,
+        "trace_dir": None,
+        "gpu_source": os.environ.get("TORCHMEM_GPU_SOURCE") or "auto",
+        "host": _env_host(),
+        "gc": True,
+        "auto_step": True,
+        "oom_report": True,
+        "summary": _env_flag("TORCHMEM_SUMMARY", True),
+    }
+
+
+def _env_host() -> Any:
+    value = (os.environ.get("TORCHMEM_HOST") or "auto").strip().lower()
+    if value in ("0", "false", "no", "off", "none"):
+        return False
+    if value in ("1", "true", "yes", "on", ""):
+        return "auto"
+    if value not in HOST_CHOICES:
+        # An environment typo must not stop the training run.
+        warnings.warn(f"torchmem: TORCHMEM_HOST={value!r} is not one of auto, allocator, "
+                      "dispatch, 0; using auto", RuntimeWarning, stacklevel=3)
+        return "auto"
+    return value
+
+
