@@ -106,9 +106,11 @@ def test_memory_event_validation():
 
 
 def test_old_field_names_are_deprecated_aliases():
-    with pytest.warns(DeprecationWarning, match="timestamp_ns"):
+    with pytest.warns(DeprecationWarning) as warned:
         e = MemoryEvent(timestamp=7, event_type=MemoryEventType.ALLOCATION, total_free_bytes=3,
                         total_allocated_bytes=5)
+    assert sorted(str(w.message).split(" is ")[0] for w in warned) == [
+        "MemoryEvent(timestamp=...)", "MemoryEvent(total_free_bytes=...)"]
     assert (e.timestamp_ns, e.total_freed_bytes, e.current_usage_bytes) == (7, 3, 2)
     with pytest.warns(DeprecationWarning, match="Event.timestamp_ns"):
         assert e.timestamp == 7
