@@ -167,7 +167,9 @@ def test_stop_from_inside_a_snapshot():
             assert snapper.stop()
 
     prof = SelfStopping()
-    snapper = AutoSnapshotter(prof, 5).start()
+    # Bound before it starts: a first tick inside start() must find the name.
+    snapper = AutoSnapshotter(prof, 5)
+    snapper.start()
     thread = snapper._thread
     thread.join(2)
     assert not thread.is_alive() and len(prof.calls) == 1
