@@ -25,19 +25,27 @@ def _env_flag(name: str, default: bool) -> bool:
     return value.strip().lower() not in ("0", "false", "no", "off")
 
 
-def rank() -> int | None:
-    """This process's rank in a distributed job, or None outside one."""
+def _distributed(query: str, variable: str) -> int | None:
+    # torch.distributed when it is initialised, else the launcher's variable.
     try:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            return int(dist.get_rank())
+            return int(getattr(dist, query)())
     except Exception:
         pass
-    value = os.environ.get("RANK")
-    if value is not None and value.strip().isdigit():
-        return int(value)
-    return None
+    value = os.environ.get(variable, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def rank() -> int | None:
+    """This process's rank in a distributed job, or None outside one."""
+    return _distributed("get_rank", "RANK")
+
+
+def world_size() -> int | None:
+    """The job's number of ranks, or None outside a distributed job."""
+    return _distributed("get_world_size", "WORLD_SIZE")
 
 
 def trace_dir(settings: dict[str, Any]) -> str:
@@ -51,18 +59,6 @@ def run_metadata(settings: dict[str, Any], rank: int | None) -> dict[str, Any]:
     return {"rank": rank, "world_size": world_size(), "argv": list(sys.argv), "pid": os.getpid(),
             "enable_settings": {k: v for k, v in settings.items()
                                 if isinstance(v, (bool, int, str, type(None)))}}
-
-
-def world_size() -> int | None:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return int(dist.get_world_size())
-    except Exception:
-        pass
-    value = os.environ.get("WORLD_SIZE", "")
-    return int(value) if value.isdigit() else None
 
 
 def defaults() -> dict[str, Any]:
