@@ -72,6 +72,7 @@ void raise_if_errno(int err) {
 }  // namespace
 
 void bind_cuda(nanobind::module_& m);  // csrc/cuda_bindings.cpp
+void bind_heap_walk(nanobind::module_& m);  // csrc/heap_walk.cpp
 
 NB_MODULE(_native, m) {
   m.doc() = "torchmem's native recorder (C++): live map, counters, event log, stacks.";
@@ -309,4 +310,5 @@ NB_MODULE(_native, m) {
     return std::make_pair(host_alloc_fn_address(), host_free_fn_address());
   }, "Addresses of torchmem_host_alloc and torchmem_host_free, for the CPU allocator hook.");
   bind_cuda(m);
+  bind_heap_walk(m);
 }
