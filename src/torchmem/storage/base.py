@@ -34,7 +34,11 @@ class StorageBackend(Protocol):
     """
 
     def open(self, metadata: dict[str, Any]) -> None:
-        """Records run metadata (torch version, devices, start time, settings)."""
+        """Records run metadata (torch version, devices, start time, settings).
+
+        May be called again while the run lasts: each call adds or replaces
+        keys (the epoch check keeps its results under ``epoch_checks``).
+        """
 
     def append(self, delta: TraceDelta) -> None:
         """Stores everything new in ``delta`` (called every flush interval).

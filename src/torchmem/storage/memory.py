@@ -30,9 +30,9 @@ class InMemoryStorage:
         self.closed = False
 
     def open(self, metadata: dict[str, Any] | None = None) -> None:
-        """Records run metadata (a JSON-like dict)."""
+        """Records run metadata (a JSON-like dict); later calls add or replace keys."""
         with self._lock:
-            self._metadata = dict(metadata or {})
+            self._metadata.update(metadata or {})
 
     @property
     def metadata(self) -> dict[str, Any]:
