@@ -9,3 +9,17 @@ def profiler():
     p = torchmem.MemoryProfiler(auto_snapshot=False)
     yield p
     p.close()
+
+
+@pytest.fixture
+def tracked():
+    """A profiler with stacks and the host tracker on this thread."""
+    from torchmem.sources.host import HostTracker
+
+    p = torchmem.MemoryProfiler(auto_snapshot=False, capture_stack_traces=True)
+    tracker = HostTracker(p).start()
+    try:
+        yield p
+    finally:
+        tracker.stop()
+        p.close()

@@ -12,23 +12,10 @@ import torch
 import torchmem
 from torchmem.analysis.sites import user_frame
 from torchmem.epoch import LeakError, epoch, mark_epoch
-from torchmem.sources.host import HostTracker
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 sys.path.insert(0, os.path.abspath(EXAMPLES))
 import leaky_loop  # noqa: E402
-
-
-@pytest.fixture
-def tracked():
-    """A profiler with stacks and the host tracker on this thread."""
-    p = torchmem.MemoryProfiler(auto_snapshot=False, capture_stack_traces=True)
-    tracker = HostTracker(p).start()
-    try:
-        yield p
-    finally:
-        tracker.stop()
-        p.close()
 
 
 def _leak_line() -> int:
@@ -53,6 +40,11 @@ def test_leaking_example_is_caught_at_epoch_2_with_site_and_bytes(tracked):
     assert (second.leaks[0].bytes_before, second.leaks[0].bytes_after) == (20480, 40960)
     assert "leaky_loop.py:%d in main" % _leak_line() in second.report()
     assert "20.00 KiB" in second.report()
+    [holder] = second.leaks[0].holders  # kept_errors[10:20] are epoch 2's
+    assert holder == "<frame main() local 'kept_errors'>[19] -> Tensor"
+    assert (holder.allocation_count, holder.held_bytes) == (10, 20480)
+    assert "held by: <frame main() local 'kept_errors'>[19] -> Tensor  (10 allocations, " \
+        "20.00 KiB)" in second.report()
 
 
 def test_raise_on_leak_raises_at_epoch_2_not_at_the_baseline(tracked):
@@ -90,6 +82,8 @@ def test_clean_training_loop_reports_nothing_over_20_epochs(tracked):
     assert results[0].baseline
     assert [r.leaks for r in results[1:]] == [[]] * 19
     assert len({r.live_bytes for r in results[1:]}) == 1  # the same memory every epoch end
+    assert all(r.holder_search is None for r in results)  # nothing grew: no holder search
+    assert all("held by" not in r.report() for r in results)
 
 
 def test_mark_epoch_exact_sites_with_manual_tracking():

@@ -20,6 +20,7 @@ from . import _session
 from ._deprecation import moved_names
 from .analysis import epoch as _check
 from .analysis.epoch import EpochResult, LeakError, SiteGrowth
+from .analysis.holders import DEFAULT_BUDGET_S
 
 __all__ = ["EpochResult", "LeakError", "SiteGrowth", "epoch", "epoch_results", "mark_epoch"]
 
@@ -44,13 +45,17 @@ def epoch_results(profiler: Any = None) -> list[EpochResult]:
     return _check.epoch_results(prof) if prof is not None else []
 
 
-def mark_epoch(profiler: Any = None, *, collect: bool = True) -> EpochResult:
-    """Ends an epoch now: GC, group live memory by site, compare with the last end.
+def mark_epoch(profiler: Any = None, *, collect: bool = True, holders: bool = True,
+               holders_budget_s: float = DEFAULT_BUDGET_S) -> EpochResult:
+    """Ends an epoch now: GC, group live memory by site, compare with the last end,
+    and for the sites that grew find who holds them (``holders``, at most
+    ``holders_budget_s`` seconds).
 
     ``profiler`` defaults to the session's (``torchmem.enable()``); without
     one this raises RuntimeError. See ``torchmem.analysis.epoch.mark_epoch``.
     """
-    return _check.mark_epoch(_profiler(profiler), collect=collect)
+    return _check.mark_epoch(_profiler(profiler), collect=collect, holders=holders,
+                             holders_budget_s=holders_budget_s)
 
 
 class epoch:
@@ -71,12 +76,25 @@ class epoch:
         stacks: turn the profiler's stack capture on, so leaks name their
             source line (it stays on afterwards).
         verbose: print the report to stderr when a site grew.
+        holders: when a site grew, find who holds its new allocations
+            (``SiteGrowth.holders``); False skips the search.
+        holders_budget_s: the most wall time, in seconds, the holder
+            search may take (it stops and says so).
+        collect: run ``gc.collect()`` before measuring (see mark_epoch).
     """
 
     def __init__(self, raise_on_leak: bool = False, tolerance_bytes: int = 0,
-                 profiler: Any = None, *, stacks: bool = True, verbose: bool = False) -> None:
+                 profiler: Any = None, *, stacks: bool = True, verbose: bool = False,
+                 holders: bool = True, holders_budget_s: float = DEFAULT_BUDGET_S,
+                 collect: bool = True) -> None:
         if not isinstance(tolerance_bytes, int) or tolerance_bytes < 0:
             raise ValueError(f"tolerance_bytes must be an int >= 0, got {tolerance_bytes!r}")
+        if (isinstance(holders_budget_s, bool) or not isinstance(holders_budget_s, (int, float))
+                or not holders_budget_s >= 0):
+            raise ValueError(f"holders_budget_s must be seconds >= 0, got {holders_budget_s!r}")
+        self.holders = holders
+        self.holders_budget_s = holders_budget_s
+        self.collect = collect
         self.raise_on_leak = raise_on_leak
         self.tolerance_bytes = tolerance_bytes
         self.profiler = profiler
@@ -93,7 +111,8 @@ class epoch:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             return  # the epoch did not finish; its memory says nothing about leaks
-        self.result = mark_epoch(self.profiler)
+        self.result = mark_epoch(self.profiler, collect=self.collect, holders=self.holders,
+                                 holders_budget_s=self.holders_budget_s)
         if self.verbose and self.result.leaks:
             print(self.result.report(), file=sys.stderr)
         if self.raise_on_leak and self.result.total_grown_bytes > self.tolerance_bytes:
