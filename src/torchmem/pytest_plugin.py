@@ -135,19 +135,33 @@ class _Measure:
         rows = self.prof.read_rows(self.start_seq)
         return rows[np.isin(rows["kind"], ALLOCATING_KINDS)]
 
-    def sites_text(self, rows: np.ndarray, title: str, n: int = 5) -> str:
-        sites = top_sites(group_by_site(self.prof, rows), n)
+    def sites_text(self, rows: np.ndarray, title: str, n: int = 5, holders: bool = False) -> str:
+        usage = group_by_site(self.prof, rows)
+        sites = top_sites(usage, n)
         if not sites:
             return ""
+        held, search = self._holders(rows, usage, sites) if holders else ({}, None)
         lines = [title]
         for u in sites:
             lines.append(f"  {format_bytes(u.bytes):>12} in {u.count:>5} allocations  {u.site.label}")
+            lines.extend(f"      held by: {h.format()}" for h in held.get(id(u), []))
             if u.site.stack is not None:
                 for f in u.site.stack.frames:
                     if _is_pytest_frame(f[0]):
                         break  # the rest is pytest calling the test
                     lines.append(f'      File "{f[0]}", line {f[1]}, in {f[2]}')
+        if search is not None and (search.stopped_early or search.error):
+            lines.append(f"  ({search.note()})")
         return "\n".join(lines)
+
+    def _holders(self, rows: np.ndarray, usage: dict, sites: list) -> tuple[dict, Any]:
+        # Who keeps the test's leftovers alive (the test's own frame is gone by now).
+        from .analysis.epoch_holders import site_holders
+        from .analysis.sites import site_keys
+
+        key_of = {id(u): k for k, u in usage.items()}
+        by_key, search = site_holders(rows, site_keys(rows), [key_of[id(u)] for u in sites], -1)
+        return {id(u): by_key.get(key_of[id(u)], []) for u in sites}, search
 
     def close(self) -> None:
         if self.own:
@@ -196,7 +210,7 @@ def pytest_runtest_call(item: Any) -> Any:
         problems.append(
             f"torchmem_no_leaks: the test left {format_bytes(m.leaked)} ({m.leaked} bytes) in "
             f"{len(m.leaked_rows)} allocations live (tolerance {tolerance} bytes)\n"
-            + m.sites_text(m.leaked_rows, "still live, by allocation site:"))
+            + m.sites_text(m.leaked_rows, "still live, by allocation site:", holders=True))
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
     return result

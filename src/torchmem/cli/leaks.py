@@ -1,9 +1,12 @@
-"""``torchmem leaks TRACE``: the allocations still live at the end, largest first, with their site."""
+"""``torchmem leaks TRACE``: the allocations still live at the end, largest first, with their site;
+then the run's epoch checks (saved in the trace): the last that found growth, and who held it."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..analysis.epoch import epoch_records
+from ..analysis.epoch_records import format_record
 from ..analysis.sites import site_name
 from ..units import format_bytes
 from ._common import load_trace
@@ -30,4 +33,20 @@ class LeaksCommand:
                   f"{site_name(leak.stack_trace)}")
             if leak.stack_trace:
                 print(leak.stack_trace.format())
+        _print_epoch_checks(prof)
         return 0
+
+
+def _print_epoch_checks(prof: object) -> None:
+    # The run's epoch checks, saved in the trace: what grew, and who held it.
+    records = epoch_records(prof)
+    grew = [r for r in records if r.get("sites")]
+    if not records:
+        return
+    print(f"\nepoch leak checks: {len(records)} in the run, {len(grew)} found growth"
+          + ("" if not grew else "; the last of them:"))
+    if grew:
+        print("\n".join(format_record(grew[-1])))
+        earlier = [str(r.get("index")) for r in grew[:-1]]
+        if earlier:
+            print(f"(growth also at epoch {', '.join(earlier)})")

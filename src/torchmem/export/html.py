@@ -15,6 +15,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..analysis.epoch import epoch_records
+from ..analysis.epoch_records import METADATA_KEY as EPOCH_KEY, int_field
 from ..analysis.sites import bytes_by_site_name, site_name
 from ._common import ALLOC, REALLOC, Progress, all_events, signed_sizes
 from ..units import format_bytes
@@ -96,7 +98,41 @@ def _sites(profiler: Any, events: np.ndarray, top: int) -> str:
                   numeric={1, 2, 3})
 
 
+def _epoch_checks(profiler: Any) -> str:
+    # The last epoch check that found growth: its sites and who held them.
+    records = epoch_records(profiler)
+    grew = [r for r in records if isinstance(r.get("sites"), list) and r["sites"]]
+    if not grew:
+        return (f'<p class="muted">{len(records)} epoch check(s), none found growth.</p>'
+                if records else "")
+    last = grew[-1]
+    rows = []
+    for site in last["sites"]:
+        if not isinstance(site, dict):
+            continue
+        held = "".join(
+            f"<div><code>{_e(h.get('path'))}</code> "
+            f'<span class="muted">({_e(h.get("allocation_count"))} allocations, '
+            f"{_e(format_bytes(int_field(h.get('held_bytes'))))})</span></div>"
+            for h in site.get("holders") or [] if isinstance(h, dict))
+        rows.append((("html", f"<code>{_e(site.get('site'))}</code>"),
+                     format_bytes(int_field(site.get("grown_bytes"))),
+                     f"{format_bytes(int_field(site.get('bytes_before')))} -> "
+                     f"{format_bytes(int_field(site.get('bytes_after')))}",
+                     ("html", held or '<span class="muted">not searched</span>')))
+    search = last.get("holder_search")
+    note = (f'<p class="muted">{_e(search.get("note"))}</p>'
+            if isinstance(search, dict) and (search.get("stopped_early") or search.get("error"))
+            else "")
+    return (f"<p>Epoch check {_e(last.get('index'))} (the last of {len(grew)} of {len(records)} "
+            f"that found growth): {_e(last.get('site_count'))} allocation site(s) grew by "
+            f"{_e(format_bytes(int_field(last.get('total_grown_bytes'))))}.</p>"
+            + _table(["Site", "Grown", "Live before -> after", "Held by"], rows, numeric={1})
+            + note)
+
+
 def _leaks(profiler: Any, top: int) -> str:
+    epochs = _epoch_checks(profiler)
     leaks = profiler.detect_potential_leaks()
     total = sum(leak.size_bytes for leak in leaks)
     rows = [(f"0x{leak.address:x}", format_bytes(leak.size_bytes, 1),
@@ -106,7 +142,7 @@ def _leaks(profiler: Any, top: int) -> str:
             for leak in leaks[:top]]
     intro = (f"<p>{len(leaks):,} allocations ({_e(format_bytes(total, 1))}) were still live at the "
              f"end of the trace; the largest {min(top, len(leaks))}:</p>") if leaks else ""
-    return intro + _table(["Address", "Size", "Site", "Stack"], rows, numeric={1})
+    return epochs + intro + _table(["Address", "Size", "Site", "Stack"], rows, numeric={1})
 
 
 def _gc(profiler: Any, top: int) -> str:
@@ -192,7 +228,7 @@ def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
         if progress:
             progress(min(i, steps[1]), steps[1])
     meta_rows = [(k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else v)
-                 for k, v in sorted(meta.items())]
+                 for k, v in sorted(meta.items()) if k != EPOCH_KEY]  # shown with the leaks
     sections.append(("Summary", summary + "<p>Live by type at the end:</p>" + by_type))
     sections.append(("Run", _table(["Key", "Value"], meta_rows)))
     body = "".join(f"<h2>{_e(name)}</h2>{html}" for name, html in sections)

@@ -39,7 +39,7 @@ def format_summary(profiler: Any, *, trace: str | None = None, max_sites: int = 
         lines.append(f"  epoch leak check: {len(last.leaks)} site(s) grew by "
                      f"{format_bytes(last.total_grown_bytes)} in epoch {last.index}")
         for g in last.leaks[:max_sites]:
-            lines.append("    " + g.format(with_stack=False))
+            lines.append("    " + g.format(with_stack=False).replace("\n", "\n  "))
     growing = growing_sites(prof)
     if growing:
         lines.append("  possible leaks (sites holding tensors from 3 or more steps):")
