@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .._types import MemoryEventType
+from ..analysis.steps import signed_sizes  # noqa: F401  (the exporters' one definition)
 
 #: progress(done, total) callback; exporters call it a few hundred times at most.
 Progress = Optional[Callable[[int, int], None]]
@@ -38,14 +39,6 @@ def chunks(n: int, progress: Progress, parts: int = 200):
             progress(stop, n)
     if n == 0 and progress is not None:
         progress(0, 0)
-
-
-def signed_sizes(events: np.ndarray) -> np.ndarray:
-    """+size for allocations and reallocations, -size for frees, 0 for markers (int64)."""
-    kind = events["kind"]
-    size = events["size"].astype(np.int64)
-    return np.where((kind == ALLOC) | (kind == REALLOC), size,
-                    np.where(kind == FREE, -size, 0))
 
 
 class ProgressBar:
