@@ -3,7 +3,7 @@
     torchmem run [-o TRACE] [--no-stacks] SCRIPT [ARGS...]
     torchmem summary TRACE [TRACE...]
     torchmem leaks TRACE [--top N] [--min-age-steps K]
-    torchmem export TRACE --format memory_viz|perfetto|html -o OUT
+    torchmem export TRACE --format memory_viz|perfetto|html|tensorboard -o OUT
     torchmem diff TRACE_A TRACE_B [--top N]
 
 One module per verb, each a ``Command`` (below); ``main`` builds the parser

@@ -1,4 +1,4 @@
-"""``torchmem export TRACE --format memory_viz|perfetto|html -o OUT``."""
+"""``torchmem export TRACE --format memory_viz|perfetto|html|tensorboard -o OUT``."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from ._common import CliError, load_trace
 
 
 class ExportCommand:
-    """write a trace as memory_viz, perfetto or html"""
+    """write a trace as memory_viz, perfetto, html or tensorboard"""
 
     name = "export"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("trace", metavar="TRACE")
         parser.add_argument("--format", "-f", required=True, choices=list(FORMATS))
-        parser.add_argument("-o", "--output", required=True)
+        parser.add_argument("-o", "--output", required=True, help="the file to write "
+                            "(tensorboard: a directory of event files)")
         parser.add_argument("--progress", action="store_true", help="draw the progress bar even "
                             "when stderr is not a terminal")
 
@@ -28,6 +29,8 @@ class ExportCommand:
             FORMATS[args.format](prof, args.output, progress=bar)
         except OSError as exc:
             raise CliError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+        except ImportError as exc:  # an optional dependency of the format (tensorboard)
+            raise CliError(str(exc)) from None
         finally:
             bar.close()
         print(f"wrote {args.output}", file=sys.stderr)

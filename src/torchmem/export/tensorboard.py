@@ -1,0 +1,97 @@
+"""Per-step memory scalars for TensorBoard, from a live or a loaded profiler.
+
+``export_tensorboard(profiler, DIR)`` (``torchmem export TRACE --format
+tensorboard -o DIR``) writes TensorBoard event files into ``DIR`` through
+torch.utils.tensorboard's SummaryWriter (the ``tensorboard`` package must be
+installed: ``pip install torchmem[tensorboard]``). One point per step and
+tag, at ``global_step`` = the step and the wall time of the step's last
+event:
+
+- ``torchmem/current_bytes``: live bytes at the step's end;
+- ``torchmem/peak_bytes``: the highest live bytes after any of the step's events;
+- ``torchmem/current_bytes/TYPE.DEVICE`` and ``torchmem/peak_bytes/TYPE.DEVICE``
+  for each allocation type and device (``CPU.host``, ``GPU.device0``);
+- ``torchmem/category_bytes/CATEGORY``: what was live at the step's peak by
+  category (parameter, activation, ...), where the profiler can say
+  (``MemoryProfiler.breakdown``, attribution on);
+- ``torchmem/gc_time_ns`` and ``torchmem/gc_count``: the garbage
+  collections that ended in the step.
+
+``step_scalars`` gives the same names and values as a dict; the framework
+callbacks (torchmem.integrations) log them under these names too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from ..analysis.steps import StepMemory, step_categories, step_memory
+from ._common import Progress
+
+__all__ = ["PREFIX", "export_tensorboard", "pair_label", "step_scalars", "summary_writer",
+           "write_step"]
+
+PREFIX = "torchmem"
+_UNSAFE = re.compile(r"[^-\w.]")  # what TensorBoard would rewrite in a tag part
+
+
+def pair_label(allocation_type: str, device: int) -> str:
+    """``TYPE.DEVICE`` as used in tags: ``CPU.host``, ``GPU.device0``."""
+    where = "host" if device < 0 else f"device{device}"
+    return f"{_UNSAFE.sub('_', allocation_type)}.{where}"
+
+
+def step_scalars(rec: StepMemory, categories: dict[str, int] | None = None, *,
+                 by_type_device: bool = True, gc: bool = True,
+                 prefix: str = PREFIX) -> dict[str, int]:
+    """The scalars of one step: tag -> value (bytes, ns, counts); ``by_type_device``
+    and ``gc`` leave those tags out when False."""
+    out = {f"{prefix}/current_bytes": rec.current_bytes, f"{prefix}/peak_bytes": rec.peak_bytes}
+    if by_type_device:
+        for (t, d), v in rec.current_by_type_device.items():
+            out[f"{prefix}/current_bytes/{pair_label(t, d)}"] = v
+        for (t, d), v in rec.peak_by_type_device.items():
+            out[f"{prefix}/peak_bytes/{pair_label(t, d)}"] = v
+    for name, v in sorted((categories or {}).items()):
+        out[f"{prefix}/category_bytes/{_UNSAFE.sub('_', str(name))}"] = int(v)
+    if gc:
+        out[f"{prefix}/gc_time_ns"] = rec.gc_time_ns
+        out[f"{prefix}/gc_count"] = rec.gc_count
+    return out
+
+
+def write_step(writer: Any, rec: StepMemory, categories: dict[str, int] | None = None,
+               prefix: str = PREFIX) -> None:
+    """Adds one step's scalars to a SummaryWriter (global_step = the step)."""
+    walltime = rec.last_timestamp_ns / 1e9 if rec.last_timestamp_ns else None
+    for tag, value in step_scalars(rec, categories, prefix=prefix).items():
+        writer.add_scalar(tag, value, global_step=rec.step, walltime=walltime)
+
+
+def summary_writer(log_dir: str | os.PathLike | None) -> Any:
+    """A torch.utils.tensorboard SummaryWriter on ``log_dir`` (None: its default,
+    ``runs/DATE_HOST``); ImportError with the install line when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # torch.utils.tensorboard needs the tensorboard package
+        raise ImportError("the TensorBoard export needs the tensorboard package "
+                          "(pip install torchmem[tensorboard])") from exc
+    return SummaryWriter(log_dir=None if log_dir is None else os.fspath(log_dir))
+
+
+def export_tensorboard(profiler: Any, path: str | os.PathLike, progress: Progress = None) -> None:
+    """Writes ``profiler``'s per-step scalars as TensorBoard event files in the directory ``path``."""
+    profiler.flush()
+    last = max(profiler.current_step, 1)
+    writer = summary_writer(path)
+    try:
+        for rec in step_memory(profiler):
+            write_step(writer, rec, step_categories(profiler, rec.step))
+            if progress is not None:
+                progress(min(rec.step, last), last)
+    finally:
+        writer.close()
+    if progress is not None:
+        progress(last, last)
