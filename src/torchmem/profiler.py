@@ -621,32 +621,56 @@ class MemoryProfiler(_recorder.Recorder):
         return delta
 
     @classmethod
-    def from_trace(cls, delta: Any) -> "MemoryProfiler":
+    def from_trace(cls, delta: Any, *, retention_events: int | None = None) -> "MemoryProfiler":
         """A read-only profiler over a saved trace (one TraceDelta holding it all).
 
-        Raises ValueError or TypeError (one line) for content no recorder
-        could have written; the storage loaders turn it into TraceFormatError.
+        ``retention_events`` (default: all of ``delta``'s events) is how many
+        events it keeps in memory; ``extend_from_trace`` adds the rest of a
+        trace that is still being written. Raises ValueError or TypeError
+        (one line) for content no recorder could have written; the storage
+        loaders turn it into TraceFormatError.
         """
+        retention = retention_events if retention_events is not None else len(delta.events)
+        prof = cls(retention_events=max(retention, 1), auto_snapshot=False)
+        prof.disable()
+        prof._stacks = SavedStacks()
+        prof._saved_ooms = []
+        prof.extend_from_trace(delta)
+        return prof
+
+    def extend_from_trace(self, delta: Any) -> None:
+        """Adds the next part of a saved trace to a profiler made by ``from_trace``.
+
+        ``delta`` holds the events that follow the ones replayed so far and
+        the side records (types, frames, stack nodes, GC records, snapshots,
+        OOMs) from their start indices on, as a trace reader gives them
+        (``torchmem.storage.follow.TraceFollower``).
+        """
+        if not isinstance(self._stacks, SavedStacks):
+            raise TypeError("extend_from_trace needs a profiler made by from_trace")
         events = delta.events
         check_event_rows(events, len(delta.type_names))
-        prof = cls(retention_events=max(len(events), 1), auto_snapshot=False)
-        prof.disable()
         for name in delta.type_names:
-            prof._type_id(name)
-        stacks = SavedStacks()
-        stacks.extend(delta.frames, delta.frames_start, delta.stack_nodes, delta.nodes_start)
-        prof._stacks = stacks
-        prof._gc_records = list(delta.gc_records)
-        for rec in prof._gc_records:
+            self._type_id(name)
+        gc_records = list(delta.gc_records)
+        for rec in gc_records:
             # A pause of more than a day or a generation Python does not have
             # is corruption, and would overflow timedelta later.
             if rec.generation not in (0, 1, 2) or not 0 <= rec.duration_ns < 86_400 * 10**9:
                 raise ValueError(f"impossible GC record (generation {rec.generation!r}, "
                                  f"duration {rec.duration_ns!r} ns)")
-            prof._gc_count_by_generation[rec.generation] = (
-                prof._gc_count_by_generation.get(rec.generation, 0) + 1)
-            prof._gc_total_ns += rec.duration_ns
-        prof._snapshots = list(delta.snapshots)
-        prof._saved_ooms = [OomEvent.from_dict(o) for o in delta.ooms]
-        prof._replay(np.ascontiguousarray(events).tobytes())
-        return prof
+        ooms = [OomEvent.from_dict(o) for o in delta.ooms]
+        self._stacks.extend(delta.frames, delta.frames_start, delta.stack_nodes,
+                            delta.nodes_start)
+        del self._gc_records[delta.gc_start:]
+        self._gc_records.extend(gc_records)
+        self._gc_count_by_generation = {}
+        for rec in self._gc_records:
+            self._gc_count_by_generation[rec.generation] = (
+                self._gc_count_by_generation.get(rec.generation, 0) + 1)
+        self._gc_total_ns = sum(rec.duration_ns for rec in self._gc_records)
+        del self._snapshots[delta.snapshots_start:]
+        self._snapshots.extend(delta.snapshots)
+        del self._saved_ooms[delta.ooms_start:]
+        self._saved_ooms.extend(ooms)
+        self._replay(np.ascontiguousarray(events).tobytes())

@@ -105,7 +105,7 @@ class EpochResult:
     largest growth first; ``live_bytes`` is what was live after the GC;
     ``gc_freed_bytes`` what that GC (the check's own) freed: memory that only
     reference cycles held, which never counts as growth unless the check
-    runs with ``collect=False``.
+    runs with ``collect=False``; ``step`` the profiler's step at the check.
     """
 
     index: int
@@ -115,6 +115,7 @@ class EpochResult:
     live_count: int
     holder_search: Any = None  # the HolderSearch behind the leaks' holders (None: not run)
     gc_freed_bytes: int = 0  # what the check's own gc.collect() freed: memory only cycles held
+    step: int = 0
 
     @property
     def total_grown_bytes(self) -> int:
@@ -220,9 +221,11 @@ def mark_epoch(profiler: Any, *, collect: bool = True, holders: bool = True,
     leaks = sorted(grown.values(), key=lambda g: (-g.grown_bytes, g.site.stack_id))
     result = EpochResult(state.count, baseline, leaks,
                          sum(u.bytes for u in now.values()), sum(u.count for u in now.values()),
-                         search, gc_freed)
+                         search, gc_freed, profiler.current_step)
     state.previous = now
     state.max_seq = int(live["seq"].max()) if len(live) else state.max_seq
     state.results.append(result)
-    store_records(profiler, state.results)  # a saved trace keeps the checks (torchmem leaks)
+    # A saved trace keeps the checks (torchmem leaks, the HTML report), and a
+    # view that follows a trace while it is written (torchmem live) sees them.
+    store_records(profiler, state.results)
     return result

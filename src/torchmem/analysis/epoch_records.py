@@ -30,6 +30,7 @@ def record_of(result: Any) -> dict[str, Any]:
     search = result.holder_search
     return {
         "index": result.index,
+        "step": result.step,
         "baseline": result.baseline,
         "live_bytes": result.live_bytes,
         "live_count": result.live_count,

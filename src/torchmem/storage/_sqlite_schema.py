@@ -203,12 +203,14 @@ def seq_bounds(con: sqlite3.Connection, *, start_step: int | None = None,
 
 def query_events(con: sqlite3.Connection, *, before_seq: int | None = None,
                  start_step: int | None = None, end_step: int | None = None,
-                 since_ns: int | None = None) -> np.ndarray:
+                 since_ns: int | None = None, start_seq: int | None = None) -> np.ndarray:
     """Selected events as an EVENT_DTYPE array, by seq (a rowid range scan)."""
     bounds = seq_bounds(con, start_step=start_step, end_step=end_step, since_ns=since_ns)
     if bounds is None:
         return empty_events()
     lo, hi = bounds
+    if start_seq is not None:
+        lo = max(lo, int(start_seq))
     if before_seq is not None:
         hi = min(hi, int(before_seq) - 1)
     where, args = ["seq BETWEEN ? AND ?"], [lo, hi]
@@ -317,28 +319,47 @@ def _columns_chunk(chunk: _chunks.ColumnChunk) -> np.ndarray:
     return events
 
 
-def read_delta(con: sqlite3.Connection) -> TraceDelta:
-    """The whole stored trace as one TraceDelta (seq, frames and nodes from 0)."""
+def read_delta(con: sqlite3.Connection, since: dict[str, int] | None = None,
+               max_events: int | None = None) -> TraceDelta:
+    """The stored trace as one TraceDelta: all of it, or what follows ``since``.
+
+    ``since`` holds the first index wanted of each part (``seq``, ``frames``,
+    ``nodes``, ``gc``, ``snapshots``, ``ooms``; 0 when absent), as
+    ``TraceDelta`` numbers them; ``max_events`` caps the events read.
+    Everything comes from one read transaction, so every stack id and side
+    record the events use is there.
+    """
     with _snapshot(con):
-        return _read_delta(con)
+        return _read_delta(con, since or {}, max_events)
 
 
-def _read_delta(con: sqlite3.Connection) -> TraceDelta:
-    d = TraceDelta(events=query_events(con))
+def _read_delta(con: sqlite3.Connection, since: dict[str, int],
+                max_events: int | None) -> TraceDelta:
+    seq0, f0, n0 = since.get("seq", 0), since.get("frames", 0), since.get("nodes", 0)
+    d = TraceDelta(events=query_events(
+        con, start_seq=seq0 or None,
+        before_seq=None if max_events is None else seq0 + max_events))
     d.type_names = [n for _, n in con.execute("SELECT type_id, name FROM types ORDER BY type_id")]
+    d.frames_start = f0
     d.frames = [(f, int(line), fn) for f, line, fn in
-                con.execute("SELECT filename, lineno, function FROM frames ORDER BY frame_id")]
-    nodes = con.execute("SELECT node_id, parent, frame_id FROM stack_nodes").fetchall()
-    size = max((n for n, _, _ in nodes), default=0) + 1
+                con.execute("SELECT filename, lineno, function FROM frames WHERE frame_id >= ? "
+                            "ORDER BY frame_id", (f0,))]
+    nodes = con.execute("SELECT node_id, parent, frame_id FROM stack_nodes WHERE node_id >= ?",
+                        (n0,)).fetchall()
+    end = max((n for n, _, _ in nodes), default=max(n0, 1) - 1) + 1
     # Node ids are written without gaps; a far larger id is corruption, and
     # allocating for it could ask for terabytes.
-    if not isinstance(size, int) or size > len(nodes) + 1:
-        raise ValueError(f"stack node id {size - 1} with only {len(nodes)} nodes stored")
-    d.stack_nodes = np.zeros(size, STACK_NODE_DTYPE)  # node 0 is the root
+    if not isinstance(end, int) or end - n0 > len(nodes) + (n0 == 0):
+        raise ValueError(f"stack node id {end - 1} with only {len(nodes)} nodes stored")
+    d.nodes_start = n0
+    d.stack_nodes = np.zeros(end - n0, STACK_NODE_DTYPE)  # node 0 is the root
     for n, parent, frame in nodes:
-        d.stack_nodes[n] = (parent, frame)
+        d.stack_nodes[n - n0] = (parent, frame)
+    d.gc_start = since.get("gc", 0)
     d.gc_records = [GCRecord(*r) for r in con.execute(
-        f"SELECT {', '.join(GC_COLUMNS)} FROM gc_records ORDER BY gc_index")]
+        f"SELECT {', '.join(GC_COLUMNS)} FROM gc_records WHERE gc_index >= ? ORDER BY gc_index",
+        (d.gc_start,))]
+    d.snapshots_start = since.get("snapshots", 0)
     d.snapshots = [
         Snapshot(timestamp_ns=ts, step=step, current_usage_bytes=cur, peak_usage_bytes=peak,
                  usage_by_type=json.loads(by_type),
@@ -346,9 +367,12 @@ def _read_delta(con: sqlite3.Connection) -> TraceDelta:
                  devices=_devices_from_json(devices))
         for ts, step, cur, peak, by_type, by_dev, devices in con.execute(
             "SELECT timestamp_ns, step, current_usage_bytes, peak_usage_bytes, usage_by_type, "
-            "usage_by_device, devices FROM snapshots ORDER BY snapshot_index")]
+            "usage_by_device, devices FROM snapshots WHERE snapshot_index >= ? "
+            "ORDER BY snapshot_index", (d.snapshots_start,))]
+    d.ooms_start = since.get("ooms", 0)
     d.ooms = []
-    for row in con.execute(f"SELECT {', '.join(OOM_COLUMNS)}, extra FROM ooms ORDER BY oom_index"):
+    for row in con.execute(f"SELECT {', '.join(OOM_COLUMNS)}, extra FROM ooms "
+                           "WHERE oom_index >= ? ORDER BY oom_index", (d.ooms_start,)):
         oom = dict(zip(OOM_COLUMNS, row[:-1]))
         if row[-1]:
             oom.update(json.loads(row[-1]))
