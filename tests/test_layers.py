@@ -111,7 +111,7 @@ def test_the_console_script_entry_point_is_the_cli_package():
     assert meta["project"]["scripts"]["torchmem"] == "torchmem.cli:main"
     assert "import-linter" in " ".join(meta["project"]["optional-dependencies"]["test"])
     verbs = sorted(p.stem for p in (PACKAGE / "cli").glob("*.py") if not p.stem.startswith("_"))
-    assert verbs == ["diff", "export", "leaks", "run", "summary"]
+    assert verbs == ["diff", "export", "leaks", "live", "run", "summary"]
     from torchmem.cli import COMMANDS
 
     assert sorted(c.name for c in COMMANDS) == verbs

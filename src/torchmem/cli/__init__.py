@@ -1,6 +1,7 @@
 """The ``torchmem`` command: run a script under the profiler, then summarise, diff and export traces.
 
-    torchmem run [-o TRACE] [--no-stacks] SCRIPT [ARGS...]
+    torchmem run [-o TRACE] [--no-stacks] [--live] SCRIPT [ARGS...]
+    torchmem live TRACE [--interval S] [--top N] [--once]
     torchmem summary TRACE [TRACE...]
     torchmem leaks TRACE [--top N] [--min-age-steps K]
     torchmem export TRACE --format memory_viz|perfetto|html|tensorboard -o OUT
@@ -23,6 +24,7 @@ from ._common import EXIT_BAD_TRACE, CliError, print_summary
 from .diff import DiffCommand
 from .export import ExportCommand
 from .leaks import LeaksCommand
+from .live import LiveCommand
 from .run import RunCommand
 from .summary import SummaryCommand
 
@@ -42,8 +44,8 @@ class Command(Protocol):
         ...
 
 
-COMMANDS: list[Command] = [RunCommand(), SummaryCommand(), LeaksCommand(), ExportCommand(),
-                           DiffCommand()]
+COMMANDS: list[Command] = [RunCommand(), LiveCommand(), SummaryCommand(), LeaksCommand(),
+                           ExportCommand(), DiffCommand()]
 
 
 def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""``torchmem run [-o TRACE] [--no-stacks] SCRIPT [ARGS...]``: a script under the profiler."""
+"""``torchmem run [-o TRACE] [--no-stacks] [--live] SCRIPT [ARGS...]``: a script under the profiler."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ class RunCommand:
                             help="do not capture the Python stack of each allocation")
         parser.add_argument("--overwrite", action="store_true",
                             help="replace an existing trace file")
+        parser.add_argument("--live", action="store_true", help="show the live view while the "
+                            "script runs (its output goes to a .log beside the trace)")
         parser.add_argument("script")
         parser.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -35,6 +37,10 @@ class RunCommand:
             raise CliError(f"no such script: {script}")
         stem = os.path.splitext(os.path.basename(script))[0]
         output = args.output or f"torchmem-{stem}-{os.getpid()}.db"
+        if args.live:
+            from .live import run_live
+
+            return run_live(args, output)
         try:
             storage = SQLiteStorage(output, overwrite=args.overwrite)
         except FileExistsError:
