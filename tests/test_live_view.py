@@ -197,7 +197,12 @@ class Tmux:
             time.sleep(0.2)
 
     def close(self) -> None:
+        socket = subprocess.run(self.base + ["display-message", "-p", "-t", "t",
+                                             "#{socket_path}"],
+                                capture_output=True, text=True).stdout.strip()
         subprocess.run(self.base + ["kill-server"], capture_output=True)
+        if socket and os.path.exists(socket):  # tmux leaves it behind
+            os.remove(socket)
 
 
 @pytest.fixture
