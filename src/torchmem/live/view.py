@@ -10,6 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..analysis.epoch_records import int_field
 from ..units import format_bytes
 from .state import LiveFigures
 
@@ -116,15 +117,18 @@ def _epoch_text(f: LiveFigures) -> Text:
         return Text("last epoch check: none yet (torchmem.epoch / mark_epoch / a callback)")
     head = f"last epoch check: epoch {e.get('index')} at step {e.get('step')}: "
     if e.get("baseline"):
-        return Text(head + f"baseline ({format_bytes(e.get('live_bytes', 0))} live)")
-    leaks = e.get("leaks") or []
-    if not leaks:
-        return Text(head + f"no site grew ({format_bytes(e.get('live_bytes', 0))} live)")
-    lines = [head + f"{e.get('sites_grown', len(leaks))} site(s) grew by "
-             f"{format_bytes(e.get('total_grown_bytes', 0))}"]
-    for leak in leaks[:3]:
-        lines.append(f"  +{format_bytes(leak.get('grown_bytes', 0))}  "
-                     f"{short_site(str(leak.get('site')))}")
+        return Text(head + f"baseline ({format_bytes(int_field(e.get('live_bytes')))} live)")
+    sites = [s for s in e.get("sites") or [] if isinstance(s, dict)]
+    if not sites:
+        return Text(head + f"no site grew ({format_bytes(int_field(e.get('live_bytes')))} live)")
+    lines = [head + f"{e.get('site_count', len(sites))} site(s) grew by "
+             f"{format_bytes(int_field(e.get('total_grown_bytes')))}"]
+    for site in sites[:3]:
+        lines.append(f"  +{format_bytes(int_field(site.get('grown_bytes')))}  "
+                     f"{short_site(str(site.get('site')))}")
+        holders = [h for h in site.get("holders") or [] if isinstance(h, dict)]
+        if holders:
+            lines.append(f"      held by {holders[0].get('path')}")
     return Text("\n".join(lines), style="bold red")
 
 
