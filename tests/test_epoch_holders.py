@@ -261,8 +261,9 @@ def test_example_leaky_history_names_history_for_every_growing_site(tracked):
     finally:
         leaky_history.history.clear()  # the example's leak, kept in its module: not for later tests
     leaks = checks[-1].leaks
-    assert len(leaks) == 5 and checks[-1].result.total_grown_bytes == 540 * 1024
+    # Three lines allocate: the batch, model(x) (both Linear layers and the ReLU), the loss.
+    assert len(leaks) == 3 and checks[-1].result.total_grown_bytes == 540 * 1024
     for g in leaks:  # history[20:40] are epoch 2's
         assert g.holders[0].startswith(f"{leaky_history.__name__}.history[39] -> Tensor")
         assert g.holders[0].allocation_count == 20
-    assert sum("saved tensor" in g.holders[0] for g in leaks) == 4
+    assert sum("saved tensor" in g.holders[0] for g in leaks) == 2

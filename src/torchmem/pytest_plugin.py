@@ -160,7 +160,8 @@ class _Measure:
         from .analysis.sites import site_keys
 
         key_of = {id(u): k for k, u in usage.items()}
-        by_key, search = site_holders(rows, site_keys(rows), [key_of[id(u)] for u in sites], -1)
+        by_key, search = site_holders(rows, site_keys(self.prof, rows),
+                                      [key_of[id(u)] for u in sites], -1)
         return {id(u): by_key.get(key_of[id(u)], []) for u in sites}, search
 
     def close(self) -> None:

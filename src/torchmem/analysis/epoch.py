@@ -215,7 +215,7 @@ def mark_epoch(profiler: Any, *, collect: bool = True, holders: bool = True,
                                         before.count if before is not None else 0, usage.count)
     search = None
     if grown and holders:
-        by_site, search = site_holders(live, site_keys(live), grown, state.max_seq,
+        by_site, search = site_holders(live, site_keys(profiler, live), grown, state.max_seq,
                                        budget_s=holders_budget_s)
         grown = {k: dataclasses.replace(g, holders=by_site.get(k, [])) for k, g in grown.items()}
     leaks = sorted(grown.values(), key=lambda g: (-g.grown_bytes, g.site.stack_id))

@@ -10,8 +10,10 @@ without a stack there is no site line, only the type and device.
 
 ``site_name(stack)`` is the text every report prints for it,
 ``"FILE:LINE in FUNCTION"``; ``Site`` adds the allocation type and device
-(the epoch check and the summary keep those apart); ``group_by_site`` and
-``bytes_by_site_name`` group event or live rows by site.
+(the epoch check and the summary keep those apart); ``site_keys``,
+``group_by_site`` and ``bytes_by_site_name`` group event or live rows by site,
+so allocations of one line reached through different stacks (two Linear
+layers of one ``model(x)`` call) are one site in every report.
 """
 
 from __future__ import annotations
@@ -138,9 +140,9 @@ class SiteUsage:
     count: int
 
 
-def site_keys(rows: np.ndarray) -> np.ndarray:
-    """One opaque uint64 per row (event or live rows): stack id, type id and
-    device packed together, so one ``np.unique`` groups by all three."""
+def _stack_keys(rows: np.ndarray) -> np.ndarray:
+    # One uint64 per row: stack id, type id and device packed together, so
+    # one np.unique finds the distinct stacks.
     return ((rows["stack_id"].astype(np.uint64) << np.uint64(32))
             | (rows["type_id"].astype(np.uint64) << np.uint64(16))
             | ((rows["device"].astype(np.int64) + 1).astype(np.uint64) & np.uint64(0xFFFF)))
@@ -150,29 +152,65 @@ def _unpack_key(key: int) -> tuple[int, int, int]:
     return key >> 32, (key >> 16) & 0xFFFF, (key & 0xFFFF) - 1
 
 
+# (site frame, type name, device) -> key, for the process: a site's key is
+# the same in every call, for every profiler (live or loaded) that names the
+# same line, so the epoch check can compare one check's sites with the last.
+_site_ids: dict[tuple[Any, str, int], int] = {}
+
+
+def _sites_of(profiler: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Site]]:
+    # The rows' site keys, and per distinct stack its row positions' inverse
+    # index and its Site, so group_by_site can name each line by one stack.
+    uniq, inverse = np.unique(_stack_keys(rows), return_inverse=True)
+    stack_sites: list[Site] = []
+    ids = np.empty(len(uniq), dtype=np.uint64)
+    for i, key in enumerate(uniq.tolist()):
+        stack_id, type_id, device = _unpack_key(key)
+        site = Site(stack_id, profiler.type_name(type_id), device,
+                    profiler.resolve_stack(stack_id) if stack_id else None)
+        stack_sites.append(site)
+        ident = (site.frame, site.allocation_type, device)
+        ids[i] = _site_ids.setdefault(ident, len(_site_ids))
+    return ids[inverse.reshape(-1)], inverse.reshape(-1), stack_sites
+
+
+def site_keys(profiler: Any, rows: np.ndarray) -> np.ndarray:
+    """One opaque uint64 per row (event or live rows of ``profiler``): its site
+    (the user's line, with the type and device). Rows of one line reached
+    through different stacks have one key; keys are stable across calls."""
+    if not len(rows):
+        return np.zeros(0, dtype=np.uint64)
+    return _sites_of(profiler, rows)[0]
+
+
 def group_by_site(profiler: Any, rows: np.ndarray | None = None) -> dict[int, SiteUsage]:
-    """Rows of ``profiler`` grouped by (stack, type, device): key -> SiteUsage.
+    """Rows of ``profiler`` grouped by site (line, type, device): key -> SiteUsage.
 
     ``rows`` are LIVE_DTYPE or EVENT_DTYPE rows (default: the profiler's
-    live allocations); keys are opaque ints, equal for the same site across
-    calls.
+    live allocations); keys are ``site_keys``. Each site's ``stack`` is the
+    one of its stacks that holds the most bytes (shown with the site).
     """
     if rows is None:
         rows = profiler.live_allocations()
     if not len(rows):
         return {}
-    keys = site_keys(rows)
-    uniq, inverse = np.unique(keys, return_inverse=True)
+    keys, stack_of_row, stack_sites = _sites_of(profiler, rows)
+    sizes = rows["size"].astype(np.float64)
     # Exact byte sums: float64 is exact below 2**53 bytes (8 PiB), far above any device.
-    sizes = np.bincount(inverse, weights=rows["size"].astype(np.float64), minlength=len(uniq))
+    stack_bytes = np.bincount(stack_of_row, weights=sizes, minlength=len(stack_sites))
+    stack_key = np.zeros(len(stack_sites), dtype=np.uint64)
+    stack_key[stack_of_row] = keys
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    site_bytes = np.bincount(inverse, weights=sizes, minlength=len(uniq))
     counts = np.bincount(inverse, minlength=len(uniq))
-    out: dict[int, SiteUsage] = {}
-    for key, nbytes, count in zip(uniq.tolist(), sizes.tolist(), counts.tolist()):
-        stack_id, type_id, device = _unpack_key(key)
-        site = Site(stack_id, profiler.type_name(type_id), device,
-                    profiler.resolve_stack(stack_id) if stack_id else None)
-        out[key] = SiteUsage(site, int(nbytes), int(count))
-    return out
+    best: dict[int, int] = {}  # site key -> its stack holding the most bytes
+    for i, key in enumerate(stack_key.tolist()):
+        j = best.get(key)
+        if j is None or (stack_bytes[i], -stack_sites[i].stack_id) > (
+                stack_bytes[j], -stack_sites[j].stack_id):
+            best[key] = i
+    return {key: SiteUsage(stack_sites[best[key]], int(nbytes), int(count))
+            for key, nbytes, count in zip(uniq.tolist(), site_bytes.tolist(), counts.tolist())}
 
 
 def top_sites(usage: dict[int, SiteUsage], n: int = 10) -> list[SiteUsage]:

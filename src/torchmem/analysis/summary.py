@@ -41,7 +41,7 @@ def growing_sites(profiler: Any, min_steps: int = 3) -> list[tuple[Site, int, in
     live = profiler.live_allocations()
     if not len(live):
         return []
-    keys = site_keys(live)
+    keys = site_keys(profiler, live)
     # Distinct (site, step) pairs, then pairs per site = steps the site spans.
     pairs = np.unique(np.stack([keys, live["step"].astype(np.uint64)], axis=1), axis=0)
     keys_seen, n_steps = np.unique(pairs[:, 0], return_counts=True)
