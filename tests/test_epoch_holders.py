@@ -14,6 +14,10 @@ import torch.nn.functional as F
 from torchmem.analysis.sites import user_frame
 from torchmem.epoch import epoch
 
+# The default 2 s holder budget can run out on a loaded CI machine once the
+# suite has filled the heap; these tests check what the search finds.
+WALK_BUDGET_S = 120.0
+
 HERE = os.path.abspath(__file__)
 
 
@@ -47,7 +51,7 @@ def test_1_losses_kept_with_their_graph(tracked):
     y = torch.randn(8, 4)
     history = []
     for _ in range(2):
-        with epoch(profiler=tracked) as e:
+        with epoch(profiler=tracked, holders_budget_s=WALK_BUDGET_S) as e:
             for _ in range(5):
                 opt.zero_grad()
                 batch = torch.randn(8, 16)  # BATCH-1
@@ -90,7 +94,7 @@ def test_2_cache_keyed_by_step_on_an_object(tracked):
     x = torch.randn(8, 16)
     step = 0
     for _ in range(2):
-        with epoch(profiler=tracked) as e:
+        with epoch(profiler=tracked, holders_budget_s=WALK_BUDGET_S) as e:
             for _ in range(5):
                 trainer.step(step, x).backward()
                 step += 1
@@ -112,7 +116,7 @@ def test_3_closure_kept_in_a_list(tracked):
     x = torch.randn(8, 16)
     callbacks = []
     for _ in range(2):
-        with epoch(profiler=tracked) as e:
+        with epoch(profiler=tracked, holders_budget_s=WALK_BUDGET_S) as e:
             for _ in range(4):
                 with torch.no_grad():
                     scores = model(x).softmax(-1)  # CLOSURE-3
@@ -134,7 +138,7 @@ def test_4_exception_kept_with_its_traceback(tracked):
     model = mlp()
     errors = []
     for _ in range(2):
-        with epoch(profiler=tracked) as e:
+        with epoch(profiler=tracked, holders_budget_s=WALK_BUDGET_S) as e:
             for _ in range(3):
                 batch = torch.randn(8, 16)  # BATCH-4
                 try:
@@ -160,7 +164,7 @@ def test_5_forward_hook_registered_every_step(tracked):
     model = mlp()
     x = torch.randn(8, 16)
     for _ in range(2):
-        with epoch(profiler=tracked) as e:
+        with epoch(profiler=tracked, holders_budget_s=WALK_BUDGET_S) as e:
             for _ in range(3):
                 model.register_forward_hook(OutputRecorder())  # the leak: one more hook a step
                 with torch.no_grad():
@@ -189,7 +193,7 @@ def test_6_tensors_held_only_by_reference_cycles(tracked):
     try:
         for _ in range(2):
             # collect=False: the check's own collection would free the cycles before it measured.
-            with epoch(profiler=tracked, collect=False) as e:
+            with epoch(profiler=tracked, collect=False, holders_budget_s=WALK_BUDGET_S) as e:
                 for _ in range(3):
                     a, b = Peer(), Peer()
                     a.other, b.other = b, a
@@ -213,7 +217,7 @@ def test_the_default_check_says_what_its_own_collection_freed(tracked):
     gc.disable()
     try:
         for _ in range(2):
-            with epoch(profiler=tracked) as e:
+            with epoch(profiler=tracked, holders_budget_s=WALK_BUDGET_S) as e:
                 for _ in range(3):
                     a, b = Peer(), Peer()
                     a.other, b.other = b, a

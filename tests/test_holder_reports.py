@@ -18,6 +18,10 @@ from torchmem.export.html import to_html
 from torchmem.storage import InMemoryStorage, load
 from torchmem.summary import format_summary
 
+# The default 2 s holder budget can run out on a loaded CI machine once the
+# suite has filled the heap; these tests check what the search finds.
+WALK_BUDGET_S = 120.0
+
 pytest_plugins = ["pytester"]
 
 KEPT: list = []
@@ -37,7 +41,7 @@ SCRIPT = textwrap.dedent("""
 def test_summary_text_lists_the_holders(tracked):
     KEPT.clear()
     for _ in range(2):
-        with epoch(profiler=tracked):
+        with epoch(profiler=tracked, holders_budget_s=WALK_BUDGET_S):
             KEPT.extend(torch.zeros(64) for _ in range(3))
     text = format_summary(tracked)
     KEPT.clear()
@@ -77,7 +81,7 @@ def test_a_trace_keeps_its_epoch_checks_for_leaks_and_html(tmp_path, capsys):
 def test_html_of_a_live_profiler_and_a_damaged_record(tracked):
     KEPT.clear()
     for _ in range(2):
-        with epoch(profiler=tracked):
+        with epoch(profiler=tracked, holders_budget_s=WALK_BUDGET_S):
             KEPT.append(torch.zeros(64))
     page = to_html(tracked)
     KEPT.clear()
