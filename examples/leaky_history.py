@@ -32,8 +32,12 @@ def train_one_epoch(model, opt, steps: int = 20) -> None:
         opt.step()
 
 
-def main(epochs: int = 3, profiler: torchmem.MemoryProfiler | None = None) -> list:
-    """Trains a small MLP; returns one ``epoch`` check per epoch."""
+def main(epochs: int = 3, profiler: torchmem.MemoryProfiler | None = None,
+         holders_budget_s: float = 2.0) -> list:
+    """Trains a small MLP; returns one ``epoch`` check per epoch.
+
+    ``holders_budget_s`` is the holder search's wall-time budget per epoch end (s).
+    """
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
                                 torch.nn.Linear(128, 8))
@@ -41,7 +45,7 @@ def main(epochs: int = 3, profiler: torchmem.MemoryProfiler | None = None) -> li
     history.clear()
     checks = []
     for _ in range(epochs):
-        with epoch(profiler=profiler) as e:
+        with epoch(profiler=profiler, holders_budget_s=holders_budget_s) as e:
             train_one_epoch(model, opt)
         checks.append(e)
     return checks

@@ -261,7 +261,7 @@ def test_example_leaky_history_names_history_for_every_growing_site(tracked):
     finally:
         sys.path.pop(0)
     try:
-        checks = leaky_history.main(epochs=2, profiler=tracked)
+        checks = leaky_history.main(epochs=2, profiler=tracked, holders_budget_s=WALK_BUDGET_S)
     finally:
         leaky_history.history.clear()  # the example's leak, kept in its module: not for later tests
     leaks = checks[-1].leaks
