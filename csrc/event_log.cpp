@@ -67,7 +67,7 @@ EventRow* EventLog::rows_of(const ReadPlan& p, size_t i, EventRow* out) {
     *out++ = EventRow{c.base_seq + j, c.timestamp[j], c.address[j], c.size[j],
                       si < p.streams.size() ? p.streams[si] : 0, c.step[j], alloc,
                       freed, c.thread_id[j], c.stack_id[j], c.type_id[j],
-                      c.device[j], kind, {0, 0, 0}};
+                      c.device[j], kind, 0, c.context[j]};
   }
   return out;
 }
@@ -110,6 +110,7 @@ EventLog::ColumnView EventLog::columns_of(const ReadPlan& p, size_t i) {
   v.type_id = c.type_id + lo;
   v.stream_idx = c.stream_idx + lo;
   v.device = c.device + lo;
+  v.context = c.context + lo;
   v.kind = c.kind + lo;
   return v;
 }

@@ -1,14 +1,17 @@
 // The event log: fixed-size columnar chunks in a bounded ring.
 //
-// 43 bytes per retained event. The cumulative allocated / freed totals that
+// 45 bytes per retained event. The cumulative allocated / freed totals that
 // every event reports are not stored: each chunk keeps the totals at its
 // first event and read() adds the sizes up, so they cost nothing per event.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <deque>
 #include <memory>
 #include <vector>
+
+#include "trace_format.hpp"
 
 namespace torchmem {
 
@@ -24,8 +27,10 @@ enum class EventKind : uint8_t {
 
 // One event as read back (full width; streams and totals expanded). The
 // layout is also the binary row Python reads with numpy (EVENT_DTYPE in
-// src/torchmem/_events.py): widest fields first, so there is no padding
-// but the explicit tail.
+// src/torchmem/_events.py, from format::kRowFields): widest fields first,
+// so there is no padding but the explicit byte after `kind`. context_id
+// sits where schema 4 had two more padding bytes, which were always 0: an
+// old row reads as context 0 (none).
 struct EventRow {
   uint64_t seq;
   int64_t timestamp_ns;
@@ -40,9 +45,12 @@ struct EventRow {
   uint16_t type_id;
   int16_t device;
   EventKind kind;
-  uint8_t pad[3];
+  uint8_t pad;
+  uint16_t context_id;  // context_table.hpp; 0 = none
 };
-static_assert(sizeof(EventRow) == 80, "EventRow is a file and numpy layout");
+static_assert(sizeof(EventRow) == format::kRowBytes, "EventRow is a file and numpy layout");
+static_assert(offsetof(EventRow, kind) == 76 && offsetof(EventRow, context_id) == 78,
+              "EventRow matches format::kRowFields");
 
 // What an event adds to the cumulative totals.
 inline uint64_t allocated_delta(EventKind k, uint64_t size) {
@@ -54,17 +62,17 @@ inline uint64_t freed_delta(EventKind k, uint64_t size) {
 
 class EventLog {
  public:
-  static constexpr uint32_t kChunkEvents = 8192;
+  static constexpr uint32_t kChunkEvents = format::kChunkEvents;
 
   explicit EventLog(uint64_t retention_events);
 
   // Appends; `stream_idx` indexes the recorder's stream table. Not locked:
   // the recorder serialises calls.
-  // Inline: it runs for every event, and a call with twelve arguments
+  // Inline: it runs for every event, and a call with thirteen arguments
   // costs as much as the stores themselves.
   uint64_t append(int64_t ts, EventKind kind, uint64_t address, uint64_t size,
                   int16_t device, uint16_t stream_idx, uint16_t type_id,
-                  uint64_t step, uint32_t tid, uint32_t stack_id,
+                  uint64_t step, uint32_t tid, uint32_t stack_id, uint16_t context,
                   uint64_t total_allocated_before, uint64_t total_freed_before) {
     if (tail_ == nullptr || tail_->count == kChunkEvents)
       open_chunk(total_allocated_before, total_freed_before);
@@ -79,6 +87,7 @@ class EventLog {
     c.type_id[i] = type_id;
     c.stream_idx[i] = stream_idx;
     c.device[i] = device;
+    c.context[i] = context;
     c.kind[i] = static_cast<uint8_t>(kind);
     c.count = i + 1;
     return next_seq_++;
@@ -124,6 +133,7 @@ class EventLog {
     const uint16_t* type_id = nullptr;
     const uint16_t* stream_idx = nullptr;  // into plan.streams
     const int16_t* device = nullptr;
+    const uint16_t* context = nullptr;
     const uint8_t* kind = nullptr;
   };
   static ColumnView columns_of(const ReadPlan& plan, size_t i);
@@ -148,6 +158,7 @@ class EventLog {
     uint16_t type_id[kChunkEvents];
     uint16_t stream_idx[kChunkEvents];
     int16_t device[kChunkEvents];
+    uint16_t context[kChunkEvents];
     uint8_t kind[kChunkEvents];
   };
   void open_chunk(uint64_t total_allocated_before, uint64_t total_freed_before);

@@ -21,6 +21,7 @@ struct LiveEntry {
   uint16_t type_id;
   uint16_t stream_idx;
   int16_t device;
+  uint16_t context;    // the allocating thread's context (context_table.hpp)
 };
 
 inline uint64_t hash_address(uint64_t a) {

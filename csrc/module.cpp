@@ -11,10 +11,12 @@
 #include <cerrno>
 #include <cstring>
 
+#include "context_table.hpp"
 #include "fast_track.hpp"
 #include "host_bridge.hpp"
 #include "recorder.hpp"
 #include "stack_capture.hpp"
+#include "trace_format.hpp"
 #include "trace_frames.hpp"
 
 namespace nb = nanobind;
@@ -34,8 +36,10 @@ struct LiveRow {
   uint32_t thread_id;
   uint16_t type_id;
   int16_t device;
+  uint16_t context_id;
+  uint8_t pad[6];
 };
-static_assert(sizeof(LiveRow) == 56, "LiveRow is a numpy layout");
+static_assert(sizeof(LiveRow) == 64, "LiveRow is a numpy layout");
 
 using CounterTuple = std::tuple<uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t>;
 CounterTuple as_tuple(const Counters& c) {
@@ -62,6 +66,43 @@ RecorderHandle* handle_of(PyObject* self) {
 
 Recorder& rec(RecorderHandle& h) { return *h.recorder; }
 
+// format:: as plain Python values: what scripts/gen_trace_format.py writes
+// into src/torchmem/_trace_format.py, and what that module is checked against.
+nb::dict trace_format_dict() {
+  using namespace format;
+  auto fields = [](const Field* begin, size_t n) {
+    nb::list out;
+    for (size_t i = 0; i < n; ++i) out.append(nb::make_tuple(begin[i].name, begin[i].code));
+    return out;
+  };
+  nb::dict d;
+  d["chunk_events"] = kChunkEvents;
+  d["frame_header"] = kFrameHeaderStruct;
+  nb::dict kinds;
+  for (const FrameKind& k : kFrameKinds) kinds[k.name] = std::string(1, k.kind);
+  d["frame_kinds"] = kinds;
+  nb::dict layouts;
+  layouts["rows"] = kLayoutRows;
+  layouts["columns_v1"] = kLayoutColumnsV1;
+  layouts["columns"] = kLayoutColumns;
+  d["layouts"] = layouts;
+  d["row_fields"] = fields(kRowFields, kRowFieldCount);
+  d["row_bytes"] = kRowBytes;
+  d["columns_header"] = fields(kColumnsHeader, sizeof(kColumnsHeader) / sizeof(Field));
+  d["columns"] = fields(kColumns, kColumnCount);
+  d["columns_v1_count"] = kColumnsV1Count;
+  nb::list event_kinds;
+  for (const char* k : {"ALLOCATION", "DEALLOCATION", "REALLOCATION", "SNAPSHOT", "GC_START",
+                        "GC_END", "OUT_OF_MEMORY"})
+    event_kinds.append(k);
+  d["event_kinds"] = event_kinds;
+  nb::list phases;
+  for (const char* p : kPhases) phases.append(p);
+  d["phases"] = phases;
+  d["type_none"] = kTypeNone;
+  return d;
+}
+
 void raise_if_errno(int err) {
   if (!err) return;
   errno = err;
@@ -83,6 +124,8 @@ NB_MODULE(_native, m) {
   m.attr("EVENT_ROW_BYTES") = sizeof(EventRow);
   m.attr("LIVE_ROW_BYTES") = sizeof(LiveRow);
   m.attr("CHUNK_EVENTS") = EventLog::kChunkEvents;
+  m.def("trace_format", &trace_format_dict,
+        "The trace format's constants (csrc/trace_format.hpp) as plain values.");
 
   auto cls = nb::class_<RecorderHandle>(m, "Recorder")
       .def(nb::init<uint64_t>(), nb::arg("retention_events") = uint64_t{1} << 20)
@@ -172,10 +215,27 @@ NB_MODULE(_native, m) {
              for (const LiveEntry& e : entries)
                rows.push_back(LiveRow{e.address, e.size, e.timestamp_ns, e.seq,
                                       e.stream_idx < streams.size() ? streams[e.stream_idx] : 0,
-                                      e.step, e.stack_id, e.thread_id, e.type_id, e.device});
+                                      e.step, e.stack_id, e.thread_id, e.type_id, e.device,
+                                      e.context, {}});
              return as_bytes(rows);
            })
       .def("_live_count", [](RecorderHandle& h) { return rec(h).live_count(); })
+      .def("_peak_seq", [](RecorderHandle& h) { return rec(h).peak_seq(); })
+      .def("_live_seqs", [](RecorderHandle& h, nb::bytes addresses) {
+             // u64 addresses in; per address (seq u64, context u16, 6 pad)
+             // out: UINT64_MAX for one that is not live.
+             size_t n = addresses.size() / 8;
+             std::vector<uint64_t> in(n), seqs(n);
+             std::vector<uint16_t> ctx(n);
+             std::memcpy(in.data(), addresses.c_str(), n * 8);
+             rec(h).live_seqs(in.data(), n, seqs.data(), ctx.data());
+             std::vector<uint64_t> out(2 * n);
+             for (size_t i = 0; i < n; ++i) {
+               out[2 * i] = seqs[i];
+               out[2 * i + 1] = ctx[i];
+             }
+             return as_bytes(out);
+           })
       .def("_anomaly_counts", [](RecorderHandle& h) {
              nb::dict out;
              std::vector<uint64_t> counts = rec(h).anomaly_counts();
@@ -275,6 +335,21 @@ NB_MODULE(_native, m) {
   m.def("stack_nodes_since", [](uint32_t first) {
     return as_bytes(stack_table().nodes_since(first));
   }, "Prefix-tree nodes from `first` on as (parent u32, frame u32) pairs.");
+  m.def("set_context", [](uint16_t id) { set_current_context(id); }, nb::arg("context_id"),
+        "Sets the calling thread's attribution context (0 = none); every event it "
+        "records from now on carries it.");
+  m.def("get_context", [] { return current_context(); },
+        "The calling thread's attribution context id.");
+  m.def("intern_context", [](const std::string& module, int phase) {
+    if (phase < 0 || phase >= format::kPhaseCount) throw nb::value_error("bad phase");
+    return context_table().intern(module, static_cast<uint8_t>(phase));
+  }, nb::arg("module"), nb::arg("phase"),
+     "Id of the context (module path, phase index); 0 once the table is full.");
+  m.def("contexts_since", [](uint32_t first) {
+    std::vector<std::pair<std::string, int>> out;
+    for (const ContextInfo& c : context_table().since(first)) out.emplace_back(c.module, c.phase);
+    return out;
+  }, nb::arg("first"), "Interned contexts from id `first` on: (module path, phase index).");
   m.def("set_skip_prefixes", &set_skip_prefixes);
   m.def("set_stack_capture", &set_stack_capture, nb::arg("enabled"), nb::arg("depth"));
   m.def("capture_stack", &capture_python_stack, nb::arg("max_depth"));

@@ -151,15 +151,17 @@ void Recorder::record_anomaly(AnomalyKind kind, uint64_t address, uint64_t size,
 void Recorder::apply_alloc_locked(uint64_t address, uint64_t size, uint16_t type_id,
                                   int16_t device, uint16_t stream_idx,
                                   uint32_t stack_id, int64_t ts, uint64_t step,
-                                  uint32_t tid, uint64_t seq) {
+                                  uint32_t tid, uint16_t context, uint64_t seq) {
   Slices sl = slices_locked(type_id, device);
   sl.pair->add(size);
   sl.type->add(size);
   sl.device->add(size);
+  uint64_t peak_before = total_.peak;
   total_.add(size);
+  if (total_.peak != peak_before) peak_seq_ = seq;
   live_.put(address, LiveEntry{address, size, ts, seq,
                                static_cast<uint32_t>(std::min<uint64_t>(step, UINT32_MAX)),
-                               stack_id, tid, type_id, stream_idx, device});
+                               stack_id, tid, type_id, stream_idx, device, context});
   recently_freed_.erase(address);
 }
 
@@ -187,23 +189,24 @@ bool Recorder::apply_free_locked(uint64_t address, int64_t size, LiveEntry* free
 }
 
 bool Recorder::free_and_log_locked(uint64_t address, int64_t size, LiveEntry* gone,
-                                   int64_t ts, uint64_t step, uint32_t tid) {
+                                   int64_t ts, uint64_t step, uint32_t tid,
+                                   uint16_t context) {
   if (!apply_free_locked(address, size, gone, ts, tid)) return false;
   log_.append(ts, EventKind::Deallocation, address, gone->size, gone->device,
-              gone->stream_idx, gone->type_id, step, tid, gone->stack_id,
+              gone->stream_idx, gone->type_id, step, tid, gone->stack_id, context,
               total_.allocated, total_.freed - gone->size);
   return true;
 }
 
 void Recorder::close_if_live_locked(uint64_t address, uint64_t new_size, int64_t ts,
-                                    uint64_t step, uint32_t tid) {
+                                    uint64_t step, uint32_t tid, uint16_t context) {
   LiveEntry* old = live_.find(address);
   if (!old) return;
   // The allocator reused a live address, so we missed its free: close the
   // old allocation so the counters keep matching the live set.
   anomaly_locked(AnomalyKind::AllocOverLive, address, new_size, old->size, ts, tid);
   LiveEntry gone;
-  free_and_log_locked(address, -1, &gone, ts, step, tid);
+  free_and_log_locked(address, -1, &gone, ts, step, tid, context);
 }
 
 void Recorder::record_alloc(uint64_t address, uint64_t size, uint16_t type_id,
@@ -211,70 +214,78 @@ void Recorder::record_alloc(uint64_t address, uint64_t size, uint16_t type_id,
   if (!enabled()) return;
   if (type_id >= kTypeNone) type_id = kTypeCPU;
   uint32_t tid = current_thread_id();
+  uint16_t ctx = current_context();
   std::lock_guard<SpinLock> lock(mu_);
   if (type_id >= by_type_.size()) type_id = kTypeCPU;
   int64_t ts = now_ns();
   uint64_t step = step_.load(std::memory_order_relaxed);
-  close_if_live_locked(address, size, ts, step, tid);
+  close_if_live_locked(address, size, ts, step, tid, ctx);
   uint16_t si = stream_index_locked(stream);
   uint64_t seq = log_.append(ts, EventKind::Allocation, address, size, device, si,
-                             type_id, step, tid, stack_id, total_.allocated, total_.freed);
-  apply_alloc_locked(address, size, type_id, device, si, stack_id, ts, step, tid, seq);
+                             type_id, step, tid, stack_id, ctx, total_.allocated,
+                             total_.freed);
+  apply_alloc_locked(address, size, type_id, device, si, stack_id, ts, step, tid, ctx, seq);
 }
 
 void Recorder::record_free(uint64_t address, int64_t size) {
   if (!enabled()) return;
   uint32_t tid = current_thread_id();
+  uint16_t ctx = current_context();
   std::lock_guard<SpinLock> lock(mu_);
   int64_t ts = now_ns();
   LiveEntry gone;
-  free_and_log_locked(address, size, &gone, ts, step_.load(std::memory_order_relaxed), tid);
+  free_and_log_locked(address, size, &gone, ts, step_.load(std::memory_order_relaxed), tid,
+                      ctx);
 }
 
 bool Recorder::record_free_if_live(uint64_t address) {
   if (!enabled()) return false;
   uint32_t tid = current_thread_id();
+  uint16_t ctx = current_context();
   std::lock_guard<SpinLock> lock(mu_);
   if (!live_.find(address)) return false;
   LiveEntry gone;
   return free_and_log_locked(address, -1, &gone, now_ns(), step_.load(std::memory_order_relaxed),
-                             tid);
+                             tid, ctx);
 }
 
 void Recorder::record_realloc(uint64_t old_address, uint64_t new_address,
                               uint64_t new_size, uint32_t stack_id) {
   if (!enabled()) return;
   uint32_t tid = current_thread_id();
+  uint16_t ctx = current_context();
   std::lock_guard<SpinLock> lock(mu_);
   int64_t ts = now_ns();
   uint64_t step = step_.load(std::memory_order_relaxed);
   LiveEntry old;
   uint16_t type_id = kTypeCPU, si = 0;
   int16_t device = -1;
-  if (free_and_log_locked(old_address, -1, &old, ts, step, tid)) {
+  if (free_and_log_locked(old_address, -1, &old, ts, step, tid, ctx)) {
     type_id = old.type_id;
     si = old.stream_idx;
     device = old.device;
   }
-  close_if_live_locked(new_address, new_size, ts, step, tid);
+  close_if_live_locked(new_address, new_size, ts, step, tid, ctx);
   uint64_t seq = log_.append(ts, EventKind::Reallocation, new_address, new_size, device,
-                             si, type_id, step, tid, stack_id, total_.allocated,
+                             si, type_id, step, tid, stack_id, ctx, total_.allocated,
                              total_.freed);
   apply_alloc_locked(new_address, new_size, type_id, device, si, stack_id, ts, step, tid,
-                     seq);
+                     ctx, seq);
 }
 
 uint64_t Recorder::record_marker(EventKind kind, uint64_t payload, uint64_t size) {
   uint32_t tid = current_thread_id();
+  uint16_t ctx = current_context();
   std::lock_guard<SpinLock> lock(mu_);
   int64_t ts = now_ns();
   return log_.append(ts, kind, payload, size, -1, 0, kTypeNone,
-                     step_.load(std::memory_order_relaxed), tid, 0, total_.allocated,
+                     step_.load(std::memory_order_relaxed), tid, 0, ctx, total_.allocated,
                      total_.freed);
 }
 
 void Recorder::record_oom(const OomInfo& info, uint16_t type_id) {
   uint32_t tid = current_thread_id();
+  uint16_t ctx = current_context();
   std::lock_guard<SpinLock> lock(mu_);
   int64_t ts = now_ns();
   OomInfo stored = info;
@@ -283,7 +294,7 @@ void Recorder::record_oom(const OomInfo& info, uint16_t type_id) {
                                     info.device).pair->current;
   stored.seq = log_.append(ts, EventKind::OutOfMemory, ooms_.size(), info.requested,
                            info.device, stream_index_locked(info.stream), type_id,
-                           step_.load(std::memory_order_relaxed), tid, info.stack_id,
+                           step_.load(std::memory_order_relaxed), tid, info.stack_id, ctx,
                            total_.allocated, total_.freed);
   ooms_.push_back(stored);
 }
@@ -301,22 +312,23 @@ void Recorder::replay(const EventRow& row) {
     case EventKind::Reallocation:
       if (!typed) break;
       log_.append(row.timestamp_ns, row.kind, row.address, row.size, row.device, si,
-                  type_id, row.step, row.thread_id, row.stack_id, total_.allocated,
-                  total_.freed);
+                  type_id, row.step, row.thread_id, row.stack_id, row.context_id,
+                  total_.allocated, total_.freed);
       apply_alloc_locked(row.address, row.size, type_id, row.device, si, row.stack_id,
-                         row.timestamp_ns, row.step, row.thread_id, seq);
+                         row.timestamp_ns, row.step, row.thread_id, row.context_id, seq);
       return;
     case EventKind::Deallocation: {
       LiveEntry gone;
-      free_and_log_locked(row.address, -1, &gone, row.timestamp_ns, row.step, row.thread_id);
+      free_and_log_locked(row.address, -1, &gone, row.timestamp_ns, row.step, row.thread_id,
+                          row.context_id);
       return;
     }
     default:
       break;
   }
   log_.append(row.timestamp_ns, row.kind, row.address, row.size, row.device, si,
-              row.type_id, row.step, row.thread_id, row.stack_id, total_.allocated,
-              total_.freed);
+              row.type_id, row.step, row.thread_id, row.stack_id, row.context_id,
+              total_.allocated, total_.freed);
 }
 
 uint64_t Recorder::advance_step() { return step_.fetch_add(1) + 1; }
@@ -367,7 +379,11 @@ void Recorder::reset_peak(int type_id, int device) {
   auto reset = [](Counters& c) { c.peak = c.current; };
   // -1 is the host, like everywhere else; anything below it means every device.
   const bool all_devices = device < -1;
-  if (type_id < 0 && all_devices) reset(total_);
+  if (type_id < 0 && all_devices) {
+    reset(total_);
+    uint64_t n = log_.next_seq();
+    peak_seq_ = (total_.peak == 0 || n == 0) ? UINT64_MAX : n - 1;
+  }
   for (size_t t = 0; t < by_pair_.size(); ++t) {
     if (type_id >= 0 && t != static_cast<size_t>(type_id)) continue;
     if (all_devices) reset(by_type_[t]);
@@ -388,6 +404,21 @@ std::vector<LiveEntry> Recorder::live(std::vector<uint64_t>* streams) const {
   std::sort(out.begin(), out.end(),
             [](const LiveEntry& a, const LiveEntry& b) { return a.seq < b.seq; });
   return out;
+}
+
+uint64_t Recorder::peak_seq() const {
+  std::lock_guard<SpinLock> lock(mu_);
+  return peak_seq_;
+}
+
+void Recorder::live_seqs(const uint64_t* addresses, size_t n, uint64_t* seqs,
+                         uint16_t* contexts) const {
+  std::lock_guard<SpinLock> lock(mu_);
+  for (size_t i = 0; i < n; ++i) {
+    const LiveEntry* e = live_.find(addresses[i]);
+    seqs[i] = e ? e->seq : UINT64_MAX;
+    contexts[i] = e ? e->context : 0;
+  }
 }
 
 bool Recorder::lookup_live(uint64_t address, LiveEntry* out) const {

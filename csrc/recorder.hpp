@@ -1,7 +1,9 @@
 // The recorder: live-allocation map, exact counters, columnar event log,
 // anomalies. Pure C++: nothing here touches Python, so every entry point may
 // be called from any thread, with or without the GIL (the CUDA plugin calls
-// it from inside torch's allocator with the GIL released).
+// it from inside torch's allocator with the GIL released). Every event is
+// stamped with the calling thread's context (context_table.hpp), so every
+// source (track_*, the CPU allocator hook, the CUDA plugin) carries it.
 #pragma once
 
 #include <atomic>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include "clock.hpp"
+#include "context_table.hpp"
 #include "event_log.hpp"
 #include "live_map.hpp"
 #include "spin_lock.hpp"
@@ -99,6 +102,8 @@ class Recorder {
   void set_enabled(bool on) { enabled_.store(on, std::memory_order_relaxed); }
 
   // -- recording; thread safe, never throws, never calls Python ----------
+  // Each event carries current_context(); a DEALLOCATION the context of the
+  // free (the stack, type and device of the allocation it frees).
   void record_alloc(uint64_t address, uint64_t size, uint16_t type_id,
                     int16_t device, uint64_t stream, uint32_t stack_id);
   // size < 0 means "not given by the caller".
@@ -118,8 +123,8 @@ class Recorder {
   void record_anomaly(AnomalyKind kind, uint64_t address, uint64_t size,
                       uint64_t expected);
 
-  // Replays an event verbatim (timestamps, steps, threads, stacks kept),
-  // updating counters and the live map: loading a saved trace.
+  // Replays an event verbatim (timestamps, steps, threads, stacks, contexts
+  // kept), updating counters and the live map: loading a saved trace.
   void replay(const EventRow& row);
 
   // -- steps --------------------------------------------------------------
@@ -141,11 +146,19 @@ class Recorder {
   // Peak := current, for every slice matching (type, device): type -1 = any type,
   // device -1 = the host, device < -1 = any device.
   void reset_peak(int type_id, int device);
+  // The seq of the event after which the total reached its peak (the first
+  // time it did; after reset_peak, the last event then). UINT64_MAX while
+  // the peak is 0.
+  uint64_t peak_seq() const;
 
   // Every live allocation, oldest first; `streams` (optional) receives the
   // stream table, read under the same lock, to resolve stream_idx.
   std::vector<LiveEntry> live(std::vector<uint64_t>* streams = nullptr) const;
   bool lookup_live(uint64_t address, LiveEntry* out) const;
+  // lookup_live for many addresses under one lock: seq[i] = the live
+  // allocation's seq, or UINT64_MAX when addresses[i] is not live.
+  void live_seqs(const uint64_t* addresses, size_t n, uint64_t* seqs,
+                 uint16_t* contexts) const;
   uint64_t live_count() const;
 
   std::vector<EventRow> read(uint64_t start_seq, uint64_t end_seq) const;
@@ -186,15 +199,16 @@ class Recorder {
   uint16_t stream_index_locked(uint64_t stream);
   void apply_alloc_locked(uint64_t address, uint64_t size, uint16_t type_id,
                           int16_t device, uint16_t stream_idx, uint32_t stack_id,
-                          int64_t ts, uint64_t step, uint32_t tid, uint64_t seq);
+                          int64_t ts, uint64_t step, uint32_t tid, uint16_t context,
+                          uint64_t seq);
   bool apply_free_locked(uint64_t address, int64_t size, LiveEntry* freed,
                          int64_t ts, uint32_t tid);
   // apply_free_locked, then the DEALLOCATION event; false when not live.
   bool free_and_log_locked(uint64_t address, int64_t size, LiveEntry* gone, int64_t ts,
-                           uint64_t step, uint32_t tid);
+                           uint64_t step, uint32_t tid, uint16_t context);
   // An allocation at a live address: count the anomaly, close the old one.
   void close_if_live_locked(uint64_t address, uint64_t new_size, int64_t ts,
-                            uint64_t step, uint32_t tid);
+                            uint64_t step, uint32_t tid, uint16_t context);
   // The four counter sets an event of (type, device) updates.
   struct Slices {
     Counters* pair;
@@ -219,6 +233,7 @@ class Recorder {
   EventLog log_;
 
   Counters total_;
+  uint64_t peak_seq_ = UINT64_MAX;  // see peak_seq()
   std::vector<Counters> by_type_;
   std::vector<Counters> by_device_;               // index device + 1
   std::vector<std::vector<Counters>> by_pair_;    // [type][device + 1]

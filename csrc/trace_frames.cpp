@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "recorder.hpp"
+#include "trace_format.hpp"
 
 namespace torchmem {
 
@@ -49,13 +50,31 @@ void put_le(unsigned char* out, uint64_t v, int bytes) {
   for (int i = 0; i < bytes; ++i) out[i] = static_cast<unsigned char>(v >> (8 * i));
 }
 
-// The chunk header after the frame header: first_seq u64, n u32, full_mask
-// u16, reserved u16, allocated_before u64, freed_before u64, and the
-// earliest and latest timestamp (i64): the writer indexes the chunk by time
-// from them, without a Python pass over the column (~60 ns per event).
-constexpr size_t kFrameHead = 9;
-constexpr size_t kChunkHead = 48;
-constexpr int kColumns = 10;
+// The chunk header after the frame header (format::kColumnsHeader):
+// first_seq u64, n u32, full_mask u16, reserved u16, allocated_before u64,
+// freed_before u64, and the earliest and latest timestamp (i64): the writer
+// indexes the chunk by time from them, without a Python pass over the
+// column (~60 ns per event).
+constexpr size_t kFrameHead = format::kFrameHeaderBytes;
+constexpr size_t kChunkHead = format::kColumnsHeaderBytes;
+constexpr int kColumns = format::kColumnCount;
+static_assert(kColumns <= 16, "full_mask has 16 bits");
+// Each column goes out as the event log holds it: the widths must agree.
+template <typename T>
+constexpr size_t width_of(const T*) { return sizeof(T); }
+constexpr EventLog::ColumnView kView{};
+static_assert(width_of(kView.timestamp) == format::kColumns[format::kColTimestamp].width &&
+              width_of(kView.address) == format::kColumns[format::kColAddress].width &&
+              width_of(kView.size) == format::kColumns[format::kColSize].width &&
+              sizeof(uint64_t) == format::kColumns[format::kColStream].width &&
+              width_of(kView.step) == format::kColumns[format::kColStep].width &&
+              width_of(kView.thread_id) == format::kColumns[format::kColThread].width &&
+              width_of(kView.stack_id) == format::kColumns[format::kColStack].width &&
+              width_of(kView.type_id) == format::kColumns[format::kColType].width &&
+              width_of(kView.device) == format::kColumns[format::kColDevice].width &&
+              width_of(kView.context) == format::kColumns[format::kColContext].width &&
+              width_of(kView.kind) == format::kColumns[format::kColKind].width,
+              "format::kColumns matches the event log's columns");
 
 }  // namespace
 
@@ -84,26 +103,28 @@ int write_column_frames(Recorder& r, int fd, char kind, uint64_t start, uint64_t
     } else {
       streams[0] = stream_of(v.stream_idx[0]);
     }
-    // In CHUNK_COLUMNS order: widest first, so full columns stay aligned.
-    struct Column { const void* data; size_t width; bool full; };
-    const Column columns[kColumns] = {
-        {v.timestamp, 8, !all_equal(v.timestamp, v.n)},
-        {v.address, 8, !all_equal(v.address, v.n)},
-        {v.size, 8, !all_equal(v.size, v.n)},
-        {stream, 8, stream_full},
-        {v.step, 4, !all_equal(v.step, v.n)},
-        {v.thread_id, 4, !all_equal(v.thread_id, v.n)},
-        {v.stack_id, 4, !all_equal(v.stack_id, v.n)},
-        {v.type_id, 2, !all_equal(v.type_id, v.n)},
-        {v.device, 2, !all_equal(reinterpret_cast<const uint16_t*>(v.device), v.n)},
-        {v.kind, 1, !all_equal(v.kind, v.n)},
-    };
+    // In format::kColumns order: widest first, so full columns stay aligned.
+    struct Column { const void* data; bool full; };
+    Column columns[kColumns];
+    namespace f = format;
+    columns[f::kColTimestamp] = {v.timestamp, !all_equal(v.timestamp, v.n)};
+    columns[f::kColAddress] = {v.address, !all_equal(v.address, v.n)};
+    columns[f::kColSize] = {v.size, !all_equal(v.size, v.n)};
+    columns[f::kColStream] = {stream, stream_full};
+    columns[f::kColStep] = {v.step, !all_equal(v.step, v.n)};
+    columns[f::kColThread] = {v.thread_id, !all_equal(v.thread_id, v.n)};
+    columns[f::kColStack] = {v.stack_id, !all_equal(v.stack_id, v.n)};
+    columns[f::kColType] = {v.type_id, !all_equal(v.type_id, v.n)};
+    columns[f::kColDevice] = {v.device,
+                              !all_equal(reinterpret_cast<const uint16_t*>(v.device), v.n)};
+    columns[f::kColContext] = {v.context, !all_equal(v.context, v.n)};
+    columns[f::kColKind] = {v.kind, !all_equal(v.kind, v.n)};
     unsigned char head[kFrameHead + kChunkHead] = {};
     iovec iov[1 + kColumns];
     uint64_t payload = kChunkHead;
     uint16_t mask = 0;
     for (int c = 0; c < kColumns; ++c) {
-      size_t bytes = columns[c].width * (columns[c].full ? v.n : 1);
+      size_t bytes = format::kColumns[c].width * (columns[c].full ? v.n : 1);
       // A constant column goes as its first value: one per chunk, not per event.
       iov[1 + c] = iovec{const_cast<void*>(columns[c].data), bytes};
       payload += bytes;

@@ -18,7 +18,7 @@ FLAGS=(-std=c++17 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer
 
 # The recorder proper: no Python anywhere.
 SOURCES=(csrc/recorder.cpp csrc/recorder_slots.cpp csrc/event_log.cpp csrc/clock.cpp
-         csrc/trace_frames.cpp)
+         csrc/trace_frames.cpp csrc/context_table.cpp)
 DEFINES=()
 LIBS=()
 

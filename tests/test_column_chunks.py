@@ -121,7 +121,35 @@ def test_damaged_columns_chunks_are_rejected(tmp_path, damage, message):
     with pytest.raises(ValueError, match=message):
         _chunks.parse(damage(payload), _chunks.COLUMNS)
     with pytest.raises(ValueError, match="unknown event chunk layout"):
-        _chunks.parse(payload, 2)
+        _chunks.parse(payload, 3)
+    with pytest.raises(ValueError, match="header"):  # eleven columns read as ten
+        _chunks.parse(payload, _chunks.COLUMNS_V1)
+
+
+def test_schema_4_columns_chunks_decode_with_context_0(tmp_path):
+    # Layout 1 (schema 4) had no context_id column: the same chunk without it
+    # decodes to the same events, context 0, in both decoders.
+    p = torchmem.MemoryProfiler(auto_snapshot=False)
+    for i in range(50):
+        torchmem._native.set_context(i % 3)
+        p.track_allocation(0x1000 + i * 64, 64)
+    torchmem._native.set_context(0)
+    payload = _frames(p, tmp_path, 0, 50)[0]
+    chunk = _chunks.ColumnChunk(payload)
+    offset, code, full = chunk.parts["context_id"]
+    assert full
+    old = bytearray(payload[:offset] + payload[offset + 2 * chunk.n:])
+    mask = struct.unpack_from("<H", old, 12)[0]
+    struct.pack_into("<H", old, 12, (mask & 0x1FF) | (mask >> 10 & 1) << 9)  # kind: bit 10 -> 9
+    v1 = _chunks.parse(bytes(old), _chunks.COLUMNS_V1)
+    want = _rows(p, 0, 50).copy()
+    assert want["context_id"].tolist() == [i % 3 for i in range(50)]
+    want["context_id"] = 0
+    np.testing.assert_array_equal(_columns_chunk(v1), want)
+    groups, rest = v1.row_groups(32)
+    flat = [v for g in groups for v in g] + list(rest)
+    k = _chunks.EVENT_COLUMNS.index("context_id")
+    assert flat[k::len(_chunks.EVENT_COLUMNS)] == [0] * 50
 
 
 def test_a_header_whose_times_do_not_match_its_column_is_corrupt(tmp_path):

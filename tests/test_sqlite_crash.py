@@ -137,8 +137,9 @@ def test_killed_training_process_leaves_everything_it_sent(tmp_path):
 
 
 # -- events still in event_chunks (a live run, or a writer killed before expanding) --
-def _columns_blob(part) -> bytes:
-    """``part`` (EVENT_DTYPE) as a COLUMNS chunk, encoded here from docs/trace-format.md."""
+def _columns_blob(part, layout=2) -> bytes:
+    """``part`` (EVENT_DTYPE) as a COLUMNS chunk (layout 2; 1: schema 4's, without
+    context_id), encoded here from docs/trace-format.md."""
     from torchmem.storage import _chunks
 
     first = part[0]
@@ -146,7 +147,8 @@ def _columns_blob(part) -> bytes:
                                                     else 0)
     before_freed = int(first["total_freed"]) - (int(first["size"]) if first["kind"] == 1 else 0)
     mask, body = 0, b""
-    for bit, (name, code) in enumerate(_chunks.CHUNK_COLUMNS):
+    columns = _chunks.CHUNK_COLUMNS if layout == 2 else _chunks.CHUNK_COLUMNS_V1
+    for bit, (name, code) in enumerate(columns):
         values = part[name].astype(np.dtype("<" + code))
         if len(set(values.tolist())) > 1:
             mask |= 1 << bit
@@ -161,7 +163,8 @@ def _columns_blob(part) -> bytes:
 
 def _rechunk_tail(path, first_seq, layout=0):
     """Moves the rows from ``first_seq`` on back into chunks of 3 events (``layout``
-    0: rows, 1: columns), as a writer killed before expanding them leaves them."""
+    0: rows, 1: schema 4's columns, 2: columns), as a writer killed before
+    expanding them leaves them."""
     import sqlite3
 
     from torchmem.storage import TraceReader
@@ -172,7 +175,7 @@ def _rechunk_tail(path, first_seq, layout=0):
     con.execute("DELETE FROM events WHERE seq >= ?", (first_seq,))
     for i in range(0, len(tail), 3):
         part = tail[i:i + 3]
-        blob = part.tobytes() if layout == 0 else _columns_blob(part)
+        blob = part.tobytes() if layout == 0 else _columns_blob(part, layout)
         con.execute("INSERT INTO event_chunks VALUES (?, ?, ?, ?)",
                     (int(part["seq"][0]), len(part), blob, layout))
     con.execute("UPDATE metadata SET value = '0' WHERE key = 'expanded'")
@@ -192,7 +195,7 @@ def _workload_trace(tmp_path, name="w.db"):
     return path
 
 
-@pytest.mark.parametrize("layout", [0, 1], ids=["rows", "columns"])
+@pytest.mark.parametrize("layout", [0, 1, 2], ids=["rows", "columns-v1", "columns"])
 def test_unexpanded_chunks_load_identically(tmp_path, layout):
     from torchmem.storage import TraceReader
     from torchmem.storage.base import select_events
@@ -249,7 +252,7 @@ def test_schema_3_traces_with_row_chunks_still_load(tmp_path):
     "UPDATE event_chunks SET layout = 1 - layout",
     "UPDATE event_chunks SET layout = 7",
 ], ids=lambda s: s[:40])
-@pytest.mark.parametrize("layout", [0, 1], ids=["rows", "columns"])
+@pytest.mark.parametrize("layout", [0, 1, 2], ids=["rows", "columns-v1", "columns"])
 def test_corrupt_chunks_give_one_line_errors(tmp_path, statement, layout):
     import sqlite3
 

@@ -62,7 +62,7 @@ def test_sqlite_roundtrip_is_identical(tmp_path):
     assert loaded.snapshots[0].current_usage_bytes == 24 * KB
     assert [e.step for e in loaded.get_events(3, 3)] == [3, 3]
     meta = loaded.trace_metadata
-    assert meta["format"] == "torchmem-trace" and meta["schema_version"] == 4
+    assert meta["format"] == "torchmem-trace" and meta["schema_version"] == 5
     assert meta["pid"] == os.getpid() and meta["torch_version"]
     assert meta["settings"]["capture_stack_traces"] is True
 

@@ -1,8 +1,10 @@
 """Binary layouts shared with the native recorder, and turning rows into objects.
 
-``EVENT_DTYPE`` is the native ``EventRow`` (csrc/event_log.hpp) and
-``LIVE_DTYPE`` the native ``LiveRow`` (csrc/module.cpp), field for field:
-the recorder hands out bytes and numpy views them without a per-row copy.
+``EVENT_DTYPE`` is the native ``EventRow`` (csrc/event_log.hpp), built from
+the trace format's row fields (``_trace_format``, generated from
+csrc/trace_format.hpp), and ``LIVE_DTYPE`` the native ``LiveRow``
+(csrc/module.cpp), field for field: the recorder hands out bytes and numpy
+views them without a per-row copy.
 """
 
 from __future__ import annotations
@@ -11,27 +13,21 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ._recorder import EVENT_ROW_BYTES, LIVE_ROW_BYTES
+from . import _trace_format
+from ._recorder import EVENT_ROW_BYTES, LIVE_ROW_BYTES, trace_format
 from ._types import MemoryEvent, MemoryEventType, StackTrace
 
-EVENT_DTYPE = np.dtype(
-    [
-        ("seq", "<u8"),
-        ("timestamp_ns", "<i8"),
-        ("address", "<u8"),
-        ("size", "<u8"),
-        ("stream", "<u8"),
-        ("step", "<u8"),
-        ("total_allocated", "<u8"),
-        ("total_freed", "<u8"),
-        ("thread_id", "<u4"),
-        ("stack_id", "<u4"),
-        ("type_id", "<u2"),
-        ("device", "<i2"),
-        ("kind", "u1"),
-        ("_pad", "V3"),
-    ]
-)
+if _trace_format.VALUES != trace_format():
+    # A checked-in copy older than the extension would write traces that
+    # readers decode wrongly: refuse rather than corrupt.
+    raise ImportError("torchmem/_trace_format.py does not match the native module's "
+                      "trace_format(): run python scripts/gen_trace_format.py")
+
+#: struct code -> numpy type, for the trace format's field tables.
+NUMPY_CODES = {"q": "<i8", "Q": "<u8", "I": "<u4", "H": "<u2", "h": "<i2", "B": "u1",
+               "x": "V1"}
+EVENT_DTYPE = np.dtype([(name, NUMPY_CODES[code])
+                        for name, code in _trace_format.VALUES["row_fields"]])
 LIVE_DTYPE = np.dtype(
     [
         ("address", "<u8"),
@@ -44,6 +40,8 @@ LIVE_DTYPE = np.dtype(
         ("thread_id", "<u4"),
         ("type_id", "<u2"),
         ("device", "<i2"),
+        ("context_id", "<u2"),
+        ("_pad", "V6"),
     ]
 )
 STACK_NODE_DTYPE = np.dtype([("parent", "<u4"), ("frame", "<u4")])
@@ -52,7 +50,7 @@ assert EVENT_DTYPE.itemsize == EVENT_ROW_BYTES
 assert LIVE_DTYPE.itemsize == LIVE_ROW_BYTES
 
 ALLOCATING_KINDS = (int(MemoryEventType.ALLOCATION), int(MemoryEventType.REALLOCATION))
-TYPE_NONE = 0xFFFF  # markers (snapshot, GC) carry no allocation type
+TYPE_NONE = _trace_format.VALUES["type_none"]  # markers (snapshot, GC) carry no type
 
 
 MAX_SIZE_BYTES = 2**48 - 1  # the largest size the API takes
@@ -107,7 +105,7 @@ def to_memory_events(
     n_types = len(type_names)
     for r in rows.tolist():
         (_seq, ts, address, size, stream, step, alloc, freed, tid, stack, type_id,
-         device, kind, _pad) = r
+         device, kind, _pad, _context) = r
         is_marker = kind in (3, 4, 5, 6)
         out.append(
             MemoryEvent(

@@ -12,22 +12,26 @@ from ._native import (
     EVENT_ROW_BYTES,
     LIVE_ROW_BYTES,
     Recorder,
+    contexts_since,
     resolve_stack,
     set_gpu_recorder,
     set_skip_prefixes,
     set_stack_capture,
     stack_frames_since,
     stack_nodes_since,
+    trace_format,
 )
 
 __all__ = [
     "EVENT_ROW_BYTES",
     "LIVE_ROW_BYTES",
     "Recorder",
+    "contexts_since",
     "resolve_stack",
     "set_gpu_recorder",
     "set_skip_prefixes",
     "set_stack_capture",
     "stack_frames_since",
     "stack_nodes_since",
+    "trace_format",
 ]

@@ -36,6 +36,7 @@ from ._events import (
     events_from_bytes,
     to_memory_events,
 )
+from ._contexts import LiveContexts, MarkLog, SavedContexts
 from ._snapshots import AutoSnapshotter
 from ._stacks import LiveStacks, SavedStacks
 from .trace import TraceDelta, marker_details
@@ -119,6 +120,8 @@ class MemoryProfiler(_recorder.Recorder):
         super().__init__(_check_nonneg_int(retention_events, "retention_events"))
         self._lock = threading.RLock()
         self._stacks: LiveStacks | SavedStacks = LiveStacks()
+        self._contexts: LiveContexts | SavedContexts = LiveContexts()
+        self._marks = MarkLog()
         self._gc_records: list[GCRecord] = []
         self._gc_open: dict[int, tuple[int, int, int]] = {}
         self._gc_count_by_generation: dict[int, int] = {}
@@ -539,6 +542,55 @@ class MemoryProfiler(_recorder.Recorder):
         """The StackTrace of an interned stack id (None for 0)."""
         return self._stacks.resolve(int(stack_id))
 
+    # -- attribution: contexts and marks ----------------------------------------
+    def resolve_context(self, context_id: int) -> tuple[str, str]:
+        """``(module path, phase)`` of a context id; ``("", "other")`` for 0."""
+        return self._contexts.resolve(int(context_id))
+
+    def context_table(self) -> list[tuple[str, str]]:
+        """Every context id's ``(module path, phase)``, by id."""
+        return list(self._contexts.table())
+
+    def add_marks(self, marks: list[tuple[int, str, int]]) -> None:
+        """Notes ``(address, category, context_id)`` facts as of now (see
+        torchmem._contexts); the context source calls it."""
+        if not marks:
+            return
+        with self._lock:
+            self._marks.append(self._next_seq(), marks)
+
+    def attribution_marks(self) -> np.ndarray:
+        """Every mark so far as a MARK_DTYPE array (torchmem._contexts), oldest first."""
+        with self._lock:
+            return self._marks.array()
+
+    def live_seqs(self, addresses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each address: the seq of its live allocation (2**64-1 if none) and
+        that allocation's context id."""
+        addresses = np.ascontiguousarray(addresses, dtype="<u8")
+        out = np.frombuffer(self._live_seqs(addresses.tobytes()), dtype="<u8").reshape(-1, 2)
+        return out[:, 0], out[:, 1].astype(np.uint16)
+
+    @property
+    def peak_seq(self) -> int | None:
+        """The seq of the event after which ``peak_usage_bytes`` was first reached
+        (after ``reset_peak()``: the last event then); None while the peak is 0."""
+        seq = self._peak_seq()
+        return None if seq == _NO_END else seq
+
+    def event_rows_from(self, start_seq: int = 0) -> np.ndarray:
+        """Events with ``seq >= start_seq`` (from storage too, where retention dropped
+        them), as an EVENT_DTYPE array by seq."""
+        start_seq = _check_nonneg_int(start_seq, "start_seq")
+        first = self._first_retained_seq()
+        rows = self._read_rows(start_seq, _NO_END)
+        if start_seq < first:
+            old = self._older_rows(first)
+            if len(old):
+                old = old[old["seq"] >= np.uint64(start_seq)]
+                rows = np.concatenate([old, rows])
+        return rows
+
     # -- live allocations and leaks --------------------------------------------
     def live_allocations(self) -> np.ndarray:
         """Every live allocation as a LIVE_DTYPE array, oldest first."""
@@ -609,6 +661,10 @@ class MemoryProfiler(_recorder.Recorder):
             ooms = self.oom_events
             delta.ooms_start = cursors.get("ooms", 0)
             delta.ooms = ooms[delta.ooms_start:]
+            delta.contexts_start = cursors.get("contexts", 0)
+            delta.contexts = self.context_table()[delta.contexts_start:]
+            delta.marks_start = cursors.get("marks", 0)
+            delta.marks = self._marks.tuples(delta.marks_start)
             delta.frames = [tuple(f) for f in _recorder.stack_frames_since(delta.frames_start)]
             delta.stack_nodes = np.frombuffer(_recorder.stack_nodes_since(delta.nodes_start),
                                               dtype=STACK_NODE_DTYPE)
@@ -617,7 +673,9 @@ class MemoryProfiler(_recorder.Recorder):
             cursors.update(seq=end, frames=delta.frames_start + len(delta.frames),
                            nodes=delta.nodes_start + len(delta.stack_nodes),
                            gc=len(self._gc_records), snapshots=len(self._snapshots),
-                           ooms=len(ooms))
+                           ooms=len(ooms),
+                           contexts=delta.contexts_start + len(delta.contexts),
+                           marks=delta.marks_start + len(delta.marks))
         return delta
 
     @classmethod
@@ -634,6 +692,7 @@ class MemoryProfiler(_recorder.Recorder):
         prof = cls(retention_events=max(retention, 1), auto_snapshot=False)
         prof.disable()
         prof._stacks = SavedStacks()
+        prof._contexts = SavedContexts()
         prof._saved_ooms = []
         prof.extend_from_trace(delta)
         return prof
@@ -642,8 +701,8 @@ class MemoryProfiler(_recorder.Recorder):
         """Adds the next part of a saved trace to a profiler made by ``from_trace``.
 
         ``delta`` holds the events that follow the ones replayed so far and
-        the side records (types, frames, stack nodes, GC records, snapshots,
-        OOMs) from their start indices on, as a trace reader gives them
+        the side records (types, frames, stack nodes, contexts, attribution
+        marks, GC records, snapshots, OOMs) from their start indices on, as a trace reader gives them
         (``torchmem.storage.follow.TraceFollower``).
         """
         if not isinstance(self._stacks, SavedStacks):
@@ -662,6 +721,13 @@ class MemoryProfiler(_recorder.Recorder):
         ooms = [OomEvent.from_dict(o) for o in delta.ooms]
         self._stacks.extend(delta.frames, delta.frames_start, delta.stack_nodes,
                             delta.nodes_start)
+        self._contexts.extend(delta.contexts, delta.contexts_start)
+        # Marks only grow: the ones this profiler holds already are skipped.
+        held = len(self._marks)
+        if delta.marks_start > held:
+            raise ValueError(f"marks from index {delta.marks_start} follow {held} marks")
+        self._marks.extend([(int(q), int(a), str(c), int(x))
+                            for q, a, c, x in delta.marks[held - delta.marks_start:]])
         del self._gc_records[delta.gc_start:]
         self._gc_records.extend(gc_records)
         self._gc_count_by_generation = {}

@@ -22,8 +22,12 @@ class TraceDelta:
     ``events`` is an EVENT_DTYPE array with consecutive ``seq``. Frames and
     stack nodes are the new entries of the interned stack table, starting at
     ids ``frames_start`` and ``nodes_start``; node ``i`` is
-    ``(parent, frame)``, node 0 the root. ``gc_records``, ``snapshots`` and
-    ``ooms`` start at indices ``gc_start``, ``snapshots_start``,
+    ``(parent, frame)``, node 0 the root. ``contexts`` are the new entries of
+    the interned context table, ``(module path, phase name)`` from id
+    ``contexts_start`` (id 0 is ``("", "other")``); ``marks`` the new
+    attribution marks ``(seq, address, category, context_id)`` from index
+    ``marks_start`` (torchmem.sources.context). ``gc_records``, ``snapshots``
+    and ``ooms`` start at indices ``gc_start``, ``snapshots_start``,
     ``ooms_start`` (the address column of their marker events).
     """
 
@@ -33,6 +37,10 @@ class TraceDelta:
     frames_start: int = 0
     stack_nodes: np.ndarray = field(default_factory=lambda: np.zeros(0, STACK_NODE_DTYPE))
     nodes_start: int = 0
+    contexts: list[tuple[str, str]] = field(default_factory=list)
+    contexts_start: int = 0
+    marks: list[tuple[int, int, str, int]] = field(default_factory=list)
+    marks_start: int = 0
     gc_records: list[GCRecord] = field(default_factory=list)
     gc_start: int = 0
     snapshots: list[Snapshot] = field(default_factory=list)
@@ -43,7 +51,8 @@ class TraceDelta:
 
     def is_empty(self) -> bool:
         return not (len(self.events) or self.frames or len(self.stack_nodes)
-                    or self.gc_records or self.snapshots or self.ooms)
+                    or self.contexts or self.marks or self.gc_records or self.snapshots
+                    or self.ooms)
 
 
 def marker_details(kind: int, index: int, snapshots: list[Snapshot], gc_records: list[GCRecord],

@@ -15,8 +15,10 @@
 #include <thread>
 #include <vector>
 
+#include "context_table.hpp"
 #include "event_log.hpp"
 #include "recorder.hpp"
+#include "trace_format.hpp"
 #include "trace_frames.hpp"
 
 #ifdef TORCHMEM_TEST_PLUGIN
@@ -465,9 +467,11 @@ void test_column_frames() {
   const uint64_t n = 3 * EventLog::kChunkEvents / 2 + 5;  // two chunks, the second partial
   for (uint64_t i = 0; i < n / 2; ++i) {
     uint64_t stream = (i >= 100 && i < 110) ? 3 + (i & 1) : 0;  // varies in one stretch
+    set_current_context(i >= 9000 ? static_cast<uint16_t>(1 + i % 5) : 0);  // so does this
     r.record_alloc(0x1000 + 16 * (i % 64), 16 + (i < 4000 ? 0 : i % 3), kTypeGPU, 0, stream, 0);
     r.record_free(0x1000 + 16 * (i % 64), -1);
   }
+  set_current_context(0);
   const uint64_t total = r.next_seq();
   std::vector<EventRow> want = r.read(0, UINT64_MAX);
   FILE* f = std::tmpfile();
@@ -486,7 +490,8 @@ void test_column_frames() {
     for (int i = 0; i < bytes; ++i) v |= static_cast<uint64_t>(data[at + i]) << (8 * i);
     return v;
   };
-  const int widths[10] = {8, 8, 8, 8, 4, 4, 4, 2, 2, 1};
+  const int widths[11] = {8, 8, 8, 8, 4, 4, 4, 2, 2, 2, 1};
+  for (int c = 0; c < 11; ++c) CHECK_EQ(format::kColumns[c].width, size_t(widths[c]));
   size_t pos = 0, frames = 0;
   uint64_t seq = start;
   while (pos + 9 + 48 <= data.size()) {
@@ -499,9 +504,9 @@ void test_column_frames() {
     int64_t min_ts = static_cast<int64_t>(le(h + 32, 8)), max_ts = static_cast<int64_t>(le(h + 40, 8));
     CHECK(first < want.size() && min_ts == want[first].timestamp_ns);  // times never go back
     CHECK(first + count <= want.size() && max_ts == want[first + count - 1].timestamp_ns);
-    size_t offsets[10];
+    size_t offsets[11];
     size_t at = h + 48;
-    for (int c = 0; c < 10; ++c) {
+    for (int c = 0; c < 11; ++c) {
       offsets[c] = at;
       at += widths[c] * ((mask >> c & 1) ? count : 1);
     }
@@ -510,19 +515,21 @@ void test_column_frames() {
       auto col = [&](int c) { return le(offsets[c] + ((mask >> c & 1) ? i : 0) * widths[c],
                                         widths[c]); };
       const EventRow& w = want[first + i];
-      alloc += (col(9) == 0 || col(9) == 2) ? col(2) : 0;
-      freed += col(9) == 1 ? col(2) : 0;
+      alloc += (col(10) == 0 || col(10) == 2) ? col(2) : 0;
+      freed += col(10) == 1 ? col(2) : 0;
       bool same = col(0) == static_cast<uint64_t>(w.timestamp_ns) && col(1) == w.address &&
                   col(2) == w.size && col(3) == w.stream && col(4) == w.step &&
                   col(5) == w.thread_id && col(6) == w.stack_id && col(7) == w.type_id &&
-                  static_cast<int16_t>(col(8)) == w.device && col(9) == uint64_t(w.kind) &&
-                  alloc == w.total_allocated && freed == w.total_freed;
+                  static_cast<int16_t>(col(8)) == w.device && col(9) == w.context_id &&
+                  col(10) == uint64_t(w.kind) && alloc == w.total_allocated &&
+                  freed == w.total_freed;
       if (!same) {
         CHECK(same);
         break;
       }
     }
     CHECK(!(mask & 1u << 7) && !(mask & 1u << 8));  // one type, one device throughout
+    CHECK_EQ(bool(mask & 1u << 9), first + count > 18000);  // contexts vary late only
     seq += count;
     pos = end;
     ++frames;
@@ -530,6 +537,60 @@ void test_column_frames() {
   CHECK_EQ(pos, data.size());
   CHECK_EQ(seq, total);
   CHECK_EQ(frames, 2u);
+}
+
+// Every event carries the context of the thread that recorded it: an
+// allocation its allocator's, a free the freeing thread's; the live map keeps
+// the allocation's; replay keeps them all; the peak's seq is the first event
+// at the peak.
+void test_contexts() {
+  ContextTable t;
+  CHECK_EQ(t.intern("", 0), 0u);
+  uint16_t fwd = t.intern("Net.fc1", 1);
+  CHECK_EQ(fwd, 1u);
+  CHECK_EQ(t.intern("Net.fc1", 2), 2u);
+  CHECK_EQ(t.intern("Net.fc1", 1), fwd);
+  CHECK_EQ(t.intern("x", 9), t.intern("x", 0));  // a bad phase is "other"
+  CHECK_EQ(t.since(1).size(), 3u);
+  CHECK(t.since(1)[0].module == "Net.fc1" && t.since(1)[0].phase == 1);
+
+  Recorder r;
+  set_current_context(7);
+  r.record_alloc(0x10, 100, kTypeCPU, -1, 0, 0);
+  std::thread other([&] {
+    CHECK_EQ(current_context(), 0u);  // per thread
+    set_current_context(9);
+    r.record_alloc(0x20, 300, kTypeCPU, -1, 0, 0);
+    r.record_free(0x10, -1);
+  });
+  other.join();
+  CHECK_EQ(current_context(), 7u);
+  set_current_context(3);
+  r.record_marker(EventKind::Snapshot, 0, 0);
+  r.record_realloc(0x20, 0x30, 50, 0);
+  set_current_context(0);
+  std::vector<EventRow> rows = r.read(0, UINT64_MAX);
+  CHECK_EQ(rows.size(), 6u);
+  const uint16_t want[6] = {7, 9, 9, 3, 3, 3};
+  for (size_t i = 0; i < rows.size() && i < 6; ++i) CHECK_EQ(rows[i].context_id, want[i]);
+  LiveEntry e;
+  CHECK(r.lookup_live(0x30, &e) && e.context == 3);
+  uint64_t addrs[3] = {0x30, 0x10, 0x99}, seqs[3];
+  uint16_t ctx[3];
+  r.live_seqs(addrs, 3, seqs, ctx);
+  CHECK(seqs[0] == 5 && ctx[0] == 3 && seqs[1] == UINT64_MAX && seqs[2] == UINT64_MAX);
+  CHECK_EQ(r.peak_seq(), 1u);  // 400 bytes after the second allocation
+  Recorder b;
+  for (const EventRow& row : rows) b.replay(row);
+  std::vector<EventRow> back = b.read(0, UINT64_MAX);
+  CHECK_EQ(back.size(), rows.size());
+  for (size_t i = 0; i < rows.size() && i < back.size(); ++i)
+    CHECK_EQ(back[i].context_id, rows[i].context_id);
+  CHECK_EQ(b.peak_seq(), 1u);
+  Recorder empty;
+  CHECK_EQ(empty.peak_seq(), UINT64_MAX);
+  r.reset_peak(-1, -2);  // every type, every device
+  CHECK_EQ(r.peak_seq(), 5u);  // reset: the last event is the peak's moment
 }
 
 void test_host_free_routing() {
@@ -722,6 +783,7 @@ int main() {
   test_fork_while_busy();
   test_host_free_routing();
   test_column_frames();
+  test_contexts();
 #ifdef TORCHMEM_TEST_PLUGIN
   test_plugin();
   const char* plugin = "with";

@@ -1,4 +1,4 @@
-"""Event chunk BLOBs (``event_chunks.rows``) in their two layouts. Standard library only.
+"""Event chunk BLOBs (``event_chunks.rows``) in their layouts. Standard library only.
 
 The writer child (``_writer.py``, run with ``python -I -S``) stores events as
 they arrive, one BLOB per piece of up to 8K events, and expands them into
@@ -6,7 +6,9 @@ they arrive, one BLOB per piece of up to 8K events, and expands them into
 
 - ``ROWS`` (0): ``n`` EVENT_DTYPE records of 80 bytes (``ROW_FMT``), as the
   Python sinks hand them over.
-- ``COLUMNS`` (1): what the recorder sends natively (``Recorder._write_event_columns``):
+- ``COLUMNS`` (2; ``COLUMNS_V1`` = 1, schema 4, the same without the
+  ``context_id`` column): what the recorder sends natively
+  (``Recorder._write_event_columns``):
   ``COLUMNS_HEAD`` (first_seq, n, full_mask, reserved, allocated_before,
   freed_before, min_timestamp_ns, max_timestamp_ns), then each column of
   ``CHUNK_COLUMNS`` in order: ``n`` values, or a single value shared by
@@ -19,7 +21,9 @@ they arrive, one BLOB per piece of up to 8K events, and expands them into
 
 ``parse`` checks a BLOB and returns a chunk object the writer reads with
 plain ``struct`` calls; ``_sqlite_schema.chunk_events`` decodes the same
-objects with numpy. docs/trace-format.md documents both layouts.
+objects with numpy. docs/trace-format.md documents the layouts. Every
+constant comes from ``torchmem/_trace_format.py`` (generated from
+csrc/trace_format.hpp), loaded by path when the package is not importable.
 """
 
 from __future__ import annotations
@@ -27,30 +31,58 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
+import os
 import struct
 from typing import Iterable, Sequence
 
-#: Event columns, in EVENT_DTYPE field order (the padding left out).
-EVENT_COLUMNS = ("seq", "timestamp_ns", "address", "size", "stream", "step", "total_allocated",
-                 "total_freed", "thread_id", "stack_id", "type_id", "device", "kind")
+if __package__:
+    from .. import _trace_format
+else:  # the writer child: the package is not importable, its files are
+    import importlib.util as _util
+
+    _spec = _util.spec_from_file_location(
+        "_trace_format", os.path.join(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), "_trace_format.py"))
+    _trace_format = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_trace_format)
+
+FORMAT = _trace_format.VALUES
+
+
+def _sql_code(code: str) -> str:
+    return "q" if code == "Q" else code  # 64-bit values go to SQLite bit for bit
+
+
+_ROW_FIELDS = tuple(tuple(f) for f in FORMAT["row_fields"])
+#: Event columns, in EVENT_DTYPE field order (the padding left out): also the
+#: column order of the ``events`` table.
+EVENT_COLUMNS = tuple(name for name, code in _ROW_FIELDS if code != "x")
 #: One EVENT_DTYPE row. Unsigned 64-bit fields unpack as signed ("q"): SQLite
 #: integers are signed, so they are stored bit for bit (none is >= 2**63).
-ROW_FMT = "qqqqqqqqIIHhB3x"
+ROW_FMT = "".join(_sql_code(code) for _, code in _ROW_FIELDS)
 ROW_BYTES = struct.calcsize("<" + ROW_FMT)  # 80
-ROWS, COLUMNS = 0, 1  # event_chunks.layout
+assert ROW_BYTES == FORMAT["row_bytes"]
+#: event_chunks.layout
+ROWS, COLUMNS_V1, COLUMNS = (FORMAT["layouts"][k] for k in ("rows", "columns_v1", "columns"))
 #: Events per event-log chunk (csrc/event_log.hpp), the most a COLUMNS chunk holds.
-CHUNK_EVENTS = 8192
+CHUNK_EVENTS = FORMAT["chunk_events"]
 #: Events per time_index row of a ROWS chunk (a COLUMNS chunk is one row).
 TIME_CHUNK = 1024
 
-COLUMNS_HEAD = struct.Struct("<QIHHQQqq")  # 48 bytes
+COLUMNS_HEAD = struct.Struct("<" + "".join(code for _, code in FORMAT["columns_header"]))
 #: (EVENT_COLUMNS name, struct code of the unsigned or signed value as
 #: EVENT_DTYPE holds it), widest first so full columns stay aligned.
-CHUNK_COLUMNS = (("timestamp_ns", "q"), ("address", "Q"), ("size", "Q"), ("stream", "Q"),
-                 ("step", "I"), ("thread_id", "I"), ("stack_id", "I"), ("type_id", "H"),
-                 ("device", "h"), ("kind", "B"))
-_ROW_CODES = dict(zip(EVENT_COLUMNS, ROW_FMT))  # one code per column, then the padding
-_ROW_OFFSETS = {name: struct.calcsize("<" + ROW_FMT[:i]) for i, name in enumerate(EVENT_COLUMNS)}
+CHUNK_COLUMNS = tuple(tuple(c) for c in FORMAT["columns"])
+#: The columns of a layout 1 chunk (schema 4): the same without context_id.
+CHUNK_COLUMNS_V1 = tuple(c for c in CHUNK_COLUMNS if c[0] != "context_id")
+assert len(CHUNK_COLUMNS_V1) == FORMAT["columns_v1_count"]
+_ROW_CODES = {name: _sql_code(code) for name, code in _ROW_FIELDS if code != "x"}
+_ROW_OFFSETS = {}
+_at = 0
+for _name, _code in _ROW_FIELDS:
+    if _code != "x":
+        _ROW_OFFSETS[_name] = _at
+    _at += struct.calcsize(_code)
 #: kind -> 1 if the event adds its size to total_allocated / total_freed
 #: (allocations and reallocations / deallocations); both decoders use these.
 ADDS_ALLOCATED = bytes(1 if k in (0, 2) else 0 for k in range(256))
@@ -61,10 +93,6 @@ ADDS_FREED = bytes(1 if k == 1 else 0 for k in range(256))
 def _strided(rows: int, offset: int, code: str) -> struct.Struct:
     size = struct.calcsize(code)
     return struct.Struct("<" + f"{offset}x{code}{ROW_BYTES - size - offset}x" * rows)
-
-
-def _sql_code(code: str) -> str:
-    return "q" if code == "Q" else code  # 64-bit values go to SQLite bit for bit
 
 
 class RowChunk:
@@ -109,21 +137,22 @@ class RowChunk:
 
 
 class ColumnChunk:
-    """A ``COLUMNS`` BLOB. ``parts``: name -> (byte offset, struct code, full)."""
+    """A ``COLUMNS`` (or ``COLUMNS_V1``) BLOB. ``parts``: name -> (byte offset, struct
+    code, full); a V1 chunk has no ``context_id`` part (its events read as context 0)."""
 
-    layout = COLUMNS
-
-    def __init__(self, data: bytes | bytearray) -> None:
+    def __init__(self, data: bytes | bytearray, layout: int = COLUMNS) -> None:
         if len(data) < COLUMNS_HEAD.size:
             raise ValueError(f"a columns chunk of {len(data)} bytes is shorter than its header")
+        self.layout = layout
+        columns = CHUNK_COLUMNS if layout == COLUMNS else CHUNK_COLUMNS_V1
         self.data = data
         (self.first, self.n, mask, reserved, self.allocated_before, self.freed_before,
          self.min_timestamp, self.max_timestamp) = COLUMNS_HEAD.unpack_from(data)
-        if not 0 < self.n <= CHUNK_EVENTS or reserved or mask >> len(CHUNK_COLUMNS):
+        if not 0 < self.n <= CHUNK_EVENTS or reserved or mask >> len(columns):
             raise ValueError(f"a columns chunk with a bad header (n={self.n}, mask={mask:#x})")
         self.parts: dict[str, tuple[int, str, bool]] = {}
         offset = COLUMNS_HEAD.size
-        for bit, (name, code) in enumerate(CHUNK_COLUMNS):
+        for bit, (name, code) in enumerate(columns):
             full = bool(mask >> bit & 1)
             self.parts[name] = (offset, code, full)
             offset += struct.calcsize(code) * (self.n if full else 1)
@@ -164,7 +193,8 @@ class ColumnChunk:
         """Flat value lists of ``group`` rows each (EVENT_COLUMNS per row), and the rest."""
         n = self.n
         by_name: dict[str, Iterable[int]] = {name: self.column(name, 0, n)
-                                             for name, _ in CHUNK_COLUMNS}
+                                             for name in self.parts}
+        by_name.setdefault("context_id", [0] * n)  # layout 1: no contexts
         by_name["seq"] = range(self.first, self.first + n)
         by_name["total_allocated"] = self._totals(self.allocated_before, ADDS_ALLOCATED)
         by_name["total_freed"] = self._totals(self.freed_before, ADDS_FREED)
@@ -182,6 +212,6 @@ def parse(data: bytes | bytearray, layout: int) -> RowChunk | ColumnChunk:
     """The chunk in ``data``; ValueError if it is not a whole chunk of ``layout``."""
     if layout == ROWS:
         return RowChunk(data)
-    if layout == COLUMNS:
-        return ColumnChunk(data)
+    if layout in (COLUMNS, COLUMNS_V1):
+        return ColumnChunk(data, layout)
     raise ValueError(f"unknown event chunk layout {layout!r}")

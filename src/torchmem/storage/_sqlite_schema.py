@@ -223,7 +223,7 @@ def query_events(con: sqlite3.Connection, *, before_seq: int | None = None,
     if since_ns is not None:
         where.append("timestamp_ns >= ?")
         args.append(int(since_ns))
-    sql = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE {' AND '.join(where)}"
+    sql = f"SELECT {_event_select(con)} FROM events WHERE {' AND '.join(where)}"
     with _snapshot(con):  # rows and chunks as of one commit: the writer moves events
         rows = rows_to_events(con.execute(sql + " ORDER BY seq", args).fetchall())
         if "event_chunks" not in _tables(con):  # schema 1 and 2
@@ -292,6 +292,13 @@ def _columns(con: sqlite3.Connection, table: str) -> set[str]:
     return {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
 
 
+def _event_select(con: sqlite3.Connection) -> str:
+    """EVENT_COLUMNS as a select list; 0 for a column an older schema lacks
+    (context_id before schema 5)."""
+    have = _columns(con, "events")
+    return ", ".join(c if c in have else f"0 AS {c}" for c in EVENT_COLUMNS)
+
+
 def _rows_chunk(chunk: _chunks.RowChunk) -> np.ndarray:
     raw = np.frombuffer(chunk.data, dtype=EVENT_DTYPE)
     if chunk.n > 1 and not (np.diff(raw["seq"]) == 1).all():
@@ -324,7 +331,8 @@ def read_delta(con: sqlite3.Connection, since: dict[str, int] | None = None,
     """The stored trace as one TraceDelta: all of it, or what follows ``since``.
 
     ``since`` holds the first index wanted of each part (``seq``, ``frames``,
-    ``nodes``, ``gc``, ``snapshots``, ``ooms``; 0 when absent), as
+    ``nodes``, ``contexts``, ``marks``, ``gc``, ``snapshots``, ``ooms``; 0 when
+    absent), as
     ``TraceDelta`` numbers them; ``max_events`` caps the events read.
     Everything comes from one read transaction, so every stack id and side
     record the events use is there.
@@ -355,6 +363,23 @@ def _read_delta(con: sqlite3.Connection, since: dict[str, int],
     d.stack_nodes = np.zeros(end - n0, STACK_NODE_DTYPE)  # node 0 is the root
     for n, parent, frame in nodes:
         d.stack_nodes[n - n0] = (parent, frame)
+    tables = _tables(con)
+    if "contexts" in tables:  # schema 5
+        c0 = since.get("contexts", 0)
+        rows = con.execute("SELECT context_id, module, phase FROM contexts WHERE context_id >= ? "
+                           "ORDER BY context_id", (c0,)).fetchall()
+        if rows and rows[-1][0] != len(rows) - 1 + rows[0][0]:
+            raise ValueError("context ids are not consecutive")
+        d.contexts_start = rows[0][0] if rows else c0
+        d.contexts = [(str(m), str(ph)) for _, m, ph in rows]
+    if "marks" in tables:
+        d.marks_start = since.get("marks", 0)
+        # A part of the events gets only the marks made while they were
+        # recorded (a mark holds from its seq on), so none names a later event.
+        upto = 2**63 - 1 if max_events is None else seq0 + len(d.events)
+        d.marks = [(int(a), int(b), str(c), int(e)) for a, b, c, e in con.execute(
+            "SELECT seq, address, category, context_id FROM marks WHERE mark_index >= ? "
+            "AND seq <= ? ORDER BY mark_index", (d.marks_start, upto))]
     d.gc_start = since.get("gc", 0)
     d.gc_records = [GCRecord(*r) for r in con.execute(
         f"SELECT {', '.join(GC_COLUMNS)} FROM gc_records WHERE gc_index >= ? ORDER BY gc_index",

@@ -25,13 +25,15 @@ length in bytes) + payload.
   at the end.
 - ``K``: one ``COLUMNS`` chunk (``_chunks.py``) as the recorder sends it,
   stored as it comes; expanded like ``E`` rows.
-- ``J``: side records as JSON (types, frames, stack nodes, GC records,
-  snapshots, OOMs, anomalies, metadata); sent before the events that use them.
+- ``J``: side records as JSON (types, frames, stack nodes, contexts, marks,
+  GC records, snapshots, OOMs, anomalies, metadata); sent before the events
+  that use them.
 - ``F``: flush; payload is a token (uint64). Commit, then acknowledge.
 - ``C``: close; commit, acknowledge (with the backlog of unexpanded events),
   expand the rest, set metadata ``expanded``, checkpoint the WAL, exit.
-A frame of another kind, or longer than its kind allows, cannot be
-resynchronised: the writer reports it, stores nothing more, reads to EOF.
+The frame kinds and header come from ``_trace_format`` (through ``_chunks``),
+as the recorder writing ``K`` frames has them. A frame of another kind, or
+longer than its kind allows, cannot be resynchronised: the writer reports it, stores nothing more, reads to EOF.
 Replies (stdout, child -> parent): one JSON object per line:
 ``{"ready", "pid", "error"}`` once, ``{"ack": token, "written", "error"}``,
 ``{"error": msg, "written"}`` when a write fails (the writer then discards
@@ -69,7 +71,7 @@ else:  # run as a script (python -I -S): the package is not importable, its fold
 EVENT_COLUMNS, ROW_BYTES = _chunks.EVENT_COLUMNS, _chunks.ROW_BYTES
 
 FORMAT = "torchmem-trace"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 GC_COLUMNS = ("generation", "start_ns", "end_ns", "duration_ns", "collected", "uncollectable",
               "tensor_bytes_freed", "step")
 OOM_COLUMNS = ("seq", "timestamp_ns", "requested_bytes", "device", "stream",
@@ -82,7 +84,7 @@ CREATE TABLE events (
   size INTEGER NOT NULL, stream INTEGER NOT NULL, step INTEGER NOT NULL,
   total_allocated INTEGER NOT NULL, total_freed INTEGER NOT NULL,
   thread_id INTEGER NOT NULL, stack_id INTEGER NOT NULL, type_id INTEGER NOT NULL,
-  device INTEGER NOT NULL, kind INTEGER NOT NULL);
+  device INTEGER NOT NULL, kind INTEGER NOT NULL, context_id INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE event_chunks (first_seq INTEGER PRIMARY KEY, n INTEGER NOT NULL,
   rows BLOB NOT NULL, layout INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE step_index (step INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL,
@@ -94,6 +96,10 @@ CREATE TABLE frames (frame_id INTEGER PRIMARY KEY, filename TEXT NOT NULL,
   lineno INTEGER NOT NULL, function TEXT NOT NULL);
 CREATE TABLE stack_nodes (node_id INTEGER PRIMARY KEY, parent INTEGER NOT NULL,
   frame_id INTEGER NOT NULL);
+CREATE TABLE contexts (context_id INTEGER PRIMARY KEY, module TEXT NOT NULL,
+  phase TEXT NOT NULL);
+CREATE TABLE marks (mark_index INTEGER PRIMARY KEY, seq INTEGER NOT NULL,
+  address INTEGER NOT NULL, category TEXT NOT NULL, context_id INTEGER NOT NULL);
 CREATE TABLE gc_records (gc_index INTEGER PRIMARY KEY,
   {", ".join(c + " INTEGER NOT NULL" for c in GC_COLUMNS)});
 CREATE TABLE snapshots (snapshot_index INTEGER PRIMARY KEY, timestamp_ns INTEGER NOT NULL,
@@ -105,8 +111,9 @@ CREATE TABLE ooms (oom_index INTEGER PRIMARY KEY,
 CREATE TABLE anomalies (kind TEXT PRIMARY KEY, count INTEGER NOT NULL);
 """
 
-HEADER = struct.Struct("<cQ")  # frame kind, payload bytes
-EVENTS, COLUMNS, SIDE, FLUSH, CLOSE = b"E", b"K", b"J", b"F", b"C"
+HEADER = struct.Struct(_chunks.FORMAT["frame_header"])  # frame kind, payload bytes
+EVENTS, COLUMNS, SIDE, FLUSH, CLOSE = (_chunks.FORMAT["frame_kinds"][k].encode()
+                                       for k in ("events", "columns", "side", "flush", "close"))
 #: A SIDE frame past this is corrupt: a hand-over's side records are kilobytes.
 MAX_SIDE_BYTES = 1 << 30
 #: The largest COLUMNS payload: a whole event-log chunk with every column full (~400 KB).
@@ -342,6 +349,7 @@ class TraceWriter:
                                 list(enumerate(names))[self._n_types:])
                 self._n_types = len(names)
             for key, sql, width in (("frames", "frames", 3), ("nodes", "stack_nodes", 2),
+                                    ("contexts", "contexts", 2), ("marks", "marks", 4),
                                     ("gc", "gc_records", len(GC_COLUMNS)),
                                     ("snapshots", "snapshots", 7),
                                     ("ooms", "ooms", len(OOM_COLUMNS) + 1)):

@@ -96,6 +96,8 @@ def merge_deltas(deltas: Iterable[TraceDelta]) -> TraceDelta:
     frames: list[tuple[str, int, str]] = []
     nodes: list[np.ndarray] = []
     n_nodes = 0
+    contexts: list[tuple[str, str]] = []
+    marks: list[Any] = []
     gc: list[Any] = []
     snaps: list[Any] = []
     ooms: list[Any] = []
@@ -122,6 +124,10 @@ def merge_deltas(deltas: Iterable[TraceDelta]) -> TraceDelta:
                 n_nodes = start
             nodes.append(np.asarray(d.stack_nodes, dtype=STACK_NODE_DTYPE))
             n_nodes += len(d.stack_nodes)
+        del contexts[d.contexts_start:]
+        contexts.extend(d.contexts)
+        del marks[d.marks_start:]
+        marks.extend(d.marks)
         del gc[d.gc_start:]
         gc.extend(d.gc_records)
         del snaps[d.snapshots_start:]
@@ -135,4 +141,5 @@ def merge_deltas(deltas: Iterable[TraceDelta]) -> TraceDelta:
     out.stack_nodes = (np.concatenate(nodes) if nodes
                        else np.zeros(0, STACK_NODE_DTYPE))
     out.gc_records, out.snapshots, out.ooms = gc, snaps, ooms
+    out.contexts, out.marks = contexts, marks
     return out

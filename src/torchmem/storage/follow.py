@@ -36,7 +36,8 @@ class TraceFollower:
         self.path = os.fspath(path)
         self.max_events = int(max_events)
         self.metadata: dict[str, Any] = {}
-        self._cursors = {"seq": 0, "frames": 0, "nodes": 0, "gc": 0, "snapshots": 0, "ooms": 0}
+        self._cursors = {"seq": 0, "frames": 0, "nodes": 0, "contexts": 0, "marks": 0, "gc": 0,
+                         "snapshots": 0, "ooms": 0}
         self._con: sqlite3.Connection | None = None
         #: Whether the last poll returned every event committed so far.
         self.caught_up = False
@@ -81,6 +82,8 @@ class TraceFollower:
             seq=self._cursors["seq"] + len(events),
             frames=delta.frames_start + len(delta.frames),
             nodes=delta.nodes_start + len(delta.stack_nodes),
+            contexts=delta.contexts_start + len(delta.contexts),
+            marks=delta.marks_start + len(delta.marks),
             gc=delta.gc_start + len(delta.gc_records),
             snapshots=delta.snapshots_start + len(delta.snapshots),
             ooms=delta.ooms_start + len(delta.ooms))

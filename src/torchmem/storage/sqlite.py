@@ -73,6 +73,11 @@ def _side_payload(d: TraceDelta, n_types: int, meta: list | None = None) -> byte
         side["frames"] = [d.frames_start, [(str(f), int(ln), str(fn)) for f, ln, fn in d.frames]]
     if len(d.stack_nodes):
         side["nodes"] = [d.nodes_start, d.stack_nodes.tolist()]
+    if d.contexts:
+        side["contexts"] = [d.contexts_start, [(str(m), str(ph)) for m, ph in d.contexts]]
+    if d.marks:
+        side["marks"] = [d.marks_start, [(int(q), int(a), str(c), int(x))
+                                         for q, a, c, x in d.marks]]
     if d.gc_records:
         side["gc"] = [d.gc_start, [[getattr(r, c) for c in schema.GC_COLUMNS]
                                    for r in d.gc_records]]

@@ -1,0 +1,58 @@
+"""The trace format's constants, generated from csrc/trace_format.hpp: do not edit.
+
+Regenerate with ``python scripts/gen_trace_format.py`` after changing the
+header (and rebuilding); tests/test_trace_format.py fails, and torchmem
+refuses to import, while this copy and the native module disagree. Standard
+library only: the SQLite writer child (``python -I -S``) loads it by path.
+docs/trace-format.md describes each value.
+"""
+
+VALUES = {'chunk_events': 8192,
+ 'columns': [('timestamp_ns', 'q'),
+             ('address', 'Q'),
+             ('size', 'Q'),
+             ('stream', 'Q'),
+             ('step', 'I'),
+             ('thread_id', 'I'),
+             ('stack_id', 'I'),
+             ('type_id', 'H'),
+             ('device', 'h'),
+             ('context_id', 'H'),
+             ('kind', 'B')],
+ 'columns_header': [('first_seq', 'Q'),
+                    ('n', 'I'),
+                    ('full_mask', 'H'),
+                    ('reserved', 'H'),
+                    ('allocated_before', 'Q'),
+                    ('freed_before', 'Q'),
+                    ('min_timestamp_ns', 'q'),
+                    ('max_timestamp_ns', 'q')],
+ 'columns_v1_count': 10,
+ 'event_kinds': ['ALLOCATION',
+                 'DEALLOCATION',
+                 'REALLOCATION',
+                 'SNAPSHOT',
+                 'GC_START',
+                 'GC_END',
+                 'OUT_OF_MEMORY'],
+ 'frame_header': '<cQ',
+ 'frame_kinds': {'close': 'C', 'columns': 'K', 'events': 'E', 'flush': 'F', 'side': 'J'},
+ 'layouts': {'columns': 2, 'columns_v1': 1, 'rows': 0},
+ 'phases': ['other', 'forward', 'backward', 'optimizer'],
+ 'row_bytes': 80,
+ 'row_fields': [('seq', 'Q'),
+                ('timestamp_ns', 'q'),
+                ('address', 'Q'),
+                ('size', 'Q'),
+                ('stream', 'Q'),
+                ('step', 'Q'),
+                ('total_allocated', 'Q'),
+                ('total_freed', 'Q'),
+                ('thread_id', 'I'),
+                ('stack_id', 'I'),
+                ('type_id', 'H'),
+                ('device', 'h'),
+                ('kind', 'B'),
+                ('_pad', 'x'),
+                ('context_id', 'H')],
+ 'type_none': 65535}
