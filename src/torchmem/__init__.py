@@ -25,6 +25,7 @@ from ._session import disable, enable, get_profiler, is_enabled, trace_path
 from .epoch import LeakError, epoch, epoch_results, mark_epoch
 from .oom import oom_guard
 from .profiler import MemoryProfiler
+from .analysis import breakdown as _breakdown  # noqa: F401  (MemoryProfiler.breakdown)
 from .publisher import EventPublisher
 from .storage import InMemoryStorage, SQLiteStorage, TraceFormatError, load
 from .trace import TraceDelta

@@ -12,6 +12,8 @@ machine it runs on:
   job), when the storage package is available;
 - the out-of-memory report hooks (``torchmem.oom``);
 - an optimizer-step hook that advances ``profiler.step()`` (``auto_step``);
+- attribution: the module and phase of every allocation, and what torch's
+  objects say it is (``torchmem.sources.context``; ``attribution``);
 - at exit, a short summary on stderr.
 
 Calling it again returns the same profiler (applying the settings that can
@@ -84,6 +86,7 @@ class _Session:
         self.gc: Any = None
         self.gpu: Any = None  # torchmem.cuda.GpuRecording
         self.step_hook: Any = None
+        self.context: Any = None  # torchmem.sources.context.ContextSource
         self.active = False
         self.finished = False
 
@@ -125,6 +128,10 @@ def _start_sources(s: _Session) -> None:
             s.step_hook = register_optimizer_step_post_hook(lambda *_: prof.step())
         except Exception:
             s.step_hook = None
+    if settings["attribution"] and s.context is None:
+        from .sources.context import ContextSource
+
+        s.context = ContextSource(prof).start()
     if settings["oom_report"]:
         _oom_hooks.install(get_profiler, directory=_trace_dir(settings))
 
@@ -172,6 +179,11 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
         gc (bool, True): monitor garbage collections.
         auto_step (bool, True): each optimizer.step() advances profiler.step();
             turn off if you call profiler.step() yourself.
+        attribution (bool, True): stamp every allocation with the module and
+            phase (forward, backward, optimizer, other) it was made in, and
+            tell parameters, buffers, gradients, optimizer state and inputs
+            apart, through torch's global module and optimizer hooks and
+            autograd node pre-hooks (breakdown(), peak_report()).
         oom_report (bool, True): write a report when an OOM reaches user code.
         summary (bool, True; env TORCHMEM_SUMMARY): print a summary at exit.
 
@@ -266,6 +278,9 @@ def _stop_sources(s: _Session) -> None:
     if s.step_hook is not None:
         s.step_hook.remove()
         s.step_hook = None
+    if s.context is not None:
+        s.context.stop()
+        s.context = None
 
 
 def disable() -> None:

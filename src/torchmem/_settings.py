@@ -74,6 +74,7 @@ def defaults() -> dict[str, Any]:
         "host": _env_host(),
         "gc": True,
         "auto_step": True,
+        "attribution": True,
         "oom_report": True,
         "summary": _env_flag("TORCHMEM_SUMMARY", True),
     }

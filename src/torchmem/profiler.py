@@ -104,6 +104,10 @@ class MemoryProfiler(_recorder.Recorder):
     #: records, or a string saying why there are none). The session sets it
     #: to NVML's ``query_devices``; None means "not queried".
     device_query: ClassVar[Callable[[], Any] | None] = None
+    #: The module behind breakdown(), peak_report() and step_peaks():
+    #: torchmem.analysis.breakdown sets it when imported (``import torchmem``
+    #: does), since the profiler imports nothing above it.
+    queries: ClassVar[Any] = None
 
     def __init__(
         self,
@@ -577,6 +581,37 @@ class MemoryProfiler(_recorder.Recorder):
         (after ``reset_peak()``: the last event then); None while the peak is 0."""
         seq = self._peak_seq()
         return None if seq == _NO_END else seq
+
+    # -- what the memory is for (torchmem.analysis.breakdown) -------------------
+    def _queries(self) -> Any:
+        if MemoryProfiler.queries is None:
+            raise RuntimeError("torchmem.analysis.breakdown is not imported (import torchmem)")
+        return MemoryProfiler.queries
+
+    def breakdown(self, by: str = "category", at: Any = "peak") -> dict[str, int]:
+        """Live bytes at a moment, grouped, largest first; the values add up exactly
+        to the live bytes then (``peak_usage_bytes`` for ``"peak"``).
+
+        ``by``: ``"category"`` (parameter, buffer, gradient, optimizer_state,
+        input, activation, temporary, other), ``"module"`` (the owning module's
+        path, e.g. ``"Net.fc1"``; "(none)" outside any), ``"phase"`` (forward,
+        backward, optimizer, other: when the bytes were allocated), ``"site"``
+        (the user's line, ``file:line in function``), ``"type"`` or ``"device"``
+        ("host", "cuda:N"). ``at``: ``"peak"`` (the overall peak), ``"now"``,
+        or a step number (the highest live bytes among that step's events).
+        """
+        return self._queries().breakdown(self, by, at)
+
+    def peak_report(self, top: int = 10) -> Any:
+        """The overall peak and each step's: when (step, time, phase, module), how
+        many bytes, and the breakdown by category, module and site (the ``top``
+        largest modules and sites); a PeakReport (``.format()`` for text)."""
+        return self._queries().peak_report(self, top)
+
+    def step_peaks(self) -> list:
+        """Each step's highest live bytes, and the highest in its forward, backward,
+        optimizer and other events (StepPeak, bytes), steps in order."""
+        return self._queries().step_peaks(self)
 
     def event_rows_from(self, start_seq: int = 0) -> np.ndarray:
         """Events with ``seq >= start_seq`` (from storage too, where retention dropped

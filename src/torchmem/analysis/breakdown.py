@@ -1,0 +1,289 @@
+"""Live bytes at a moment, grouped: ``breakdown``; the peaks and what made them: ``peak_report``.
+
+A moment is the state right after one event: ``"peak"`` (the profiler's
+``peak_seq``: when ``peak_usage_bytes`` was first reached), ``"now"`` (the
+latest event), or a step number (the moment of the highest live bytes among
+that step's events). Every breakdown adds up exactly to the live bytes at
+its moment. Keys by ``by``:
+
+- ``category``: torchmem.analysis.categories.CATEGORIES;
+- ``module``: the module path owning the bytes (a parameter's, buffer's,
+  gradient's or optimizer state's module; otherwise the module whose forward
+  or backward allocated them; "(none)" outside any module);
+- ``phase``: the phase the bytes were allocated in (forward, backward,
+  optimizer, other);
+- ``site``: the user's line that allocated them (the first frame outside
+  torch and torchmem: ``file:line in function``, analysis.sites.site_name;
+  "(no stack captured)" without one);
+- ``type``: the allocation type ("CPU", "GPU", "Pinned", ...);
+- ``device``: "host" or "cuda:N".
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..profiler import MemoryProfiler
+from ..units import format_bytes
+from .sites import site_name
+from .categories import CATEGORIES, NO_MODULE, Lifetimes, categorize, lifetimes, live_now
+
+__all__ = ["BY", "Peak", "PeakReport", "StepPeak", "breakdown", "peak_report", "step_peaks"]
+
+BY = ("category", "module", "phase", "site", "type", "device")
+_PHASES = ("forward", "backward", "optimizer", "other")
+
+
+def _check_by(by: str) -> None:
+    if by not in BY:
+        raise ValueError(f"by must be one of {', '.join(BY)}; got {by!r}")
+
+
+class _Moments:
+    """One profiler's lifetimes, marks and contexts, read once for several moments."""
+
+    def __init__(self, profiler: Any, lt: Lifetimes | None = None) -> None:
+        self.profiler = profiler
+        self.lt = lt if lt is not None else lifetimes(profiler)
+        self.marks = profiler.attribution_marks()
+        self.contexts = profiler.context_table()
+        rows = self.lt.rows
+        last = rows[-1] if len(rows) else None
+        self.current_step = max(int(last["step"]) if last is not None else 0,
+                                profiler.current_step)
+        self.current_ctx = int(last["context_id"]) if last is not None else 0
+        self._sites: dict[int, str] = {}
+
+    def seq_of(self, at: Any) -> int | None:
+        """The event seq of a moment; None when there is none (no events)."""
+        p, rows = self.profiler, self.lt.rows
+        if at == "now":
+            return p.next_seq - 1 if p.next_seq else None
+        if at == "peak":
+            return p.peak_seq
+        if isinstance(at, (int, np.integer)) and not isinstance(at, bool):
+            if at < 0:
+                raise ValueError(f"at: a step is >= 0, got {at}")
+            in_step = np.flatnonzero(rows["step"] == np.uint64(at))
+            if not len(in_step):
+                raise ValueError(f"at={at}: no events of step {at} are held")
+            usage = self.lt.usage()[in_step]
+            return int(rows["seq"][in_step[int(np.argmax(usage))]])
+        raise ValueError(f'at must be "peak", "now" or a step number; got {at!r}')
+
+    def check_held(self, seq: int) -> None:
+        if seq < self.lt.first_seq - 1:
+            raise ValueError(f"the moment after event {seq} is no longer held (the ring keeps "
+                             f"events from {self.lt.first_seq} on); give the profiler a storage "
+                             "backend to query older moments")
+
+    def usage_at(self, seq: int) -> int:
+        rows = self.lt.rows
+        i = seq - self.lt.first_seq
+        if 0 <= i < len(rows):
+            return int(rows["total_allocated"][i]) - int(rows["total_freed"][i])
+        return int(self.lt.size[self.lt.live_at(seq)].sum())
+
+    def groups(self, seq: int, by: str) -> dict[str, int]:
+        """Live bytes right after event ``seq`` by ``by``, largest first."""
+        c = categorize(self.lt, self.marks, self.contexts, seq,
+                       current_step=self.current_step, current_ctx=self.current_ctx)
+        lt, idx = self.lt, c.index
+        sizes = lt.size[idx]
+        if by == "category":
+            keys = c.category
+            label = lambda k: CATEGORIES[k]  # noqa: E731
+        elif by == "module":
+            keys = c.module_ctx
+            label = lambda k: self.context(k)[0] or NO_MODULE  # noqa: E731
+        elif by == "phase":
+            keys = lt.alloc_ctx[idx].astype(np.int64)
+            label = lambda k: self.context(k)[1]  # noqa: E731
+        elif by == "site":
+            keys = lt.stack_id[idx].astype(np.int64)
+            label = self.site
+        elif by == "type":
+            keys = lt.type_id[idx].astype(np.int64)
+            label = self.profiler.type_name
+        else:
+            keys = lt.device[idx].astype(np.int64)
+            label = lambda d: "host" if d < 0 else f"cuda:{d}"  # noqa: E731
+        out: dict[str, int] = {}
+        if len(idx):
+            uniq, inverse = np.unique(keys, return_inverse=True)
+            sums = np.zeros(len(uniq), np.int64)
+            np.add.at(sums, inverse, sizes)
+            for k, v in zip(uniq.tolist(), sums.tolist()):
+                name = label(k)
+                out[name] = out.get(name, 0) + v  # stacks that differ inside torch: one line
+        return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def context(self, ctx: int) -> tuple[str, str]:
+        return self.contexts[ctx] if 0 <= ctx < len(self.contexts) else ("", "other")
+
+    def site(self, stack_id: int) -> str:
+        label = self._sites.get(stack_id)
+        if label is None:  # the one definition of a site (analysis.sites)
+            label = self._sites[stack_id] = site_name(
+                self.profiler.resolve_stack(stack_id) if stack_id else None)
+        return label
+
+
+def breakdown(profiler: Any, by: str = "category", at: Any = "peak") -> dict[str, int]:
+    """Live bytes at the moment ``at`` grouped by ``by`` (module docstring), largest
+    first; the values add up exactly to the live bytes then (``peak_usage_bytes``
+    for ``"peak"``). Empty before the first allocation.
+
+    Raises ValueError for an unknown ``by`` or ``at``, a step without events, or a
+    moment whose events the profiler no longer holds (no storage backend).
+    """
+    _check_by(by)
+    if at == "now":  # the live map alone: no event is read
+        m = _Moments(profiler, live_now(profiler))
+    else:
+        m = _Moments(profiler)
+    seq = m.seq_of(at)
+    if seq is None:
+        return {}
+    m.check_held(seq)
+    return m.groups(seq, by)
+
+
+@dataclass
+class StepPeak:
+    """The highest live bytes of one step, overall and in each phase (bytes; a
+    phase the step never entered is absent). ``seq`` is the event after which
+    the step's peak was reached."""
+
+    step: int
+    peak_bytes: int
+    seq: int
+    timestamp_ns: int
+    by_phase: dict[str, int] = field(default_factory=dict)
+
+
+def _phase_codes(m: _Moments) -> np.ndarray:
+    names = [m.context(i)[1] for i in range(len(m.contexts))] or ["other"]
+    code = np.array([_PHASES.index(n) if n in _PHASES else 3 for n in names], np.int64)
+    ctx = m.lt.rows["context_id"].astype(np.int64)
+    return np.where(ctx < len(code), code[np.minimum(ctx, len(code) - 1)], 3)
+
+
+def _step_peaks(m: _Moments) -> list[StepPeak]:
+    rows = m.lt.rows
+    if not len(rows):
+        return []
+    usage = m.lt.usage()
+    steps = rows["step"].astype(np.int64)
+    phases = _phase_codes(m)
+    bounds = np.flatnonzero(np.r_[True, steps[1:] != steps[:-1], True])
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        u = usage[a:b]
+        i = a + int(np.argmax(u))
+        by_phase = {}
+        for code, name in enumerate(_PHASES):
+            sel = u[phases[a:b] == code]
+            if len(sel):
+                by_phase[name] = int(sel.max())
+        out.append(StepPeak(int(steps[a]), int(usage[i]), int(rows["seq"][i]),
+                            int(rows["timestamp_ns"][i]), by_phase))
+    return out
+
+
+def step_peaks(profiler: Any) -> list[StepPeak]:
+    """Each step's peak live bytes, split by phase: the highest live bytes reached
+    in its forward, backward, optimizer and other events (steps in order)."""
+    return _step_peaks(_Moments(profiler))
+
+
+@dataclass
+class Peak:
+    """One peak: when (step, time, the phase and module of the event that reached
+    it), how many live bytes, and the breakdowns then (bytes, largest first;
+    ``by_module`` and ``by_site`` keep the ``top`` largest)."""
+
+    seq: int
+    step: int
+    timestamp_ns: int
+    phase: str
+    module: str
+    bytes: int
+    by_category: dict[str, int]
+    by_module: dict[str, int]
+    by_site: dict[str, int]
+    by_phase: dict[str, int] = field(default_factory=dict)
+
+    def headline(self) -> str:
+        """One line: "peak 1.28 MiB at step 37, backward of Net.fc2: activation 41%, ..."."""
+        where = f"{self.phase} of {self.module}" if self.module else self.phase
+        parts = ", ".join(f"{k} {100 * v / self.bytes:.0f}%"
+                          for k, v in self.by_category.items() if v) if self.bytes else ""
+        return (f"peak {format_bytes(self.bytes)} at step {self.step}, {where}"
+                + (f": {parts}" if parts else ""))
+
+
+@dataclass
+class PeakReport:
+    """The overall peak and every step's (see Peak); ``overall`` is None before
+    the first allocation."""
+
+    overall: Peak | None
+    steps: list[Peak]
+
+    def format(self, top: int = 5) -> str:
+        """The report as text: the overall peak and its breakdowns, then one line a step."""
+        if self.overall is None:
+            return "no allocations recorded"
+        p = self.overall
+        lines = [p.headline()]
+        for title, d in (("by category", p.by_category), ("by module", p.by_module),
+                         ("by site", p.by_site)):
+            lines.append(f"  {title}:")
+            for k, v in list(d.items())[:top]:
+                lines.append(f"    {format_bytes(v):>12}  {100 * v / p.bytes:5.1f}%  {k}"
+                             if p.bytes else f"    {format_bytes(v):>12}  {k}")
+        if self.steps:
+            lines.append("  step peaks (forward / backward / optimizer):")
+            for s in self.steps:
+                phases = " / ".join(format_bytes(s.by_phase[ph]) if ph in s.by_phase else "-"
+                                    for ph in ("forward", "backward", "optimizer"))
+                lines.append(f"    step {s.step}: {format_bytes(s.bytes)} in {s.phase} of "
+                             f"{s.module or NO_MODULE} ({phases})")
+        return "\n".join(lines)
+
+
+def _peak(m: _Moments, seq: int, top: int, by_phase: dict[str, int] | None = None) -> Peak:
+    rows, first = m.lt.rows, m.lt.first_seq
+    i = seq - first
+    row = rows[i] if 0 <= i < len(rows) else None
+    module, phase = m.context(int(row["context_id"])) if row is not None else ("", "other")
+    cut = lambda d: dict(list(d.items())[:top])  # noqa: E731
+    return Peak(seq=seq, step=int(row["step"]) if row is not None else 0,
+                timestamp_ns=int(row["timestamp_ns"]) if row is not None else 0,
+                phase=phase, module=module, bytes=m.usage_at(seq),
+                by_category=m.groups(seq, "category"), by_module=cut(m.groups(seq, "module")),
+                by_site=cut(m.groups(seq, "site")), by_phase=dict(by_phase or {}))
+
+
+def peak_report(profiler: Any, top: int = 10) -> PeakReport:
+    """The overall peak and each step's peak: when, how much, and the breakdown by
+    category (whole), by module and by site (the ``top`` largest)."""
+    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+        raise ValueError(f"top must be an int >= 1, got {top!r}")
+    m = _Moments(profiler)
+    seq = profiler.peak_seq
+    overall = None
+    if seq is not None:
+        m.check_held(seq)
+        overall = _peak(m, seq, top)
+    steps = [_peak(m, s.seq, top, s.by_phase) for s in _step_peaks(m)]
+    return PeakReport(overall, steps)
+
+
+# The profiler's breakdown() / peak_report() / step_peaks() are these.
+MemoryProfiler.queries = sys.modules[__name__]

@@ -1,0 +1,272 @@
+"""What each byte is for: allocation lifetimes, and their category at a moment.
+
+An allocation is an interval of the event log: from its ALLOCATION (or
+REALLOCATION) event to the DEALLOCATION that frees it. It is live at the
+moment *s* (right after event *s*) when ``alloc_seq <= s < free_seq``; the
+live sizes at any moment add up exactly to the usage the events report then.
+
+Its category at a moment, exact where torch says what it is:
+
+1. marks (torchmem.sources.context): ``parameter``, ``buffer``, ``gradient``,
+   ``optimizer_state``, ``input``. An allocation's marks apply from the
+   moment each was made; its first mark also back to the allocation itself
+   (a parameter was one from its creation; a .grad from the backward op that
+   made it). A later mark changes the category from then on ("none": no
+   longer any of them).
+2. otherwise, from its lifetime and the context of its events:
+   ``activation``: allocated in a forward, and alive when the next backward
+   pass starts (what autograd saved, and the forward's outputs still held);
+   ``temporary``: allocated and freed in the same phase of the same step;
+   ``other``: everything else (allocations outside any module, made in one
+   phase and freed in another...).
+   While an allocation is still live its future is unknown: a forward
+   allocation counts as an activation until its step ends without a
+   backward, one of the current phase and step as a temporary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._contexts import MARK_INDEX, PHASE_INDEX
+
+__all__ = ["CATEGORIES", "Lifetimes", "NO_MODULE", "categorize", "lifetimes", "live_now"]
+
+#: Every category, in the order reports list them.
+CATEGORIES = ("parameter", "buffer", "gradient", "optimizer_state", "input", "activation",
+              "temporary", "other")
+_CAT = {name: i for i, name in enumerate(CATEGORIES)}
+#: The module key of bytes no module accounts for.
+NO_MODULE = "(none)"
+
+_INF = np.int64(2**62)  # free_seq of an allocation still live
+_ALLOCATING = (0, 2)
+_FORWARD = PHASE_INDEX["forward"]
+_ROLE_CODES = {MARK_INDEX[c]: _CAT[c] for c in ("parameter", "buffer", "gradient",
+                                                "optimizer_state", "input")}
+_BACKWARD_START = MARK_INDEX["backward_start"]
+_NONE = MARK_INDEX["none"]
+
+
+@dataclass
+class Lifetimes:
+    """Allocations as parallel arrays (one entry per allocation), plus the events
+    they came from. ``alloc_seq`` is -1 for one made before the first event held;
+    ``free_seq`` is 2**62 for one still live; steps are -1 where unknown."""
+
+    alloc_seq: np.ndarray
+    free_seq: np.ndarray
+    address: np.ndarray
+    size: np.ndarray
+    type_id: np.ndarray
+    device: np.ndarray
+    stack_id: np.ndarray
+    alloc_ctx: np.ndarray
+    free_ctx: np.ndarray
+    alloc_step: np.ndarray
+    free_step: np.ndarray
+    rows: np.ndarray  # the events, EVENT_DTYPE, consecutive seqs
+
+    def __len__(self) -> int:
+        return len(self.alloc_seq)
+
+    @property
+    def first_seq(self) -> int:
+        return int(self.rows["seq"][0]) if len(self.rows) else 0
+
+    def usage(self) -> np.ndarray:
+        """Live bytes right after each event of ``rows`` (int64)."""
+        r = self.rows
+        return r["total_allocated"].astype(np.int64) - r["total_freed"].astype(np.int64)
+
+    def live_at(self, seq: int) -> np.ndarray:
+        """Indices of the allocations live right after event ``seq``."""
+        return np.flatnonzero((self.alloc_seq <= seq) & (self.free_seq > seq))
+
+
+def _table(n: int) -> dict[str, np.ndarray]:
+    return {"alloc_seq": np.zeros(n, np.int64), "free_seq": np.full(n, _INF),
+            "address": np.zeros(n, np.uint64), "size": np.zeros(n, np.int64),
+            "type_id": np.zeros(n, np.uint16), "device": np.zeros(n, np.int16),
+            "stack_id": np.zeros(n, np.uint32), "alloc_ctx": np.zeros(n, np.uint16),
+            "free_ctx": np.zeros(n, np.uint16), "alloc_step": np.full(n, -1, np.int64),
+            "free_step": np.full(n, -1, np.int64)}
+
+
+def live_now(profiler: Any) -> Lifetimes:
+    """The allocations live now, from the live map alone (no event is read)."""
+    live = profiler.live_allocations()
+    t = _table(len(live))
+    t["alloc_seq"][:] = live["seq"]
+    for name in ("address", "size", "type_id", "device", "stack_id"):
+        t[name][:] = live[name]
+    t["alloc_ctx"][:] = live["context_id"]
+    t["alloc_step"][:] = live["step"]
+    return Lifetimes(**t, rows=profiler.event_rows_from(max(profiler.next_seq - 1, 0)))
+
+
+def lifetimes(profiler: Any) -> Lifetimes:
+    """Every allocation live at some moment of the events the profiler still has
+    (its ring, and its storage for older ones; all of a loaded trace)."""
+    rows = profiler.event_rows_from(0)
+    live = profiler.live_allocations()
+    first = int(rows["seq"][0]) if len(rows) else profiler.next_seq
+    kind = rows["kind"]
+    a_idx = np.flatnonzero(np.isin(kind, _ALLOCATING))
+    f_idx = np.flatnonzero(kind == 1)
+    # Pair each free with the allocation of its address just before it: per
+    # address the events alternate allocation, free (the recorder logs a free
+    # only of a live address).
+    addr = np.concatenate([rows["address"][a_idx], rows["address"][f_idx]])
+    seq = np.concatenate([rows["seq"][a_idx], rows["seq"][f_idx]]).astype(np.int64)
+    is_free = np.concatenate([np.zeros(len(a_idx), bool), np.ones(len(f_idx), bool)])
+    which = np.concatenate([np.arange(len(a_idx)), np.arange(len(f_idx))])
+    order = np.lexsort((seq, addr))
+    addr, is_free, which = addr[order], is_free[order], which[order]
+    prev_alloc = np.zeros(len(order), bool)
+    prev_alloc[1:] = (~is_free[:-1]) & (addr[1:] == addr[:-1])
+    paired = is_free & prev_alloc  # free at i, its allocation at i - 1
+    pos = np.flatnonzero(paired)
+    alloc_of_free = np.full(len(f_idx), -1, np.int64)
+    alloc_of_free[which[pos]] = which[pos - 1]
+
+    old_free = f_idx[alloc_of_free < 0]  # frees of allocations made before `first`
+    old_live = live[live["seq"].astype(np.int64) < first]  # live, made before `first`
+    n_new, n_freed, n_live = len(a_idx), len(old_free), len(old_live)
+    t = _table(n_new + n_freed + n_live)
+    new = slice(0, n_new)
+    ar = rows[a_idx]
+    t["alloc_seq"][new] = ar["seq"]
+    for name in ("address", "size", "type_id", "device", "stack_id"):
+        t[name][new] = ar[name]
+    t["alloc_ctx"][new] = ar["context_id"]
+    t["alloc_step"][new] = ar["step"]
+    freed = alloc_of_free >= 0
+    fr = rows[f_idx[freed]]
+    target = alloc_of_free[freed]
+    t["free_seq"][target] = fr["seq"]
+    t["free_ctx"][target] = fr["context_id"]
+    t["free_step"][target] = fr["step"]
+    old = slice(n_new, n_new + n_freed)
+    orow = rows[old_free]
+    t["alloc_seq"][old] = -1
+    for name in ("address", "size", "type_id", "device", "stack_id"):
+        t[name][old] = orow[name]
+    t["free_seq"][old] = orow["seq"]
+    t["free_ctx"][old] = orow["context_id"]
+    t["free_step"][old] = orow["step"]
+    kept = slice(n_new + n_freed, None)
+    t["alloc_seq"][kept] = old_live["seq"]
+    for name in ("address", "size", "type_id", "device", "stack_id"):
+        t[name][kept] = old_live[name]
+    t["alloc_ctx"][kept] = old_live["context_id"]
+    t["alloc_step"][kept] = old_live["step"]
+    return Lifetimes(**t, rows=rows)
+
+
+@dataclass
+class _Roles:
+    """Marks matched to allocations, sorted by (allocation, seq)."""
+
+    alloc: np.ndarray  # allocation index of each mark
+    seq: np.ndarray
+    category: np.ndarray  # category code (CATEGORIES index), -1 for "none"
+    ctx: np.ndarray
+    starts: np.ndarray  # first mark of each allocation that has marks
+    owners: np.ndarray  # the allocation of each group
+
+
+def _roles(lt: Lifetimes, marks: np.ndarray) -> _Roles:
+    keep = np.isin(marks["category"], list(_ROLE_CODES) + [_NONE])
+    m = marks[keep]
+    n = len(lt)
+    if not n or not len(m):
+        none = np.zeros(0, np.int64)
+        return _Roles(none, none, none, np.zeros(0, np.uint16), none, none)
+    # Sort allocations and marks together by (address, moment): a mark at
+    # seq q follows the allocations made before it (alloc_seq < q).
+    addr = np.concatenate([lt.address, m["address"]])
+    key = np.concatenate([lt.alloc_seq * 2, (m["seq"].astype(np.int64) - 1) * 2 + 1])
+    order = np.lexsort((key, addr))
+    is_alloc = order < n
+    last = np.maximum.accumulate(np.where(is_alloc, np.arange(len(order)), -1))
+    mark_pos = np.flatnonzero(~is_alloc)
+    cand = last[mark_pos]
+    mi = order[mark_pos] - n
+    ok = cand >= 0
+    ai = np.where(ok, order[np.maximum(cand, 0)], 0)
+    ok &= lt.address[ai] == m["address"][mi]
+    ok &= lt.free_seq[ai] >= m["seq"][mi].astype(np.int64)
+    ai, mi = ai[ok], mi[ok]
+    o = np.lexsort((mi, m["seq"][mi], ai))  # by allocation, then seq, then arrival
+    ai, mi = ai[o], mi[o]
+    codes = np.array([_ROLE_CODES.get(c, -1) for c in range(256)], np.int64)
+    starts = np.flatnonzero(np.r_[True, ai[1:] != ai[:-1]]) if len(ai) else np.zeros(0, int)
+    return _Roles(ai, m["seq"][mi].astype(np.int64), codes[m["category"][mi]],
+                  m["context_id"][mi], starts, ai[starts] if len(ai) else ai)
+
+
+@dataclass
+class Categorized:
+    """The live allocations at a moment: indices into the Lifetimes, each one's
+    category code (CATEGORIES index) and the context id naming its module."""
+
+    index: np.ndarray
+    category: np.ndarray
+    module_ctx: np.ndarray
+
+
+def categorize(lt: Lifetimes, marks: np.ndarray, contexts: list[tuple[str, str]],
+               seq: int, *, current_step: int, current_ctx: int) -> Categorized:
+    """Category and module of every allocation live right after event ``seq``.
+
+    ``current_step`` / ``current_ctx``: the step and context of the latest
+    event, for allocations whose future is not known yet (still live).
+    """
+    phase_of = np.array([PHASE_INDEX.get(p, 0) for _, p in contexts] or [0], np.int64)
+
+    def phase(ctx: np.ndarray) -> np.ndarray:
+        c = ctx.astype(np.int64)
+        return np.where(c < len(phase_of), phase_of[np.minimum(c, len(phase_of) - 1)], 0)
+
+    idx = lt.live_at(seq)
+    a_phase, f_phase = phase(lt.alloc_ctx[idx]), phase(lt.free_ctx[idx])
+    alloc_seq, free_seq = lt.alloc_seq[idx], lt.free_seq[idx]
+    a_step, f_step = lt.alloc_step[idx], lt.free_step[idx]
+    live = free_seq >= _INF
+    starts = np.sort(marks["seq"][marks["category"] == _BACKWARD_START].astype(np.int64))
+    nxt = np.searchsorted(starts, alloc_seq, side="right")  # first start after it
+    has_next = nxt < len(starts)
+    next_start = np.where(has_next, starts[np.minimum(nxt, max(len(starts) - 1, 0))]
+                          if len(starts) else 0, _INF)
+    forward = a_phase == _FORWARD
+    cur_phase = int(phase(np.array([current_ctx]))[0])
+    cat = np.full(len(idx), _CAT["other"], np.int64)
+    temporary = np.where(live, (a_step == current_step) & (a_phase == cur_phase),
+                         (a_phase == f_phase) & (a_step == f_step) & (a_step >= 0))
+    cat[temporary] = _CAT["temporary"]
+    activation = forward & ((has_next & (next_start <= free_seq))
+                            | (live & ~has_next & (a_step == current_step)))
+    cat[activation] = _CAT["activation"]
+    module_ctx = lt.alloc_ctx[idx].astype(np.int64)
+
+    roles = _roles(lt, marks)
+    if len(roles.alloc):
+        # The mark in force at `seq`: the last one made by then, else the first.
+        made = roles.seq <= seq + 1
+        counts = np.add.reduceat(made.astype(np.int64), roles.starts)
+        pick = roles.starts + np.maximum(counts - 1, 0)
+        owner = roles.owners
+        where = np.searchsorted(idx, owner)
+        hit = (where < len(idx)) & (idx[np.minimum(where, max(len(idx) - 1, 0))] == owner) \
+            if len(idx) else np.zeros(len(owner), bool)
+        pos, pick = where[hit], pick[hit]
+        code = roles.category[pick]
+        has_role = code >= 0
+        cat[pos[has_role]] = code[has_role]
+        owned = has_role & (roles.ctx[pick] != 0)
+        module_ctx[pos[owned]] = roles.ctx[pick][owned]
+    return Categorized(idx, cat, module_ctx)

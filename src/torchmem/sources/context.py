@@ -1,0 +1,525 @@
+"""Module and phase context for every allocation, from torch's global hooks.
+
+Each thread has a current context (csrc/context_table.hpp): the module running
+and the phase. The recorder stamps it on every event, natively, whatever the
+source (track_*, the CPU allocator hook, the CUDA plugin). This module keeps
+it current:
+
+- forward: a global forward pre-hook and an always-called forward hook on
+  every module push and pop the module; its path is its name in the outermost
+  running module's ``named_modules()``, the outermost named by its class
+  (``Net``, ``Net.fc1``, ``Net.blocks.0.attn``);
+- backward: no module backward hook (torch's full backward hooks wrap each
+  module's outputs in a custom Function, which breaks ``ReLU(inplace=True)``
+  after a BatchNorm). Instead, when a module's forward returns, a pre-hook on
+  the autograd node that made its output (``grad_fn.register_prehook``) sets
+  that module's backward context when the node is about to run; an input
+  whose node no module claims gets a pre-hook that sets the calling module's
+  context again (the parent's own ops between two children). Hooks return
+  None: gradients are untouched. The first such hook of a backward pass marks
+  its start; an engine callback restores the context when it ends;
+- optimizer: optimizer step pre/post hooks.
+
+It also tells the profiler what torch's objects say about allocations, as
+marks (torchmem._contexts): the storages of the parameters and buffers of
+the modules that ran (owner: the module holding them), their ``.grad``
+storages, the tensors in ``optimizer.state`` and the tensors passed into an
+outermost module's forward. Marks are sent only when something changed.
+
+One set of hooks serves the whole process; each started ContextSource's
+profiler receives the marks. Hooks never raise into the training run.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import _native
+from .._contexts import PHASE_INDEX, PHASES
+
+__all__ = ["ContextSource", "module_path_name"]
+
+_FORWARD, _BACKWARD, _OPTIMIZER = (PHASE_INDEX[p] for p in ("forward", "backward", "optimizer"))
+_NOT_LIVE = np.uint64(2**64 - 1)
+
+_set_context = _native.set_context
+_intern = _native.intern_context
+_graph_task_id = torch._C._current_graph_task_id
+_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
+_Tensor = torch.Tensor
+
+
+def module_path_name(module: torch.nn.Module) -> str:
+    """The name an outermost module gets: its class (a torch.compile wrapper's
+    original module's class)."""
+    inner = getattr(module, "_orig_mod", None)
+    return type(inner if isinstance(inner, torch.nn.Module) else module).__name__
+
+
+class _Anchor:
+    """A module whose ``named_modules()`` names the modules below it: the outermost
+    running module, or a module called under it that it does not contain."""
+
+    __slots__ = ("module", "prefix", "names", "__weakref__")
+
+    def __init__(self, module: torch.nn.Module, prefix: str) -> None:
+        self.module = weakref.ref(module)
+        self.prefix = prefix
+        # id(module) -> (weakref, (forward ctx, backward ctx), path); None: not below it
+        self.names: dict[int, Any] = {}
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        root = self.module()
+        if root is None:
+            return
+        inner = getattr(root, "_orig_mod", None)
+        tree = inner if isinstance(inner, torch.nn.Module) else root
+        names = {id(root): (weakref.ref(root), self.prefix)}
+        for name, m in tree.named_modules():
+            names.setdefault(id(m), (weakref.ref(m), f"{self.prefix}.{name}" if name
+                                     else self.prefix))
+        self.names = {k: (ref, None, path) for k, (ref, path) in names.items()}
+
+    def lookup(self, module: torch.nn.Module) -> tuple | None:
+        """``(forward ctx, backward ctx, path)`` of a module below this anchor, or None."""
+        entry = self.names.get(id(module))
+        if entry is None or entry[0]() is not module:
+            self.rebuild()  # a module added or replaced since
+            entry = self.names.get(id(module))
+            if entry is None or entry[0]() is not module:
+                # Not below it (remembered, so it is not rebuilt on every call).
+                self.names[id(module)] = (weakref.ref(module), False, None)
+                return None
+        ref, ctx, path = entry
+        if ctx is False:
+            return None
+        if ctx is None:
+            ctx = (_intern(path, _FORWARD), _intern(path, _BACKWARD), path)
+            self.names[id(module)] = (ref, ctx, path)
+        return ctx
+
+
+class _Frame:
+    """One running module (or optimizer step: no anchor) on a thread's stack."""
+
+    __slots__ = ("module", "prev", "anchor", "ctx", "root")
+
+    def __init__(self, module: Any, prev: int, anchor: _Anchor | None, ctx: tuple,
+                 root: bool) -> None:
+        self.module, self.prev, self.anchor, self.ctx, self.root = module, prev, anchor, ctx, root
+
+
+class _Thread(threading.local):
+    """Per-thread state: the context set last, the running modules, the autograd
+    nodes claimed by a module during the current outermost forward."""
+
+    def __init__(self) -> None:
+        self.ctx = 0
+        self.stack: list[_Frame] = []
+        self.claimed: dict[Any, int] = {}
+        self.task = -1  # the backward pass (graph task) last seen on this thread
+
+
+class _Hooks:
+    """The process-wide hooks and the profilers that receive marks."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sources: list[ContextSource] = []
+        self.handles: list[Any] = []
+        self.tls = _Thread()
+        self.anchors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.roots: weakref.WeakSet = weakref.WeakSet()  # outermost modules that ran
+        self.owners: dict[int, tuple[Any, int]] = {}  # id(param) -> (weakref, owner ctx)
+        self.optimizer_ctx = _intern("", _OPTIMIZER)
+
+    # -- installing -------------------------------------------------------------
+    def add(self, source: ContextSource) -> None:
+        with self.lock:
+            if source in self.sources:
+                return
+            self.sources.append(source)
+            if self.handles:
+                return
+            from torch.nn.modules.module import (register_module_forward_hook,
+                                                 register_module_forward_pre_hook)
+            from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                               register_optimizer_step_pre_hook)
+
+            self.handles = [
+                register_module_forward_pre_hook(self.forward_pre),
+                register_module_forward_hook(self.forward_post, with_kwargs=True,
+                                             always_call=True),
+                register_optimizer_step_pre_hook(self.step_pre),
+                register_optimizer_step_post_hook(self.step_post),
+            ]
+
+    def remove(self, source: ContextSource) -> None:
+        with self.lock:
+            if source in self.sources:
+                self.sources.remove(source)
+            if self.sources or not self.handles:
+                return
+            for h in self.handles:
+                h.remove()
+            self.handles = []
+        self.set(self.tls, 0)
+
+    @staticmethod
+    def set(t: _Thread, ctx: int) -> None:
+        t.ctx = ctx
+        _set_context(ctx)
+
+    # -- forward ----------------------------------------------------------------
+    def forward_pre(self, module: Any, args: tuple) -> None:
+        if _is_compiling():
+            return
+        try:
+            t = self.tls
+            stack = t.stack
+            in_backward = _graph_task_id() != -1
+            top = stack[-1] if stack else None
+            if top is not None and top.anchor is not None:
+                anchor = top.anchor
+                ctx = anchor.lookup(module)
+                if ctx is None:  # not below it: named from its caller's path
+                    anchor = self.anchor(module, f"{top.ctx[2]}.{module_path_name(module)}")
+                    ctx = anchor.lookup(module)
+                root = False
+            else:  # outermost (perhaps inside an optimizer step: LBFGS's closure)
+                anchor = self.anchor(module, module_path_name(module))
+                ctx = anchor.lookup(module)
+                root = True
+                if not in_backward and module not in self.roots:
+                    self.roots.add(module)
+                    self.mark_model(module, anchor)
+            if ctx is None:
+                return
+            stack.append(_Frame(module, t.ctx, anchor, ctx, root))
+            self.set(t, ctx[1] if in_backward else ctx[0])
+            if not root and not in_backward and _grad_enabled():
+                # Inputs made by the caller's own ops (no module claims their
+                # node): once this module's backward is done, the caller's
+                # context holds again.
+                parent = top.ctx[1]
+                claimed = t.claimed
+                for a in args:
+                    if isinstance(a, _Tensor):
+                        node = a.grad_fn
+                        if node is not None and node not in claimed:
+                            claimed[node] = parent
+                            node.register_prehook(_BackwardHook(self, parent))
+        except Exception:  # never into the training run
+            pass
+
+    def forward_post(self, module: Any, args: tuple, *rest: Any) -> None:
+        # (kwargs, result); torch calls an always-called hook with (result) alone
+        # when the forward raised.
+        if _is_compiling():
+            return
+        kwargs, result = rest if len(rest) == 2 else ({}, rest[-1] if rest else None)
+        try:
+            t = self.tls
+            stack = t.stack
+            for i in range(len(stack) - 1, -1, -1):
+                if stack[i].module is module:
+                    break
+            else:
+                return  # its pre-hook did not run (it started while compiling)
+            frame = stack[i]
+            del stack[i:]  # frames above: forwards that raised
+            self.set(t, frame.prev)
+            in_backward = _graph_task_id() != -1
+            if not in_backward and result is not None and _grad_enabled():
+                claimed = t.claimed
+                bw = frame.ctx[1]
+                for out in _tensors(result):
+                    node = out.grad_fn
+                    if node is not None and claimed.get(node) is None:
+                        claimed[node] = bw
+                        node.register_prehook(_BackwardHook(self, bw))
+            if frame.root:
+                t.claimed = {}
+                if not in_backward:
+                    self.mark_inputs(args, kwargs)
+        except Exception:
+            pass
+
+    def anchor(self, module: Any, prefix: str) -> _Anchor:
+        by_prefix = self.anchors.get(module)
+        if by_prefix is None:
+            by_prefix = self.anchors[module] = {}
+        a = by_prefix.get(prefix)
+        if a is None:
+            a = by_prefix[prefix] = _Anchor(module, prefix)
+        return a
+
+    # -- backward ---------------------------------------------------------------
+    def backward_enter(self, ctx: int) -> None:
+        t = self.tls
+        task = _graph_task_id()
+        if task != t.task:
+            # The first module node of a backward pass: it starts now.
+            t.task = task
+            self.emit([(0, "backward_start", ctx)])
+            ident = threading.get_ident()
+            before = t.ctx
+
+            def done() -> None:
+                if threading.get_ident() == ident:
+                    self.set(t, before)
+                t.task = -1
+
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(done)
+            except Exception:
+                pass
+        self.set(t, ctx)
+
+    # -- optimizer --------------------------------------------------------------
+    def step_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        try:
+            t = self.tls
+            if t.stack:
+                # A step runs between forwards: module frames left now are of
+                # forwards whose end was never seen (a hook that failed).
+                self.set(t, t.stack[0].prev)
+                t.stack.clear()
+            t.stack.append(_Frame(optimizer, t.ctx, None, (self.optimizer_ctx,) * 2 + ("",),
+                                  False))
+            self.set(t, self.optimizer_ctx)
+            self.mark_grads(optimizer)
+        except Exception:
+            pass
+
+    def step_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        try:
+            t = self.tls
+            stack = t.stack
+            while stack:
+                frame = stack.pop()
+                if frame.module is optimizer:
+                    self.set(t, frame.prev)
+                    break
+            self.mark_state(optimizer)
+            # The step's end: parameters may have been replaced, and .grad
+            # storages set to None since (kept alive elsewhere, they are no
+            # longer gradients).
+            marks: list = []
+            for root in list(self.roots):
+                marks += self.model_marks(root, self.anchor(root, module_path_name(root)))
+            self.emit_tensors(marks, withdraw="gradient")
+        except Exception:
+            pass
+
+    # -- marks ------------------------------------------------------------------
+    def mark_model(self, root: Any, anchor: _Anchor) -> None:
+        self.emit_tensors(self.model_marks(root, anchor))
+
+    def model_marks(self, root: Any, anchor: _Anchor) -> list:
+        """Parameters, buffers and gradients of ``root``, each owned by its module."""
+        inner = getattr(root, "_orig_mod", None)
+        tree = inner if isinstance(inner, torch.nn.Module) else root
+        marks: list[tuple[Any, str, int]] = []
+        owner_ctx: dict[str, int] = {}
+
+        def owner(name: str) -> int:
+            module = name.rpartition(".")[0]
+            ctx = owner_ctx.get(module)
+            if ctx is None:
+                path = f"{anchor.prefix}.{module}" if module else anchor.prefix
+                ctx = owner_ctx[module] = _intern(path, 0)
+            return ctx
+
+        for name, p in tree.named_parameters():
+            ctx = owner(name)
+            self.owners[id(p)] = (weakref.ref(p), ctx)
+            marks.append((p, "parameter", ctx))
+            if p.grad is not None:
+                marks.append((p.grad, "gradient", ctx))
+        for name, b in tree.named_buffers():
+            marks.append((b, "buffer", owner(name)))
+        return marks
+
+    def owner_of(self, p: Any) -> int:
+        entry = self.owners.get(id(p))
+        return entry[1] if entry is not None and entry[0]() is p else 0
+
+    def mark_grads(self, optimizer: Any) -> None:
+        marks = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    marks.append((p.grad, "gradient", self.owner_of(p)))
+        self.emit_tensors(marks)
+
+    def mark_state(self, optimizer: Any) -> None:
+        marks = []
+        for p, state in optimizer.state.items():
+            ctx = self.owner_of(p)
+            values = state.values() if isinstance(state, dict) else ()
+            for v in values:
+                if isinstance(v, _Tensor):
+                    marks.append((v, "optimizer_state", ctx))
+        self.emit_tensors(marks)
+
+    def mark_inputs(self, args: tuple, kwargs: dict) -> None:
+        tensors = list(_tensors(args))
+        if kwargs:
+            tensors.extend(_tensors(tuple(kwargs.values())))
+        if tensors:
+            self.emit_tensors([(x, "input", 0) for x in tensors], only_outside_modules=True)
+
+    def emit_tensors(self, marks: list, withdraw: str | None = None,
+                     only_outside_modules: bool = False) -> None:
+        """Marks for the storages of ``(tensor, category, ctx)``; see ContextSource.note."""
+        out = []
+        for x, category, ctx in marks:
+            try:
+                storage = x.untyped_storage()
+            except Exception:  # a tensor subclass or meta tensor without one
+                continue
+            address = storage.data_ptr()
+            if address and storage.nbytes():
+                out.append((address, category, ctx))
+        for source in list(self.sources):
+            source.note(out, withdraw, only_outside_modules)
+
+    def emit(self, marks: list[tuple[int, str, int]]) -> None:
+        for source in list(self.sources):
+            source.profiler.add_marks(marks)
+
+
+class _BackwardHook:
+    """A node pre-hook that sets a module's backward context (returns None)."""
+
+    __slots__ = ("hooks", "ctx")
+
+    def __init__(self, hooks: _Hooks, ctx: int) -> None:
+        self.hooks, self.ctx = hooks, ctx
+
+    def __call__(self, grad_outputs: Any) -> None:
+        try:
+            self.hooks.backward_enter(self.ctx)
+        except Exception:
+            pass
+
+
+def _tensors(value: Any):
+    """Tensors in a module's inputs or output: a tensor, or (nested one level
+    deep and in dicts) sequences of them; other containers through pytree."""
+    if isinstance(value, _Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            if isinstance(v, _Tensor):
+                yield v
+            elif isinstance(v, (tuple, list, dict)):
+                yield from _tensors(v)
+    elif isinstance(value, dict):
+        yield from _tensors(tuple(value.values()))
+    elif value is not None:
+        try:
+            from torch.utils._pytree import tree_leaves
+
+            for v in tree_leaves(value):
+                if isinstance(v, _Tensor):
+                    yield v
+        except Exception:
+            return
+
+
+_hooks = _Hooks()
+
+
+class ContextSource:
+    """Attribution for ``profiler``: module and phase context on every event it
+    records, and marks for parameters, buffers, gradients, optimizer state and
+    inputs. ``start()`` installs torch's global hooks (once per process, shared
+    by every started source); ``stop()`` removes them when no source is left.
+    """
+
+    def __init__(self, profiler: Any) -> None:
+        self.profiler = profiler
+        # address -> (allocation seq, category, ctx) of the last mark sent
+        self._sent: dict[int, tuple[int, str, int]] = {}
+        self._prune_at = 4096
+        self._active = False
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def start(self) -> ContextSource:
+        """Installs the hooks (idempotent)."""
+        _hooks.add(self)
+        self._active = True
+        return self
+
+    def stop(self) -> None:
+        """Removes this source; the hooks go when no source is left (idempotent)."""
+        _hooks.remove(self)
+        self._active = False
+
+    def __enter__(self) -> ContextSource:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def note(self, marks: list[tuple[int, str, int]], withdraw: str | None = None,
+             only_outside_modules: bool = False) -> None:
+        """Sends the marks that say something new: the allocation live at the
+        address (an address this profiler does not hold live is skipped) did not
+        get this category and owner last time. ``withdraw``: a category whose
+        earlier marks not repeated here are withdrawn ("none") while their
+        allocation lives. ``only_outside_modules``: skip allocations a module's
+        forward or backward made (a model's output passed into another model is
+        that model's activation, not an input)."""
+        prof = self.profiler
+        if not marks and not (withdraw and self._sent):
+            return
+        addresses = np.fromiter((m[0] for m in marks), dtype=np.uint64, count=len(marks))
+        seqs, contexts = prof.live_seqs(addresses)
+        new = []
+        seen = set()
+        phases = None
+        for (address, category, ctx), seq, actx in zip(marks, seqs.tolist(), contexts.tolist()):
+            if seq == _NOT_LIVE or address in seen:
+                continue
+            seen.add(address)
+            if only_outside_modules and actx:
+                if phases is None:
+                    phases = prof.context_table()
+                if actx < len(phases) and phases[actx][1] != "other":
+                    continue
+            state = (seq, category, ctx)
+            if self._sent.get(address) != state:
+                self._sent[address] = state
+                new.append((address, category, ctx))
+        if withdraw:
+            stale = [a for a, (_, c, _) in self._sent.items() if c == withdraw and a not in seen]
+            if stale:
+                seqs, _ = prof.live_seqs(np.array(stale, dtype=np.uint64))
+                for address, seq in zip(stale, seqs.tolist()):
+                    if seq == self._sent[address][0]:
+                        new.append((address, "none", 0))
+                    del self._sent[address]
+        prof.add_marks(new)
+        if len(self._sent) > self._prune_at:  # forget allocations freed since
+            keys = list(self._sent)
+            seqs, _ = prof.live_seqs(np.array(keys, dtype=np.uint64))
+            for address, seq in zip(keys, seqs.tolist()):
+                if seq != self._sent[address][0]:
+                    del self._sent[address]
+            self._prune_at = max(4096, 2 * len(self._sent))
+
+
+__all__ += ["PHASES"]

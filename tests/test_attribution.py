@@ -1,0 +1,165 @@
+"""Attribution: the category, module and phase of every byte, exact against torch's objects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torchmem
+from torchmem.analysis.categories import CATEGORIES
+from torchmem.units import format_bytes
+
+from _attribution_helpers import (CNN, MLP, Block, attributed, batches, exact_state, same_run,
+                                  storage_bytes, train)
+
+ROLES = ("parameter", "buffer", "gradient", "optimizer_state")
+
+
+def _check_step_ends(prof, make_model, make_opt, shape, classes, loss_fn=None):
+    seen = []
+    data = batches(shape, classes)
+
+    def check(model, opt, step):
+        now = prof.breakdown("category", at="now")
+        want = exact_state(model, opt)
+        # The batches passed into the model so far (the labels are not: they are "other").
+        want["input"] = storage_bytes(x for x, _ in data[:step + 1])
+        assert {k: now.get(k, 0) for k in (*ROLES, "input")} == want, f"step {step}"
+        assert sum(now.values()) == prof.get_statistics().current_usage_bytes
+        seen.append(step)
+
+    train(make_model, make_opt, data, prof, check, loss_fn=loss_fn)
+    assert seen == [0, 1, 2]
+    peak = prof.breakdown("category", at="peak")
+    assert sum(peak.values()) == prof.get_statistics().peak_usage_bytes
+    assert set(peak) <= set(CATEGORIES)
+    for by in ("module", "phase", "site", "type", "device"):
+        assert sum(prof.breakdown(by, at="peak").values()) == prof.get_statistics().peak_usage_bytes
+    for step in range(3):
+        at_step = prof.breakdown("category", at=step)
+        assert sum(at_step.values()) == max(s.peak_bytes for s in prof.step_peaks()
+                                            if s.step == step)
+
+
+def test_mlp_adam_exact_at_each_step_end():
+    with attributed(capture_stack_traces=True) as prof:
+        _check_step_ends(prof, MLP, torch.optim.Adam, (8, 16), 4)
+
+
+def test_cnn_batchnorm_sgd_momentum_exact_at_each_step_end():
+    with attributed() as prof:
+        _check_step_ends(prof, CNN, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                         (4, 3, 8, 8), 10)
+
+
+def test_transformer_block_adamw_exact_at_each_step_end():
+    def loss_fn(out, y):
+        return out.square().mean()
+
+    with attributed() as prof:
+        _check_step_ends(prof, Block, torch.optim.AdamW, (2, 5, 32), 1, loss_fn=loss_fn)
+
+
+def test_module_totals_of_a_hand_built_model():
+    with attributed() as prof:
+        torch.manual_seed(0)
+        net = MLP(16, 32, 4)
+        x = torch.randn(8, 16)
+        seen = {}
+        out = net(x)
+        out.grad_fn.register_prehook(lambda g: seen.update(
+            module=prof.breakdown("module", "now"), category=prof.breakdown("category", "now")))
+        out.sum().backward()
+        f = 4  # float32
+        params = {"MLP.fc1": (16 * 32 + 32) * f, "MLP.fc2": (32 * 4 + 4) * f}
+        # At the start of backward: each layer's parameters and its forward's
+        # outputs that autograd keeps (fc1's output is saved by nobody: ReLU
+        # saves its own result, which fc2 saves as its input).
+        assert seen["module"]["MLP.fc1"] == params["MLP.fc1"]
+        assert seen["module"]["MLP.relu"] == 8 * 32 * f
+        assert seen["module"]["MLP.fc2"] == params["MLP.fc2"] + 8 * 4 * f  # + its output
+        # After backward: parameters and gradients by owner.
+        end = prof.breakdown("module", "now")
+        assert end["MLP.fc1"] == 2 * params["MLP.fc1"]
+        assert end["MLP.fc2"] == 2 * params["MLP.fc2"] + 8 * 4 * f  # + out, still held
+        assert seen["category"]["activation"] == 8 * 32 * f + 8 * 4 * f
+
+
+def test_activation_at_backward_start_is_what_autograd_saved():
+    from torch.autograd.graph import saved_tensors_hooks
+
+    with attributed() as prof:
+        torch.manual_seed(0)
+        for make, shape in ((MLP, (8, 16)), (CNN, (4, 3, 8, 8)), (Block, (2, 5, 32))):
+            model = make()
+            x = torch.randn(*shape)
+            saved: list[torch.Tensor] = []
+
+            def pack(t):
+                saved.append(t)
+                return t
+
+            with saved_tensors_hooks(pack, lambda t: t):
+                out = model(x)
+                loss = out.square().sum()  # saves `out`
+            seen = {}
+            out.grad_fn.register_prehook(lambda g: seen.update(prof.breakdown("category", "now")))
+            own = {t.untyped_storage().data_ptr() for t in [*model.parameters(),
+                                                             *model.buffers(), x]}
+            activations = storage_bytes(t for t in saved if t.untyped_storage().data_ptr()
+                                        not in own)
+            loss.backward()
+            assert seen["activation"] == activations, make.__name__
+            del model, out, loss, saved
+
+
+def test_a_loaded_trace_gives_the_same_breakdowns(tmp_path):
+    from torchmem.storage import SQLiteStorage
+
+    path = tmp_path / "t.db"
+    with attributed(storage=SQLiteStorage(path), capture_stack_traces=True) as prof:
+        train(MLP, torch.optim.Adam, batches((8, 16), 4), prof)
+        live = {(by, at): prof.breakdown(by, at) for by in ("category", "module", "phase", "site")
+                for at in ("peak", "now", 0, 2)}
+        report = prof.peak_report().format()
+    prof.storage.wait()
+    back = torchmem.load(path)
+    for (by, at), want in live.items():
+        assert back.breakdown(by, at) == want, (by, at)
+    assert back.peak_report().format() == report
+
+
+def test_peak_report_and_step_peaks():
+    with attributed() as prof:
+        train(MLP, torch.optim.Adam, batches((8, 16), 4), prof)
+        report = prof.peak_report(top=2)
+        stats = prof.get_statistics()
+        assert report.overall.bytes == stats.peak_usage_bytes
+        assert sum(report.overall.by_category.values()) == stats.peak_usage_bytes
+        assert len(report.overall.by_module) <= 2 and len(report.overall.by_site) <= 2
+        assert [p.step for p in report.steps] == [0, 1, 2, 3]
+        peaks = prof.step_peaks()
+        for p in peaks[:3]:
+            assert set(p.by_phase) == {"forward", "backward", "optimizer", "other"}
+            assert p.peak_bytes == max(p.by_phase.values())
+        # Adam's state appears in the first step: its optimizer peak is the highest.
+        assert report.overall.step == 0 and report.overall.phase == "optimizer"
+        text = report.format()
+        assert text.startswith(f"peak {format_bytes(stats.peak_usage_bytes)} "
+                               "at step 0, optimizer")
+
+
+def test_bad_queries_are_clear_errors():
+    with attributed() as prof:
+        with pytest.raises(ValueError, match="by must be one of"):
+            prof.breakdown("colour")
+        with pytest.raises(ValueError, match="at must be"):
+            prof.breakdown("category", at="yesterday")
+        assert prof.breakdown("category", at="peak") == {}
+        x = torch.zeros(10)
+        with pytest.raises(ValueError, match="no events of step 5"):
+            prof.breakdown("category", at=5)
+        with pytest.raises(ValueError, match="top must be"):
+            prof.peak_report(top=0)
+        del x
