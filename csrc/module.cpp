@@ -221,20 +221,16 @@ NB_MODULE(_native, m) {
            })
       .def("_live_count", [](RecorderHandle& h) { return rec(h).live_count(); })
       .def("_peak_seq", [](RecorderHandle& h) { return rec(h).peak_seq(); })
-      .def("_live_seqs", [](RecorderHandle& h, nb::bytes addresses) {
-             // u64 addresses in; per address (seq u64, context u16, 6 pad)
-             // out: UINT64_MAX for one that is not live.
-             size_t n = addresses.size() / 8;
-             std::vector<uint64_t> in(n), seqs(n);
+      .def("_live_seqs", [](RecorderHandle& h, const std::vector<uint64_t>& addresses) {
+             // Per address (seq, context) of its live allocation; seq
+             // UINT64_MAX for one that is not live. One lock for all.
+             size_t n = addresses.size();
+             std::vector<uint64_t> seqs(n);
              std::vector<uint16_t> ctx(n);
-             std::memcpy(in.data(), addresses.c_str(), n * 8);
-             rec(h).live_seqs(in.data(), n, seqs.data(), ctx.data());
-             std::vector<uint64_t> out(2 * n);
-             for (size_t i = 0; i < n; ++i) {
-               out[2 * i] = seqs[i];
-               out[2 * i + 1] = ctx[i];
-             }
-             return as_bytes(out);
+             rec(h).live_seqs(addresses.data(), n, seqs.data(), ctx.data());
+             std::vector<std::pair<uint64_t, uint16_t>> out(n);
+             for (size_t i = 0; i < n; ++i) out[i] = {seqs[i], ctx[i]};
+             return out;
            })
       .def("_anomaly_counts", [](RecorderHandle& h) {
              nb::dict out;

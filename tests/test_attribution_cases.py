@@ -198,6 +198,24 @@ def test_threads_keep_their_own_context():
         assert _native.get_context() == 0
 
 
+def test_nothing_is_kept_alive():
+    import gc
+    import weakref
+
+    with attributed() as prof:
+        torch.manual_seed(0)
+        model = CNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        x = torch.randn(4, 3, 8, 8)
+        nn.functional.cross_entropy(model(x), torch.zeros(4, dtype=torch.long)).backward()
+        opt.step()
+        refs = [weakref.ref(o) for o in (model, opt, x, model.conv.weight)]
+        del model, opt, x
+        gc.collect()
+        assert [r() for r in refs] == [None] * 4
+        assert prof.get_statistics().current_usage_bytes == 0
+
+
 def test_enable_attributes_by_default_and_attribution_false_turns_it_off(tmp_path):
     _session._reset_for_tests()
     try:

@@ -568,12 +568,10 @@ class MemoryProfiler(_recorder.Recorder):
         with self._lock:
             return self._marks.array()
 
-    def live_seqs(self, addresses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For each address: the seq of its live allocation (2**64-1 if none) and
-        that allocation's context id."""
-        addresses = np.ascontiguousarray(addresses, dtype="<u8")
-        out = np.frombuffer(self._live_seqs(addresses.tobytes()), dtype="<u8").reshape(-1, 2)
-        return out[:, 0], out[:, 1].astype(np.uint16)
+    def live_seqs(self, addresses: list[int]) -> list[tuple[int, int]]:
+        """For each address, ``(seq, context_id)`` of its live allocation; seq is
+        2**64-1 for an address that is not live. One lock for all of them."""
+        return self._live_seqs(addresses)
 
     @property
     def peak_seq(self) -> int | None:

@@ -29,8 +29,9 @@ import numpy as np
 
 from ..profiler import MemoryProfiler
 from ..units import format_bytes
+from .categories import (CATEGORIES, NO_MODULE, Lifetimes, Segments, lifetimes, live_now,
+                         segments)
 from .sites import site_name
-from .categories import CATEGORIES, NO_MODULE, Lifetimes, categorize, lifetimes, live_now
 
 __all__ = ["BY", "Peak", "PeakReport", "StepPeak", "breakdown", "peak_report", "step_peaks"]
 
@@ -57,6 +58,7 @@ class _Moments:
                                 profiler.current_step)
         self.current_ctx = int(last["context_id"]) if last is not None else 0
         self._sites: dict[int, str] = {}
+        self._segments: Segments | None = None
 
     def seq_of(self, at: Any) -> int | None:
         """The event seq of a moment; None when there is none (no events)."""
@@ -88,10 +90,17 @@ class _Moments:
             return int(rows["total_allocated"][i]) - int(rows["total_freed"][i])
         return int(self.lt.size[self.lt.live_at(seq)].sum())
 
+    @property
+    def segments(self) -> Segments:
+        if self._segments is None:
+            self._segments = segments(self.lt, self.marks, self.contexts,
+                                      current_step=self.current_step,
+                                      current_ctx=self.current_ctx)
+        return self._segments
+
     def groups(self, seq: int, by: str) -> dict[str, int]:
         """Live bytes right after event ``seq`` by ``by``, largest first."""
-        c = categorize(self.lt, self.marks, self.contexts, seq,
-                       current_step=self.current_step, current_ctx=self.current_ctx)
+        c = self.segments.at(seq)
         lt, idx = self.lt, c.index
         sizes = lt.size[idx]
         if by == "category":

@@ -33,7 +33,8 @@ import numpy as np
 
 from .._contexts import MARK_INDEX, PHASE_INDEX
 
-__all__ = ["CATEGORIES", "Lifetimes", "NO_MODULE", "categorize", "lifetimes", "live_now"]
+__all__ = ["CATEGORIES", "Categorized", "Lifetimes", "NO_MODULE", "Segments", "categorize",
+           "lifetimes", "live_now", "segments"]
 
 #: Every category, in the order reports list them.
 CATEGORIES = ("parameter", "buffer", "gradient", "optimizer_state", "input", "activation",
@@ -210,6 +211,26 @@ def _roles(lt: Lifetimes, marks: np.ndarray) -> _Roles:
 
 
 @dataclass
+class Segments:
+    """Each allocation's category over its life, as segments: from moment ``start``
+    (inclusive) to ``end`` (exclusive), the allocation ``alloc`` (an index into
+    the Lifetimes) has category ``category`` (a CATEGORIES index) and belongs to
+    the module of context ``module_ctx``. An allocation without marks is one
+    segment; each later mark starts a new one."""
+
+    alloc: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    category: np.ndarray
+    module_ctx: np.ndarray
+
+    def at(self, seq: int) -> Categorized:
+        """The live allocations right after event ``seq``."""
+        live = (self.start <= seq) & (self.end > seq)
+        return Categorized(self.alloc[live], self.category[live], self.module_ctx[live])
+
+
+@dataclass
 class Categorized:
     """The live allocations at a moment: indices into the Lifetimes, each one's
     category code (CATEGORIES index) and the context id naming its module."""
@@ -219,54 +240,71 @@ class Categorized:
     module_ctx: np.ndarray
 
 
-def categorize(lt: Lifetimes, marks: np.ndarray, contexts: list[tuple[str, str]],
-               seq: int, *, current_step: int, current_ctx: int) -> Categorized:
-    """Category and module of every allocation live right after event ``seq``.
-
-    ``current_step`` / ``current_ctx``: the step and context of the latest
-    event, for allocations whose future is not known yet (still live).
-    """
-    phase_of = np.array([PHASE_INDEX.get(p, 0) for _, p in contexts] or [0], np.int64)
+def _lifetime_categories(lt: Lifetimes, marks: np.ndarray, phase_of: np.ndarray,
+                         current_step: int, current_ctx: int) -> np.ndarray:
+    """The category of every allocation from its lifetime alone (rule 2 above)."""
 
     def phase(ctx: np.ndarray) -> np.ndarray:
         c = ctx.astype(np.int64)
         return np.where(c < len(phase_of), phase_of[np.minimum(c, len(phase_of) - 1)], 0)
 
-    idx = lt.live_at(seq)
-    a_phase, f_phase = phase(lt.alloc_ctx[idx]), phase(lt.free_ctx[idx])
-    alloc_seq, free_seq = lt.alloc_seq[idx], lt.free_seq[idx]
-    a_step, f_step = lt.alloc_step[idx], lt.free_step[idx]
-    live = free_seq >= _INF
+    a_phase, f_phase = phase(lt.alloc_ctx), phase(lt.free_ctx)
+    a_step, f_step = lt.alloc_step, lt.free_step
+    live = lt.free_seq >= _INF
     starts = np.sort(marks["seq"][marks["category"] == _BACKWARD_START].astype(np.int64))
-    nxt = np.searchsorted(starts, alloc_seq, side="right")  # first start after it
+    nxt = np.searchsorted(starts, lt.alloc_seq, side="right")  # first start after it
     has_next = nxt < len(starts)
-    next_start = np.where(has_next, starts[np.minimum(nxt, max(len(starts) - 1, 0))]
-                          if len(starts) else 0, _INF)
-    forward = a_phase == _FORWARD
+    next_start = (starts[np.minimum(nxt, len(starts) - 1)] if len(starts)
+                  else np.zeros(len(lt), np.int64))
     cur_phase = int(phase(np.array([current_ctx]))[0])
-    cat = np.full(len(idx), _CAT["other"], np.int64)
+    cat = np.full(len(lt), _CAT["other"], np.int64)
     temporary = np.where(live, (a_step == current_step) & (a_phase == cur_phase),
                          (a_phase == f_phase) & (a_step == f_step) & (a_step >= 0))
     cat[temporary] = _CAT["temporary"]
-    activation = forward & ((has_next & (next_start <= free_seq))
-                            | (live & ~has_next & (a_step == current_step)))
+    activation = (a_phase == _FORWARD) & ((has_next & (next_start <= lt.free_seq))
+                                          | (live & ~has_next & (a_step == current_step)))
     cat[activation] = _CAT["activation"]
-    module_ctx = lt.alloc_ctx[idx].astype(np.int64)
+    return cat
 
+
+def segments(lt: Lifetimes, marks: np.ndarray, contexts: list[tuple[str, str]], *,
+             current_step: int, current_ctx: int) -> Segments:
+    """Every allocation's category and module over its life.
+
+    ``current_step`` / ``current_ctx``: the step and context of the latest
+    event, for allocations whose future is not known yet (still live).
+    """
+    phase_of = np.array([PHASE_INDEX.get(p, 0) for _, p in contexts] or [0], np.int64)
+    base = _lifetime_categories(lt, marks, phase_of, current_step, current_ctx)
+    n = len(lt)
     roles = _roles(lt, marks)
-    if len(roles.alloc):
-        # The mark in force at `seq`: the last one made by then, else the first.
-        made = roles.seq <= seq + 1
-        counts = np.add.reduceat(made.astype(np.int64), roles.starts)
-        pick = roles.starts + np.maximum(counts - 1, 0)
-        owner = roles.owners
-        where = np.searchsorted(idx, owner)
-        hit = (where < len(idx)) & (idx[np.minimum(where, max(len(idx) - 1, 0))] == owner) \
-            if len(idx) else np.zeros(len(owner), bool)
-        pos, pick = where[hit], pick[hit]
-        code = roles.category[pick]
-        has_role = code >= 0
-        cat[pos[has_role]] = code[has_role]
-        owned = has_role & (roles.ctx[pick] != 0)
-        module_ctx[pos[owned]] = roles.ctx[pick][owned]
-    return Categorized(idx, cat, module_ctx)
+    has = np.zeros(n, bool)
+    has[roles.owners] = True
+    plain = np.flatnonzero(~has)
+    # One segment per mark: the first from the allocation on (retroactive),
+    # each later one from the moment it was made (a mark made when `q` events
+    # had been recorded holds right after event q - 1).
+    first = np.zeros(len(roles.alloc), bool)
+    first[roles.starts] = True
+    start = np.where(first, lt.alloc_seq[roles.alloc], roles.seq - 1)
+    end = np.empty(len(roles.alloc), np.int64)
+    if len(end):
+        end[:-1] = np.where(first[1:], lt.free_seq[roles.alloc[:-1]], start[1:])
+        end[-1] = lt.free_seq[roles.alloc[-1]]
+    has_role = roles.category >= 0
+    category = np.where(has_role, roles.category, base[roles.alloc])
+    owned = has_role & (roles.ctx != 0)
+    module = np.where(owned, roles.ctx, lt.alloc_ctx[roles.alloc]).astype(np.int64)
+    return Segments(
+        alloc=np.concatenate([plain, roles.alloc]),
+        start=np.concatenate([lt.alloc_seq[plain], start]),
+        end=np.concatenate([lt.free_seq[plain], end]),
+        category=np.concatenate([base[plain], category]),
+        module_ctx=np.concatenate([lt.alloc_ctx[plain].astype(np.int64), module]))
+
+
+def categorize(lt: Lifetimes, marks: np.ndarray, contexts: list[tuple[str, str]],
+               seq: int, *, current_step: int, current_ctx: int) -> Categorized:
+    """Category and module of every allocation live right after event ``seq``."""
+    return segments(lt, marks, contexts, current_step=current_step,
+                    current_ctx=current_ctx).at(seq)

@@ -36,7 +36,6 @@ import threading
 import weakref
 from typing import Any
 
-import numpy as np
 import torch
 
 from .. import _native
@@ -45,7 +44,7 @@ from .._contexts import PHASE_INDEX, PHASES
 __all__ = ["ContextSource", "module_path_name"]
 
 _FORWARD, _BACKWARD, _OPTIMIZER = (PHASE_INDEX[p] for p in ("forward", "backward", "optimizer"))
-_NOT_LIVE = np.uint64(2**64 - 1)
+_NOT_LIVE = 2**64 - 1
 
 _set_context = _native.set_context
 _intern = _native.intern_context
@@ -55,37 +54,56 @@ _is_compiling = torch.compiler.is_compiling
 _Tensor = torch.Tensor
 
 
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """A torch.compile wrapper's original module (the module itself otherwise).
+
+    Through ``_modules``: a missing attribute costs nn.Module.__getattr__ an
+    exception, tens of microseconds."""
+    inner = module.__dict__.get("_modules", {}).get("_orig_mod")
+    return inner if inner is not None else module
+
+
 def module_path_name(module: torch.nn.Module) -> str:
     """The name an outermost module gets: its class (a torch.compile wrapper's
     original module's class)."""
-    inner = getattr(module, "_orig_mod", None)
-    return type(inner if isinstance(inner, torch.nn.Module) else module).__name__
+    return type(_unwrapped(module)).__name__
 
 
 class _Anchor:
     """A module whose ``named_modules()`` names the modules below it: the outermost
     running module, or a module called under it that it does not contain."""
 
-    __slots__ = ("module", "prefix", "names", "__weakref__")
+    __slots__ = ("module", "prefix", "names", "owned", "__weakref__")
 
     def __init__(self, module: torch.nn.Module, prefix: str) -> None:
         self.module = weakref.ref(module)
         self.prefix = prefix
         # id(module) -> (weakref, (forward ctx, backward ctx), path); None: not below it
         self.names: dict[int, Any] = {}
+        self.owned: list[tuple[Any, int]] | None = None  # (weakref, owner ctx), see owners()
         self.rebuild()
 
     def rebuild(self) -> None:
         root = self.module()
         if root is None:
             return
-        inner = getattr(root, "_orig_mod", None)
-        tree = inner if isinstance(inner, torch.nn.Module) else root
+        tree = _unwrapped(root)
         names = {id(root): (weakref.ref(root), self.prefix)}
         for name, m in tree.named_modules():
             names.setdefault(id(m), (weakref.ref(m), f"{self.prefix}.{name}" if name
                                      else self.prefix))
         self.names = {k: (ref, None, path) for k, (ref, path) in names.items()}
+        self.owned = None
+
+    def owners(self) -> list[tuple[Any, int]]:
+        """Every module below this anchor with the context naming it as an owner
+        (phase "other"), built once per rebuild: the step's end reads their
+        parameters and buffers without walking the tree again."""
+        if self.owned is None:
+            # Weak references: torchmem must never keep a model alive.
+            self.owned = [(ref, _intern(path, 0)) for ref, _, path in self.names.values()
+                          if path is not None]
+        return self.owned
 
     def lookup(self, module: torch.nn.Module) -> tuple | None:
         """``(forward ctx, backward ctx, path)`` of a module below this anchor, or None."""
@@ -106,14 +124,11 @@ class _Anchor:
         return ctx
 
 
-class _Frame:
-    """One running module (or optimizer step: no anchor) on a thread's stack."""
-
-    __slots__ = ("module", "prev", "anchor", "ctx", "root")
-
-    def __init__(self, module: Any, prev: int, anchor: _Anchor | None, ctx: tuple,
-                 root: bool) -> None:
-        self.module, self.prev, self.anchor, self.ctx, self.root = module, prev, anchor, ctx, root
+# A running module (or optimizer step) on a thread's stack, as a tuple (cheaper
+# than an object on a path that runs twice per module call): the module, the
+# context before it, its anchor (None: an optimizer step), its
+# (forward ctx, backward ctx, path), whether it is an outermost module.
+_MODULE, _PREV, _ANCHOR, _CTX, _ROOT = range(5)
 
 
 class _Thread(threading.local):
@@ -122,7 +137,7 @@ class _Thread(threading.local):
 
     def __init__(self) -> None:
         self.ctx = 0
-        self.stack: list[_Frame] = []
+        self.stack: list[tuple] = []
         self.claimed: dict[Any, int] = {}
         self.task = -1  # the backward pass (graph task) last seen on this thread
 
@@ -139,6 +154,7 @@ class _Hooks:
         self.roots: weakref.WeakSet = weakref.WeakSet()  # outermost modules that ran
         self.owners: dict[int, tuple[Any, int]] = {}  # id(param) -> (weakref, owner ctx)
         self.optimizer_ctx = _intern("", _OPTIMIZER)
+        self.backward_hooks: dict[int, _BackwardHook] = {}
 
     # -- installing -------------------------------------------------------------
     def add(self, source: ContextSource) -> None:
@@ -178,6 +194,7 @@ class _Hooks:
         _set_context(ctx)
 
     # -- forward ----------------------------------------------------------------
+    # The two hooks below run for every module call: written for speed.
     def forward_pre(self, module: Any, args: tuple) -> None:
         if _is_compiling():
             return
@@ -186,11 +203,12 @@ class _Hooks:
             stack = t.stack
             in_backward = _graph_task_id() != -1
             top = stack[-1] if stack else None
-            if top is not None and top.anchor is not None:
-                anchor = top.anchor
+            if top is not None and top[_ANCHOR] is not None:
+                anchor = top[_ANCHOR]
                 ctx = anchor.lookup(module)
                 if ctx is None:  # not below it: named from its caller's path
-                    anchor = self.anchor(module, f"{top.ctx[2]}.{module_path_name(module)}")
+                    anchor = self.anchor(module,
+                                         f"{top[_CTX][2]}.{module_path_name(module)}")
                     ctx = anchor.lookup(module)
                 root = False
             else:  # outermost (perhaps inside an optimizer step: LBFGS's closure)
@@ -202,20 +220,21 @@ class _Hooks:
                     self.mark_model(module, anchor)
             if ctx is None:
                 return
-            stack.append(_Frame(module, t.ctx, anchor, ctx, root))
-            self.set(t, ctx[1] if in_backward else ctx[0])
-            if not root and not in_backward and _grad_enabled():
+            stack.append((module, t.ctx, anchor, ctx, root))
+            t.ctx = c = ctx[1] if in_backward else ctx[0]
+            _set_context(c)
+            if not root and not in_backward and args and _grad_enabled():
                 # Inputs made by the caller's own ops (no module claims their
                 # node): once this module's backward is done, the caller's
                 # context holds again.
-                parent = top.ctx[1]
                 claimed = t.claimed
                 for a in args:
                     if isinstance(a, _Tensor):
                         node = a.grad_fn
                         if node is not None and node not in claimed:
+                            parent = top[_CTX][1]
                             claimed[node] = parent
-                            node.register_prehook(_BackwardHook(self, parent))
+                            node.register_prehook(self.backward_hook(parent))
         except Exception:  # never into the training run
             pass
 
@@ -224,33 +243,50 @@ class _Hooks:
         # when the forward raised.
         if _is_compiling():
             return
-        kwargs, result = rest if len(rest) == 2 else ({}, rest[-1] if rest else None)
         try:
             t = self.tls
             stack = t.stack
-            for i in range(len(stack) - 1, -1, -1):
-                if stack[i].module is module:
-                    break
+            if stack and stack[-1][_MODULE] is module:
+                frame = stack.pop()
             else:
-                return  # its pre-hook did not run (it started while compiling)
-            frame = stack[i]
-            del stack[i:]  # frames above: forwards that raised
-            self.set(t, frame.prev)
+                for i in range(len(stack) - 1, -1, -1):
+                    if stack[i][_MODULE] is module:
+                        break
+                else:
+                    return  # its pre-hook did not run (it started while compiling)
+                frame = stack[i]
+                del stack[i:]  # frames above: forwards that raised
+            t.ctx = c = frame[_PREV]
+            _set_context(c)
+            result = rest[-1] if rest else None
             in_backward = _graph_task_id() != -1
             if not in_backward and result is not None and _grad_enabled():
                 claimed = t.claimed
-                bw = frame.ctx[1]
-                for out in _tensors(result):
-                    node = out.grad_fn
-                    if node is not None and claimed.get(node) is None:
+                bw = frame[_CTX][1]
+                if isinstance(result, _Tensor):
+                    node = result.grad_fn
+                    if node is not None and node not in claimed:
                         claimed[node] = bw
-                        node.register_prehook(_BackwardHook(self, bw))
-            if frame.root:
+                        node.register_prehook(self.backward_hook(bw))
+                else:
+                    for out in _tensors(result):
+                        node = out.grad_fn
+                        if node is not None and node not in claimed:
+                            claimed[node] = bw
+                            node.register_prehook(self.backward_hook(bw))
+            if frame[_ROOT]:
                 t.claimed = {}
                 if not in_backward:
-                    self.mark_inputs(args, kwargs)
+                    self.mark_inputs(args, rest[0] if len(rest) == 2 else None)
         except Exception:
             pass
+
+    def backward_hook(self, ctx: int) -> _BackwardHook:
+        """The node pre-hook that enters ``ctx`` (one per context, shared by nodes)."""
+        hook = self.backward_hooks.get(ctx)
+        if hook is None:
+            hook = self.backward_hooks[ctx] = _BackwardHook(self, ctx)
+        return hook
 
     def anchor(self, module: Any, prefix: str) -> _Anchor:
         by_prefix = self.anchors.get(module)
@@ -290,12 +326,10 @@ class _Hooks:
             if t.stack:
                 # A step runs between forwards: module frames left now are of
                 # forwards whose end was never seen (a hook that failed).
-                self.set(t, t.stack[0].prev)
+                self.set(t, t.stack[0][_PREV])
                 t.stack.clear()
-            t.stack.append(_Frame(optimizer, t.ctx, None, (self.optimizer_ctx,) * 2 + ("",),
-                                  False))
+            t.stack.append((optimizer, t.ctx, None, (self.optimizer_ctx,) * 2 + ("",), False))
             self.set(t, self.optimizer_ctx)
-            self.mark_grads(optimizer)
         except Exception:
             pass
 
@@ -305,16 +339,19 @@ class _Hooks:
             stack = t.stack
             while stack:
                 frame = stack.pop()
-                if frame.module is optimizer:
-                    self.set(t, frame.prev)
+                if frame[_MODULE] is optimizer:
+                    self.set(t, frame[_PREV])
                     break
-            self.mark_state(optimizer)
-            # The step's end: parameters may have been replaced, and .grad
-            # storages set to None since (kept alive elsewhere, they are no
-            # longer gradients).
-            marks: list = []
+            # The step's end: its state, and every model's parameters, buffers
+            # and gradients (parameters may have been replaced; a .grad set
+            # to None but kept alive elsewhere is no longer a gradient).
+            marks = self.state_marks(optimizer)
             for root in list(self.roots):
                 marks += self.model_marks(root, self.anchor(root, module_path_name(root)))
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and not self.owner_of(p):
+                        marks.append((p.grad, "gradient", 0))  # of no model that ran
             self.emit_tensors(marks, withdraw="gradient")
         except Exception:
             pass
@@ -324,43 +361,35 @@ class _Hooks:
         self.emit_tensors(self.model_marks(root, anchor))
 
     def model_marks(self, root: Any, anchor: _Anchor) -> list:
-        """Parameters, buffers and gradients of ``root``, each owned by its module."""
-        inner = getattr(root, "_orig_mod", None)
-        tree = inner if isinstance(inner, torch.nn.Module) else root
+        """Parameters, buffers and gradients of ``root``, each owned by the module
+        holding it (a shared one by the first, as named_parameters() names it)."""
         marks: list[tuple[Any, str, int]] = []
-        owner_ctx: dict[str, int] = {}
-
-        def owner(name: str) -> int:
-            module = name.rpartition(".")[0]
-            ctx = owner_ctx.get(module)
-            if ctx is None:
-                path = f"{anchor.prefix}.{module}" if module else anchor.prefix
-                ctx = owner_ctx[module] = _intern(path, 0)
-            return ctx
-
-        for name, p in tree.named_parameters():
-            ctx = owner(name)
-            self.owners[id(p)] = (weakref.ref(p), ctx)
-            marks.append((p, "parameter", ctx))
-            if p.grad is not None:
-                marks.append((p.grad, "gradient", ctx))
-        for name, b in tree.named_buffers():
-            marks.append((b, "buffer", owner(name)))
+        owners = self.owners
+        seen: set[int] = set()
+        for ref, ctx in anchor.owners():
+            module = ref()
+            if module is None:
+                continue
+            for p in module._parameters.values():
+                if p is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                entry = owners.get(id(p))
+                if entry is None or entry[0]() is not p or entry[1] != ctx:
+                    owners[id(p)] = (weakref.ref(p), ctx)
+                marks.append((p, "parameter", ctx))
+                if p.grad is not None:
+                    marks.append((p.grad, "gradient", ctx))
+            for b in module._buffers.values():
+                if b is not None:
+                    marks.append((b, "buffer", ctx))
         return marks
 
     def owner_of(self, p: Any) -> int:
         entry = self.owners.get(id(p))
         return entry[1] if entry is not None and entry[0]() is p else 0
 
-    def mark_grads(self, optimizer: Any) -> None:
-        marks = []
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    marks.append((p.grad, "gradient", self.owner_of(p)))
-        self.emit_tensors(marks)
-
-    def mark_state(self, optimizer: Any) -> None:
+    def state_marks(self, optimizer: Any) -> list:
         marks = []
         for p, state in optimizer.state.items():
             ctx = self.owner_of(p)
@@ -368,9 +397,9 @@ class _Hooks:
             for v in values:
                 if isinstance(v, _Tensor):
                     marks.append((v, "optimizer_state", ctx))
-        self.emit_tensors(marks)
+        return marks
 
-    def mark_inputs(self, args: tuple, kwargs: dict) -> None:
+    def mark_inputs(self, args: tuple, kwargs: dict | None) -> None:
         tensors = list(_tensors(args))
         if kwargs:
             tensors.extend(_tensors(tuple(kwargs.values())))
@@ -383,11 +412,11 @@ class _Hooks:
         out = []
         for x, category, ctx in marks:
             try:
-                storage = x.untyped_storage()
+                # The storage's start without building a storage object (~1 us).
+                address = x.data_ptr() - x.storage_offset() * x.element_size()
             except Exception:  # a tensor subclass or meta tensor without one
                 continue
-            address = storage.data_ptr()
-            if address and storage.nbytes():
+            if address:
                 out.append((address, category, ctx))
         for source in list(self.sources):
             source.note(out, withdraw, only_outside_modules)
@@ -486,12 +515,12 @@ class ContextSource:
         prof = self.profiler
         if not marks and not (withdraw and self._sent):
             return
-        addresses = np.fromiter((m[0] for m in marks), dtype=np.uint64, count=len(marks))
-        seqs, contexts = prof.live_seqs(addresses)
+        found = prof.live_seqs([m[0] for m in marks])
         new = []
         seen = set()
         phases = None
-        for (address, category, ctx), seq, actx in zip(marks, seqs.tolist(), contexts.tolist()):
+        sent = self._sent
+        for (address, category, ctx), (seq, actx) in zip(marks, found):
             if seq == _NOT_LIVE or address in seen:
                 continue
             seen.add(address)
@@ -501,25 +530,23 @@ class ContextSource:
                 if actx < len(phases) and phases[actx][1] != "other":
                     continue
             state = (seq, category, ctx)
-            if self._sent.get(address) != state:
-                self._sent[address] = state
+            if sent.get(address) != state:
+                sent[address] = state
                 new.append((address, category, ctx))
         if withdraw:
-            stale = [a for a, (_, c, _) in self._sent.items() if c == withdraw and a not in seen]
+            stale = [a for a, (_, c, _) in sent.items() if c == withdraw and a not in seen]
             if stale:
-                seqs, _ = prof.live_seqs(np.array(stale, dtype=np.uint64))
-                for address, seq in zip(stale, seqs.tolist()):
-                    if seq == self._sent[address][0]:
+                for address, (seq, _) in zip(stale, prof.live_seqs(stale)):
+                    if seq == sent[address][0]:
                         new.append((address, "none", 0))
-                    del self._sent[address]
+                    del sent[address]
         prof.add_marks(new)
-        if len(self._sent) > self._prune_at:  # forget allocations freed since
-            keys = list(self._sent)
-            seqs, _ = prof.live_seqs(np.array(keys, dtype=np.uint64))
-            for address, seq in zip(keys, seqs.tolist()):
-                if seq != self._sent[address][0]:
-                    del self._sent[address]
-            self._prune_at = max(4096, 2 * len(self._sent))
+        if len(sent) > self._prune_at:  # forget allocations freed since
+            keys = list(sent)
+            for address, (seq, _) in zip(keys, prof.live_seqs(keys)):
+                if seq != sent[address][0]:
+                    del sent[address]
+            self._prune_at = max(4096, 2 * len(sent))
 
 
 __all__ += ["PHASES"]
