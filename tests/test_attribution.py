@@ -163,3 +163,25 @@ def test_bad_queries_are_clear_errors():
         with pytest.raises(ValueError, match="top must be"):
             prof.peak_report(top=0)
         del x
+
+
+def test_possible_leaks_leave_out_what_is_alive_by_design():
+    with attributed() as prof:
+        losses = []
+        torch.manual_seed(0)
+        model = MLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for x, y in batches((8, 16), 4):
+            opt.zero_grad(set_to_none=False)  # .grad kept from step to step
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss)  # the leak: every loss keeps its graph's tensors
+        state = {t.untyped_storage().data_ptr() for t in [
+            *model.parameters(), *(p.grad for p in model.parameters()),
+            *(v for s in opt.state.values() for v in s.values())]}
+        leaks = prof.detect_potential_leaks()
+        assert leaks and not {leak.address for leak in leaks} & state
+        everything = prof.detect_potential_leaks(include_model_state=True)
+        assert state <= {leak.address for leak in everything}
+        assert len(everything) == len(leaks) + len(state)

@@ -635,11 +635,15 @@ class MemoryProfiler(_recorder.Recorder):
         return names[type_id] if type_id < len(names) and type_id != TYPE_NONE else ""
 
     def detect_potential_leaks(self, min_age_seconds: float = 0.0,
-                               min_age_steps: int = 0) -> list[Leak]:
+                               min_age_steps: int = 0, *,
+                               include_model_state: bool = False) -> list[Leak]:
         """Live allocations at least this old, largest first.
 
         Age is wall-clock seconds since the allocation and training steps
-        since it (both filters apply).
+        since it (both filters apply). Parameters, buffers, gradients and
+        optimizer state, alive by design, are left out unless
+        ``include_model_state`` (what attribution knows them to be; see
+        ``breakdown``).
         """
         if not isinstance(min_age_seconds, (int, float)) or min_age_seconds < 0:
             raise ValueError(f"min_age_seconds must be >= 0, got {min_age_seconds!r}")
@@ -649,6 +653,8 @@ class MemoryProfiler(_recorder.Recorder):
         keep = (live["timestamp_ns"] <= cutoff_ns) & (
             live["step"].astype(np.int64) <= self.current_step - min_age_steps)
         live = live[keep]
+        if not include_model_state and len(live) and MemoryProfiler.queries is not None:
+            live = live[~MemoryProfiler.queries.model_state(self, live)]
         order = np.lexsort((live["seq"], -live["size"].astype(np.int64)))
         return [Leak(int(r["address"]), int(r["size"]), self.resolve_stack(int(r["stack_id"])))
                 for r in live[order]]

@@ -33,7 +33,8 @@ from .categories import (CATEGORIES, NO_MODULE, Lifetimes, Segments, lifetimes, 
                          segments)
 from .sites import site_name
 
-__all__ = ["BY", "Peak", "PeakReport", "StepPeak", "breakdown", "peak_report", "step_peaks"]
+__all__ = ["BY", "MODEL_STATE", "Peak", "PeakReport", "StepPeak", "breakdown", "model_state",
+           "peak_report", "step_peaks"]
 
 BY = ("category", "module", "phase", "site", "type", "device")
 _PHASES = ("forward", "backward", "optimizer", "other")
@@ -160,6 +161,23 @@ def breakdown(profiler: Any, by: str = "category", at: Any = "peak") -> dict[str
         return {}
     m.check_held(seq)
     return m.groups(seq, by)
+
+
+#: The categories alive by design: possible-leak lists leave them out.
+MODEL_STATE = ("parameter", "buffer", "gradient", "optimizer_state")
+
+
+def model_state(profiler: Any, live: np.ndarray) -> np.ndarray:
+    """For LIVE_DTYPE rows of ``profiler``: whether each is, now, a parameter,
+    buffer, gradient or optimizer state (bool array)."""
+    m = _Moments(profiler, live_now(profiler))
+    seq = m.seq_of("now")
+    if seq is None or not len(live):
+        return np.zeros(len(live), bool)
+    c = m.segments.at(seq)
+    codes = [CATEGORIES.index(k) for k in MODEL_STATE]
+    held = m.lt.alloc_seq[c.index[np.isin(c.category, codes)]]
+    return np.isin(live["seq"].astype(np.int64), held)
 
 
 @dataclass
