@@ -16,8 +16,8 @@ import numpy as np
 from .breakdown import _Moments
 from .categories import CATEGORIES, NO_MODULE, Segments
 
-__all__ = ["CategoryTimeline", "ModuleRow", "StackNode", "category_timeline", "module_table",
-           "peak_stacks"]
+__all__ = ["CategoryTimeline", "ModuleRow", "StackNode", "allocation_categories",
+           "category_timeline", "module_table", "peak_stacks"]
 
 
 @dataclass
@@ -176,3 +176,14 @@ def _sort(node: StackNode) -> None:
     node.children.sort(key=lambda n: -n.bytes)
     for child in node.children:
         _sort(child)
+
+
+def allocation_categories(profiler: Any) -> dict[int, str]:
+    """The category of each allocation when it was made: seq of its ALLOCATION or
+    REALLOCATION event -> category name (memory_viz colours allocations by it)."""
+    m = _Moments(profiler)
+    seg = m.segments
+    alloc_seq = m.lt.alloc_seq[seg.alloc]
+    first = (seg.start == alloc_seq) & (alloc_seq >= 0)
+    names = np.array(CATEGORIES, dtype=object)[seg.category[first]]
+    return dict(zip(alloc_seq[first].tolist(), names.tolist()))

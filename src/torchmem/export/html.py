@@ -20,6 +20,7 @@ from ..analysis.epoch_records import METADATA_KEY as EPOCH_KEY, int_field
 from ..analysis.sites import bytes_by_site_name, site_name
 from ._common import ALLOC, REALLOC, Progress, all_events, signed_sizes
 from ..units import format_bytes
+from ._attribution_html import attribution_sections
 from ._svg import line_chart
 
 __all__ = ["to_html", "export_html"]
@@ -218,6 +219,7 @@ def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
                                            sorted(stats.usage_by_type.items())], numeric={1})
     sections = [("Memory over time by type", _chart(profiler, events)
                  + '<p class="muted">Dashed lines: training step starts.</p>')]
+    sections += attribution_sections(profiler, top)
     for i, (name, fn) in enumerate([
             ("Top allocation sites", lambda: _sites(profiler, events, top)),
             ("Potential leaks", lambda: _leaks(profiler, top)),
