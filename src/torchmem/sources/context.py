@@ -131,15 +131,29 @@ class _Anchor:
 _MODULE, _PREV, _ANCHOR, _CTX, _ROOT = range(5)
 
 
-class _Thread(threading.local):
+class _Thread:
     """Per-thread state: the context set last, the running modules, the autograd
-    nodes claimed by a module during the current outermost forward."""
+    nodes claimed by a module during the current outermost forward, the
+    backward pass (graph task) last seen."""
+
+    __slots__ = ("ctx", "stack", "claimed", "task")
 
     def __init__(self) -> None:
         self.ctx = 0
         self.stack: list[tuple] = []
         self.claimed: dict[Any, int] = {}
-        self.task = -1  # the backward pass (graph task) last seen on this thread
+        self.task = -1
+
+
+_local = threading.local()  # .s: this thread's _Thread (one local lookup per hook)
+
+
+def _thread() -> _Thread:
+    try:
+        return _local.s
+    except AttributeError:
+        t = _local.s = _Thread()
+        return t
 
 
 class _Hooks:
@@ -149,12 +163,10 @@ class _Hooks:
         self.lock = threading.Lock()
         self.sources: list[ContextSource] = []
         self.handles: list[Any] = []
-        self.tls = _Thread()
         self.anchors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.roots: weakref.WeakSet = weakref.WeakSet()  # outermost modules that ran
         self.owners: dict[int, tuple[Any, int]] = {}  # id(param) -> (weakref, owner ctx)
         self.optimizer_ctx = _intern("", _OPTIMIZER)
-        self.backward_hooks: dict[int, _BackwardHook] = {}
 
     # -- installing -------------------------------------------------------------
     def add(self, source: ContextSource) -> None:
@@ -186,7 +198,7 @@ class _Hooks:
             for h in self.handles:
                 h.remove()
             self.handles = []
-        self.set(self.tls, 0)
+        self.set(_thread(), 0)
 
     @staticmethod
     def set(t: _Thread, ctx: int) -> None:
@@ -199,13 +211,20 @@ class _Hooks:
         if _is_compiling():
             return
         try:
-            t = self.tls
+            try:
+                t = _local.s
+            except AttributeError:
+                t = _thread()
             stack = t.stack
             in_backward = _graph_task_id() != -1
             top = stack[-1] if stack else None
             if top is not None and top[_ANCHOR] is not None:
                 anchor = top[_ANCHOR]
-                ctx = anchor.lookup(module)
+                entry = anchor.names.get(id(module))  # _Anchor.lookup's fast path
+                if entry is not None and entry[1] and entry[0]() is module:
+                    ctx = entry[1]
+                else:
+                    ctx = anchor.lookup(module)
                 if ctx is None:  # not below it: named from its caller's path
                     anchor = self.anchor(module,
                                          f"{top[_CTX][2]}.{module_path_name(module)}")
@@ -223,7 +242,7 @@ class _Hooks:
             stack.append((module, t.ctx, anchor, ctx, root))
             t.ctx = c = ctx[1] if in_backward else ctx[0]
             _set_context(c)
-            if not root and not in_backward and args and _grad_enabled():
+            if not root and args and not in_backward and _grad_enabled():
                 # Inputs made by the caller's own ops (no module claims their
                 # node): once this module's backward is done, the caller's
                 # context holds again.
@@ -234,7 +253,9 @@ class _Hooks:
                         if node is not None and node not in claimed:
                             parent = top[_CTX][1]
                             claimed[node] = parent
-                            node.register_prehook(self.backward_hook(parent))
+                            hook = _backward_hooks.get(parent)
+                            node.register_prehook(hook if hook is not None
+                                                  else _backward_hook(parent))
         except Exception:  # never into the training run
             pass
 
@@ -244,7 +265,10 @@ class _Hooks:
         if _is_compiling():
             return
         try:
-            t = self.tls
+            try:
+                t = _local.s
+            except AttributeError:
+                t = _thread()
             stack = t.stack
             if stack and stack[-1][_MODULE] is module:
                 frame = stack.pop()
@@ -259,34 +283,29 @@ class _Hooks:
             t.ctx = c = frame[_PREV]
             _set_context(c)
             result = rest[-1] if rest else None
-            in_backward = _graph_task_id() != -1
-            if not in_backward and result is not None and _grad_enabled():
+            if result is not None and _grad_enabled() and _graph_task_id() == -1:
                 claimed = t.claimed
                 bw = frame[_CTX][1]
+                hook = _backward_hooks.get(bw)
+                if hook is None:
+                    hook = _backward_hook(bw)
                 if isinstance(result, _Tensor):
                     node = result.grad_fn
                     if node is not None and node not in claimed:
                         claimed[node] = bw
-                        node.register_prehook(self.backward_hook(bw))
+                        node.register_prehook(hook)
                 else:
                     for out in _tensors(result):
                         node = out.grad_fn
                         if node is not None and node not in claimed:
                             claimed[node] = bw
-                            node.register_prehook(self.backward_hook(bw))
+                            node.register_prehook(hook)
             if frame[_ROOT]:
                 t.claimed = {}
-                if not in_backward:
+                if _graph_task_id() == -1:
                     self.mark_inputs(args, rest[0] if len(rest) == 2 else None)
         except Exception:
             pass
-
-    def backward_hook(self, ctx: int) -> _BackwardHook:
-        """The node pre-hook that enters ``ctx`` (one per context, shared by nodes)."""
-        hook = self.backward_hooks.get(ctx)
-        if hook is None:
-            hook = self.backward_hooks[ctx] = _BackwardHook(self, ctx)
-        return hook
 
     def anchor(self, module: Any, prefix: str) -> _Anchor:
         by_prefix = self.anchors.get(module)
@@ -298,11 +317,9 @@ class _Hooks:
         return a
 
     # -- backward ---------------------------------------------------------------
-    def backward_enter(self, ctx: int) -> None:
-        t = self.tls
-        task = _graph_task_id()
+    def backward_start(self, t: _Thread, task: int, ctx: int) -> None:
+        """The first module node of a backward pass is about to run: it starts now."""
         if task != t.task:
-            # The first module node of a backward pass: it starts now.
             t.task = task
             self.emit([(0, "backward_start", ctx)])
             ident = threading.get_ident()
@@ -317,12 +334,11 @@ class _Hooks:
                 torch.autograd.Variable._execution_engine.queue_callback(done)
             except Exception:
                 pass
-        self.set(t, ctx)
 
     # -- optimizer --------------------------------------------------------------
     def step_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         try:
-            t = self.tls
+            t = _thread()
             if t.stack:
                 # A step runs between forwards: module frames left now are of
                 # forwards whose end was never seen (a hook that failed).
@@ -335,7 +351,7 @@ class _Hooks:
 
     def step_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         try:
-            t = self.tls
+            t = _thread()
             stack = t.stack
             while stack:
                 frame = stack.pop()
@@ -426,19 +442,31 @@ class _Hooks:
             source.profiler.add_marks(marks)
 
 
-class _BackwardHook:
-    """A node pre-hook that sets a module's backward context (returns None)."""
+# ctx -> the node pre-hook that enters it (one per context, shared by nodes).
+_backward_hooks: dict[int, Any] = {}
 
-    __slots__ = ("hooks", "ctx")
 
-    def __init__(self, hooks: _Hooks, ctx: int) -> None:
-        self.hooks, self.ctx = hooks, ctx
+def _backward_hook(ctx: int) -> Any:
+    """The node pre-hook for context ``ctx``: sets it on the thread about to run
+    the node (the first of a backward pass also marks its start); returns None,
+    so gradients are untouched. A closure: it runs once per module node."""
 
-    def __call__(self, grad_outputs: Any) -> None:
+    def hook(grad_outputs: Any) -> None:
         try:
-            self.hooks.backward_enter(self.ctx)
-        except Exception:
+            try:
+                t = _local.s
+            except AttributeError:
+                t = _thread()
+            task = _graph_task_id()
+            if task != t.task:
+                _hooks.backward_start(t, task, ctx)
+            t.ctx = ctx
+            _set_context(ctx)
+        except Exception:  # never into the training run
             pass
+
+    _backward_hooks[ctx] = hook
+    return hook
 
 
 def _tensors(value: Any):
