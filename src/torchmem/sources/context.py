@@ -38,90 +38,21 @@ from typing import Any
 
 import torch
 
-from .. import _native
+from .. import _recorder
+from ._marks import MarkSender, Owners, input_marks, storage_marks
+from ._modules import Anchor, module_path_name, tensors_in
 from .._contexts import PHASE_INDEX, PHASES
 
 __all__ = ["ContextSource", "module_path_name"]
 
 _FORWARD, _BACKWARD, _OPTIMIZER = (PHASE_INDEX[p] for p in ("forward", "backward", "optimizer"))
-_NOT_LIVE = 2**64 - 1
 
-_set_context = _native.set_context
-_intern = _native.intern_context
+_set_context = _recorder.set_context
+_intern = _recorder.intern_context
 _graph_task_id = torch._C._current_graph_task_id
 _grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
 _Tensor = torch.Tensor
-
-
-def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
-    """A torch.compile wrapper's original module (the module itself otherwise).
-
-    Through ``_modules``: a missing attribute costs nn.Module.__getattr__ an
-    exception, tens of microseconds."""
-    inner = module.__dict__.get("_modules", {}).get("_orig_mod")
-    return inner if inner is not None else module
-
-
-def module_path_name(module: torch.nn.Module) -> str:
-    """The name an outermost module gets: its class (a torch.compile wrapper's
-    original module's class)."""
-    return type(_unwrapped(module)).__name__
-
-
-class _Anchor:
-    """A module whose ``named_modules()`` names the modules below it: the outermost
-    running module, or a module called under it that it does not contain."""
-
-    __slots__ = ("module", "prefix", "names", "owned", "__weakref__")
-
-    def __init__(self, module: torch.nn.Module, prefix: str) -> None:
-        self.module = weakref.ref(module)
-        self.prefix = prefix
-        # id(module) -> (weakref, (forward ctx, backward ctx), path); None: not below it
-        self.names: dict[int, Any] = {}
-        self.owned: list[tuple[Any, int]] | None = None  # (weakref, owner ctx), see owners()
-        self.rebuild()
-
-    def rebuild(self) -> None:
-        root = self.module()
-        if root is None:
-            return
-        tree = _unwrapped(root)
-        names = {id(root): (weakref.ref(root), self.prefix)}
-        for name, m in tree.named_modules():
-            names.setdefault(id(m), (weakref.ref(m), f"{self.prefix}.{name}" if name
-                                     else self.prefix))
-        self.names = {k: (ref, None, path) for k, (ref, path) in names.items()}
-        self.owned = None
-
-    def owners(self) -> list[tuple[Any, int]]:
-        """Every module below this anchor with the context naming it as an owner
-        (phase "other"), built once per rebuild: the step's end reads their
-        parameters and buffers without walking the tree again."""
-        if self.owned is None:
-            # Weak references: torchmem must never keep a model alive.
-            self.owned = [(ref, _intern(path, 0)) for ref, _, path in self.names.values()
-                          if path is not None]
-        return self.owned
-
-    def lookup(self, module: torch.nn.Module) -> tuple | None:
-        """``(forward ctx, backward ctx, path)`` of a module below this anchor, or None."""
-        entry = self.names.get(id(module))
-        if entry is None or entry[0]() is not module:
-            self.rebuild()  # a module added or replaced since
-            entry = self.names.get(id(module))
-            if entry is None or entry[0]() is not module:
-                # Not below it (remembered, so it is not rebuilt on every call).
-                self.names[id(module)] = (weakref.ref(module), False, None)
-                return None
-        ref, ctx, path = entry
-        if ctx is False:
-            return None
-        if ctx is None:
-            ctx = (_intern(path, _FORWARD), _intern(path, _BACKWARD), path)
-            self.names[id(module)] = (ref, ctx, path)
-        return ctx
 
 
 # A running module (or optimizer step) on a thread's stack, as a tuple (cheaper
@@ -165,7 +96,7 @@ class _Hooks:
         self.handles: list[Any] = []
         self.anchors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.roots: weakref.WeakSet = weakref.WeakSet()  # outermost modules that ran
-        self.owners: dict[int, tuple[Any, int]] = {}  # id(param) -> (weakref, owner ctx)
+        self.owners = Owners()
         self.optimizer_ctx = _intern("", _OPTIMIZER)
 
     # -- installing -------------------------------------------------------------
@@ -220,7 +151,7 @@ class _Hooks:
             top = stack[-1] if stack else None
             if top is not None and top[_ANCHOR] is not None:
                 anchor = top[_ANCHOR]
-                entry = anchor.names.get(id(module))  # _Anchor.lookup's fast path
+                entry = anchor.names.get(id(module))  # Anchor.lookup's fast path
                 if entry is not None and entry[1] and entry[0]() is module:
                     ctx = entry[1]
                 else:
@@ -295,7 +226,7 @@ class _Hooks:
                         claimed[node] = bw
                         node.register_prehook(hook)
                 else:
-                    for out in _tensors(result):
+                    for out in tensors_in(result):
                         node = out.grad_fn
                         if node is not None and node not in claimed:
                             claimed[node] = bw
@@ -307,13 +238,13 @@ class _Hooks:
         except Exception:
             pass
 
-    def anchor(self, module: Any, prefix: str) -> _Anchor:
+    def anchor(self, module: Any, prefix: str) -> Anchor:
         by_prefix = self.anchors.get(module)
         if by_prefix is None:
             by_prefix = self.anchors[module] = {}
         a = by_prefix.get(prefix)
         if a is None:
-            a = by_prefix[prefix] = _Anchor(module, prefix)
+            a = by_prefix[prefix] = Anchor(module, prefix)
         return a
 
     # -- backward ---------------------------------------------------------------
@@ -361,81 +292,30 @@ class _Hooks:
             # The step's end: its state, and every model's parameters, buffers
             # and gradients (parameters may have been replaced; a .grad set
             # to None but kept alive elsewhere is no longer a gradient).
-            marks = self.state_marks(optimizer)
+            owners = self.owners
+            marks = owners.state_marks(optimizer)
             for root in list(self.roots):
-                marks += self.model_marks(root, self.anchor(root, module_path_name(root)))
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None and not self.owner_of(p):
-                        marks.append((p.grad, "gradient", 0))  # of no model that ran
+                marks += owners.model_marks(self.anchor(root, module_path_name(root)))
+            marks += owners.unowned_grads(optimizer)
             self.emit_tensors(marks, withdraw="gradient")
         except Exception:
             pass
 
-    # -- marks ------------------------------------------------------------------
-    def mark_model(self, root: Any, anchor: _Anchor) -> None:
-        self.emit_tensors(self.model_marks(root, anchor))
-
-    def model_marks(self, root: Any, anchor: _Anchor) -> list:
-        """Parameters, buffers and gradients of ``root``, each owned by the module
-        holding it (a shared one by the first, as named_parameters() names it)."""
-        marks: list[tuple[Any, str, int]] = []
-        owners = self.owners
-        seen: set[int] = set()
-        for ref, ctx in anchor.owners():
-            module = ref()
-            if module is None:
-                continue
-            for p in module._parameters.values():
-                if p is None or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                entry = owners.get(id(p))
-                if entry is None or entry[0]() is not p or entry[1] != ctx:
-                    owners[id(p)] = (weakref.ref(p), ctx)
-                marks.append((p, "parameter", ctx))
-                if p.grad is not None:
-                    marks.append((p.grad, "gradient", ctx))
-            for b in module._buffers.values():
-                if b is not None:
-                    marks.append((b, "buffer", ctx))
-        return marks
-
-    def owner_of(self, p: Any) -> int:
-        entry = self.owners.get(id(p))
-        return entry[1] if entry is not None and entry[0]() is p else 0
-
-    def state_marks(self, optimizer: Any) -> list:
-        marks = []
-        for p, state in optimizer.state.items():
-            ctx = self.owner_of(p)
-            values = state.values() if isinstance(state, dict) else ()
-            for v in values:
-                if isinstance(v, _Tensor):
-                    marks.append((v, "optimizer_state", ctx))
-        return marks
+    # -- marks (torchmem.sources._marks) ----------------------------------------
+    def mark_model(self, root: Any, anchor: Anchor) -> None:
+        self.emit_tensors(self.owners.model_marks(anchor))
 
     def mark_inputs(self, args: tuple, kwargs: dict | None) -> None:
-        tensors = list(_tensors(args))
-        if kwargs:
-            tensors.extend(_tensors(tuple(kwargs.values())))
-        if tensors:
-            self.emit_tensors([(x, "input", 0) for x in tensors], only_outside_modules=True)
+        marks = input_marks(args, kwargs)
+        if marks:
+            self.emit_tensors(marks, only_outside_modules=True)
 
     def emit_tensors(self, marks: list, withdraw: str | None = None,
                      only_outside_modules: bool = False) -> None:
-        """Marks for the storages of ``(tensor, category, ctx)``; see ContextSource.note."""
-        out = []
-        for x, category, ctx in marks:
-            try:
-                # The storage's start without building a storage object (~1 us).
-                address = x.data_ptr() - x.storage_offset() * x.element_size()
-            except Exception:  # a tensor subclass or meta tensor without one
-                continue
-            if address:
-                out.append((address, category, ctx))
+        """Marks for the storages of ``(tensor, category, ctx)``; see MarkSender.note."""
+        out = storage_marks(marks)
         for source in list(self.sources):
-            source.note(out, withdraw, only_outside_modules)
+            source.sender.note(out, withdraw, only_outside_modules)
 
     def emit(self, marks: list[tuple[int, str, int]]) -> None:
         for source in list(self.sources):
@@ -469,30 +349,6 @@ def _backward_hook(ctx: int) -> Any:
     return hook
 
 
-def _tensors(value: Any):
-    """Tensors in a module's inputs or output: a tensor, or (nested one level
-    deep and in dicts) sequences of them; other containers through pytree."""
-    if isinstance(value, _Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            if isinstance(v, _Tensor):
-                yield v
-            elif isinstance(v, (tuple, list, dict)):
-                yield from _tensors(v)
-    elif isinstance(value, dict):
-        yield from _tensors(tuple(value.values()))
-    elif value is not None:
-        try:
-            from torch.utils._pytree import tree_leaves
-
-            for v in tree_leaves(value):
-                if isinstance(v, _Tensor):
-                    yield v
-        except Exception:
-            return
-
-
 _hooks = _Hooks()
 
 
@@ -505,9 +361,7 @@ class ContextSource:
 
     def __init__(self, profiler: Any) -> None:
         self.profiler = profiler
-        # address -> (allocation seq, category, ctx) of the last mark sent
-        self._sent: dict[int, tuple[int, str, int]] = {}
-        self._prune_at = 4096
+        self.sender = MarkSender(profiler)
         self._active = False
 
     @property
@@ -531,50 +385,3 @@ class ContextSource:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def note(self, marks: list[tuple[int, str, int]], withdraw: str | None = None,
-             only_outside_modules: bool = False) -> None:
-        """Sends the marks that say something new: the allocation live at the
-        address (an address this profiler does not hold live is skipped) did not
-        get this category and owner last time. ``withdraw``: a category whose
-        earlier marks not repeated here are withdrawn ("none") while their
-        allocation lives. ``only_outside_modules``: skip allocations a module's
-        forward or backward made (a model's output passed into another model is
-        that model's activation, not an input)."""
-        prof = self.profiler
-        if not marks and not (withdraw and self._sent):
-            return
-        found = prof.live_seqs([m[0] for m in marks])
-        new = []
-        seen = set()
-        phases = None
-        sent = self._sent
-        for (address, category, ctx), (seq, actx) in zip(marks, found):
-            if seq == _NOT_LIVE or address in seen:
-                continue
-            seen.add(address)
-            if only_outside_modules and actx:
-                if phases is None:
-                    phases = prof.context_table()
-                if actx < len(phases) and phases[actx][1] != "other":
-                    continue
-            state = (seq, category, ctx)
-            if sent.get(address) != state:
-                sent[address] = state
-                new.append((address, category, ctx))
-        if withdraw:
-            stale = [a for a, (_, c, _) in sent.items() if c == withdraw and a not in seen]
-            if stale:
-                for address, (seq, _) in zip(stale, prof.live_seqs(stale)):
-                    if seq == sent[address][0]:
-                        new.append((address, "none", 0))
-                    del sent[address]
-        prof.add_marks(new)
-        if len(sent) > self._prune_at:  # forget allocations freed since
-            keys = list(sent)
-            for address, (seq, _) in zip(keys, prof.live_seqs(keys)):
-                if seq != sent[address][0]:
-                    del sent[address]
-            self._prune_at = max(4096, 2 * len(sent))
-
-
-__all__ += ["PHASES"]
