@@ -185,3 +185,22 @@ def test_possible_leaks_leave_out_what_is_alive_by_design():
         everything = prof.detect_potential_leaks(include_model_state=True)
         assert state <= {leak.address for leak in everything}
         assert len(everything) == len(leaks) + len(state)
+
+
+def test_breakdown_of_one_device():
+    prof = torchmem.MemoryProfiler(auto_snapshot=False)
+    prof.track_allocation(0x1000, 100, "GPU", device=0)
+    prof.track_allocation(0x2000, 1000, "CPU")            # the overall peak: 1100 + 50
+    prof.track_allocation(0x3000, 50, "GPU", device=1)
+    prof.track_deallocation(0x2000)
+    prof.track_allocation(0x4000, 300, "GPU", device=0)   # device 0's peak: 400
+    prof.track_deallocation(0x4000)
+    assert prof.breakdown("device", "peak") == {"host": 1000, "cuda:0": 100, "cuda:1": 50}
+    assert prof.breakdown("device", "peak", device=0) == {"cuda:0": 400}
+    assert prof.breakdown("type", "peak", device=-1) == {"CPU": 1000}
+    assert prof.breakdown("device", "now", device=0) == {"cuda:0": 100}
+    assert prof.breakdown("device", 0, device=1) == {"cuda:1": 50}
+    assert sum(prof.breakdown("category", "peak", device=0).values()) == \
+        prof.get_statistics_for_device(0).peak_usage_bytes
+    with pytest.raises(ValueError, match="device must be"):
+        prof.breakdown("device", "peak", device=-2)

@@ -528,7 +528,8 @@ class MemoryProfiler(_recorder.Recorder):
 
     def to_memory_events(self, rows: np.ndarray) -> list[MemoryEvent]:
         """MemoryEvent objects for EVENT_DTYPE rows."""
-        return to_memory_events(rows, self._type_names(), self.resolve_stack, self._details)
+        return to_memory_events(rows, self._type_names(), self.resolve_stack, self._details,
+                                self.resolve_context)
 
     def _details(self, kind: int, index: int) -> dict | None:
         ooms = self.oom_events if kind == MemoryEventType.OUT_OF_MEMORY else []
@@ -586,7 +587,8 @@ class MemoryProfiler(_recorder.Recorder):
             raise RuntimeError("torchmem.analysis.breakdown is not imported (import torchmem)")
         return MemoryProfiler.queries
 
-    def breakdown(self, by: str = "category", at: Any = "peak") -> dict[str, int]:
+    def breakdown(self, by: str = "category", at: Any = "peak",
+                  device: int | None = None) -> dict[str, int]:
         """Live bytes at a moment, grouped, largest first; the values add up exactly
         to the live bytes then (``peak_usage_bytes`` for ``"peak"``).
 
@@ -597,8 +599,10 @@ class MemoryProfiler(_recorder.Recorder):
         (the user's line, ``file:line in function``), ``"type"`` or ``"device"``
         ("host", "cuda:N"). ``at``: ``"peak"`` (the overall peak), ``"now"``,
         or a step number (the highest live bytes among that step's events).
+        ``device`` (-1: host; None: all): that device's bytes only, at its own
+        peak for ``"peak"``.
         """
-        return self._queries().breakdown(self, by, at)
+        return self._queries().breakdown(self, by, at, device)
 
     def peak_report(self, top: int = 10) -> Any:
         """The overall peak and each step's: when (step, time, phase, module), how

@@ -33,8 +33,8 @@ from .categories import (CATEGORIES, NO_MODULE, Lifetimes, Segments, lifetimes, 
                          segments)
 from .sites import site_name
 
-__all__ = ["BY", "MODEL_STATE", "Peak", "PeakReport", "StepPeak", "breakdown", "model_state",
-           "peak_report", "step_peaks"]
+__all__ = ["BY", "MODEL_STATE", "Peak", "PeakReport", "StepPeak", "breakdown", "breakdown_at",
+           "context_of_event", "model_state", "overall_peak", "peak_report", "step_peaks"]
 
 BY = ("category", "module", "phase", "site", "type", "device")
 _PHASES = ("forward", "backward", "optimizer", "other")
@@ -46,11 +46,15 @@ def _check_by(by: str) -> None:
 
 
 class _Moments:
-    """One profiler's lifetimes, marks and contexts, read once for several moments."""
+    """One profiler's lifetimes, marks and contexts, read once for several moments;
+    with ``device`` (-1: host), that device's allocations only (its own peak)."""
 
-    def __init__(self, profiler: Any, lt: Lifetimes | None = None) -> None:
+    def __init__(self, profiler: Any, lt: Lifetimes | None = None,
+                 device: int | None = None) -> None:
         self.profiler = profiler
         self.lt = lt if lt is not None else lifetimes(profiler)
+        self.device = device
+        self._usage: np.ndarray | None = None
         self.marks = profiler.attribution_marks()
         self.contexts = profiler.context_table()
         rows = self.lt.rows
@@ -67,14 +71,19 @@ class _Moments:
         if at == "now":
             return p.next_seq - 1 if p.next_seq else None
         if at == "peak":
-            return p.peak_seq
+            if self.device is None:
+                return p.peak_seq
+            usage = self.usage()
+            if not len(usage) or usage.max() <= 0:
+                return None
+            return int(rows["seq"][int(np.argmax(usage))])  # the first moment at it
         if isinstance(at, (int, np.integer)) and not isinstance(at, bool):
             if at < 0:
                 raise ValueError(f"at: a step is >= 0, got {at}")
             in_step = np.flatnonzero(rows["step"] == np.uint64(at))
             if not len(in_step):
                 raise ValueError(f"at={at}: no events of step {at} are held")
-            usage = self.lt.usage()[in_step]
+            usage = self.usage()[in_step]
             return int(rows["seq"][in_step[int(np.argmax(usage))]])
         raise ValueError(f'at must be "peak", "now" or a step number; got {at!r}')
 
@@ -84,12 +93,32 @@ class _Moments:
                              f"events from {self.lt.first_seq} on); give the profiler a storage "
                              "backend to query older moments")
 
+    def usage(self) -> np.ndarray:
+        """Live bytes (of ``device``, or all) right after each held event."""
+        if self._usage is None:
+            if self.device is None:
+                self._usage = self.lt.usage()
+            else:
+                lt = self.lt
+                on = lt.device == self.device
+                at = lt.rows["seq"].astype(np.int64)
+                starts, ends = np.sort(lt.alloc_seq[on]), np.sort(lt.free_seq[on])
+                sizes_s = lt.size[on][np.argsort(lt.alloc_seq[on], kind="stable")]
+                sizes_e = lt.size[on][np.argsort(lt.free_seq[on], kind="stable")]
+                began = np.r_[0, np.cumsum(sizes_s)][np.searchsorted(starts, at, side="right")]
+                ended = np.r_[0, np.cumsum(sizes_e)][np.searchsorted(ends, at, side="right")]
+                self._usage = (began - ended).astype(np.int64)
+        return self._usage
+
     def usage_at(self, seq: int) -> int:
-        rows = self.lt.rows
         i = seq - self.lt.first_seq
-        if 0 <= i < len(rows):
-            return int(rows["total_allocated"][i]) - int(rows["total_freed"][i])
-        return int(self.lt.size[self.lt.live_at(seq)].sum())
+        usage = self.usage()
+        if 0 <= i < len(usage):
+            return int(usage[i])
+        live = self.lt.live_at(seq)
+        if self.device is not None:
+            live = live[self.lt.device[live] == self.device]
+        return int(self.lt.size[live].sum())
 
     @property
     def segments(self) -> Segments:
@@ -102,6 +131,9 @@ class _Moments:
     def groups(self, seq: int, by: str) -> dict[str, int]:
         """Live bytes right after event ``seq`` by ``by``, largest first."""
         c = self.segments.at(seq)
+        if self.device is not None:
+            keep = self.lt.device[c.index] == self.device
+            c = type(c)(c.index[keep], c.category[keep], c.module_ctx[keep])
         lt, idx = self.lt, c.index
         sizes = lt.size[idx]
         if by == "category":
@@ -143,19 +175,25 @@ class _Moments:
         return label
 
 
-def breakdown(profiler: Any, by: str = "category", at: Any = "peak") -> dict[str, int]:
+def breakdown(profiler: Any, by: str = "category", at: Any = "peak",
+              device: int | None = None) -> dict[str, int]:
     """Live bytes at the moment ``at`` grouped by ``by`` (module docstring), largest
     first; the values add up exactly to the live bytes then (``peak_usage_bytes``
-    for ``"peak"``). Empty before the first allocation.
+    for ``"peak"``). Empty before the first allocation. ``device`` (-1: host;
+    None: all) keeps that device's bytes, at that device's own peak for
+    ``"peak"`` and its highest moment of the step for a step.
 
     Raises ValueError for an unknown ``by`` or ``at``, a step without events, or a
     moment whose events the profiler no longer holds (no storage backend).
     """
     _check_by(by)
+    if device is not None and (not isinstance(device, int) or isinstance(device, bool)
+                               or device < -1):
+        raise ValueError(f"device must be -1 (host), a device index or None; got {device!r}")
     if at == "now":  # the live map alone: no event is read
-        m = _Moments(profiler, live_now(profiler))
+        m = _Moments(profiler, live_now(profiler), device)
     else:
-        m = _Moments(profiler)
+        m = _Moments(profiler, device=device)
     seq = m.seq_of(at)
     if seq is None:
         return {}
@@ -178,6 +216,25 @@ def model_state(profiler: Any, live: np.ndarray) -> np.ndarray:
     codes = [CATEGORIES.index(k) for k in MODEL_STATE]
     held = m.lt.alloc_seq[c.index[np.isin(c.category, codes)]]
     return np.isin(live["seq"].astype(np.int64), held)
+
+
+def breakdown_at(profiler: Any, seq: int, by: str = "category",
+                 device: int | None = None) -> dict[str, int]:
+    """``breakdown`` at the moment right after event ``seq`` (an OUT_OF_MEMORY
+    event's, say); ValueError when the profiler no longer holds that moment."""
+    _check_by(by)
+    m = _Moments(profiler, device=device)
+    m.check_held(seq)
+    return m.groups(seq, by)
+
+
+def context_of_event(profiler: Any, seq: int) -> tuple[str, str]:
+    """``(module, phase)`` running on the thread that recorded event ``seq``
+    (``("", "other")`` when the event is not held)."""
+    rows = profiler.event_rows_from(seq)
+    if not len(rows) or int(rows["seq"][0]) != seq:
+        return ("", "other")
+    return profiler.resolve_context(int(rows["context_id"][0]))
 
 
 @dataclass
@@ -295,6 +352,19 @@ def _peak(m: _Moments, seq: int, top: int, by_phase: dict[str, int] | None = Non
                 phase=phase, module=module, bytes=m.usage_at(seq),
                 by_category=m.groups(seq, "category"), by_module=cut(m.groups(seq, "module")),
                 by_site=cut(m.groups(seq, "site")), by_phase=dict(by_phase or {}))
+
+
+def overall_peak(profiler: Any, top: int = 5, *, storage: bool = True) -> Peak | None:
+    """The overall peak alone (see Peak); None before any allocation or when its
+    moment is older than the events held (``storage=False``: memory only, so a
+    long run's trace is not read back, as the summary at exit wants)."""
+    seq = profiler.peak_seq
+    if seq is None:
+        return None
+    m = _Moments(profiler, lifetimes(profiler, storage=storage))
+    if seq < m.lt.first_seq - 1:
+        return None
+    return _peak(m, seq, top)
 
 
 def peak_report(profiler: Any, top: int = 10) -> PeakReport:

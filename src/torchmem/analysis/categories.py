@@ -109,10 +109,11 @@ def live_now(profiler: Any) -> Lifetimes:
     return Lifetimes(**t, rows=profiler.event_rows_from(max(profiler.next_seq - 1, 0)))
 
 
-def lifetimes(profiler: Any) -> Lifetimes:
+def lifetimes(profiler: Any, storage: bool = True) -> Lifetimes:
     """Every allocation live at some moment of the events the profiler still has
-    (its ring, and its storage for older ones; all of a loaded trace)."""
-    rows = profiler.event_rows_from(0)
+    (its ring, and its storage for older ones unless ``storage`` is False; all
+    of a loaded trace)."""
+    rows = profiler.event_rows_from(0) if storage else profiler.read_rows()
     live = profiler.live_allocations()
     first = int(rows["seq"][0]) if len(rows) else profiler.next_seq
     kind = rows["kind"]
