@@ -95,17 +95,24 @@ def to_memory_events(
     type_names: Sequence[str],
     resolve_stack: Callable[[int], StackTrace | None],
     details: Callable[[int, int], dict | None],
+    resolve_context: Callable[[int], tuple[str, str]] | None = None,
 ) -> list[MemoryEvent]:
     """Python objects for EVENT_DTYPE rows (in order).
 
     ``details(kind, address)`` supplies the side record of snapshot, GC and
-    OOM events, whose address column holds the record's index.
+    OOM events, whose address column holds the record's index;
+    ``resolve_context(id)`` the (module, phase) of a context id.
     """
     out = []
     n_types = len(type_names)
+    contexts: dict[int, tuple[str, str]] = {0: ("", "other")}
     for r in rows.tolist():
         (_seq, ts, address, size, stream, step, alloc, freed, tid, stack, type_id,
-         device, kind, _pad, _context) = r
+         device, kind, _pad, context) = r
+        where = contexts.get(context)
+        if where is None:
+            where = contexts[context] = (resolve_context(context) if resolve_context
+                                         else ("", "other"))
         is_marker = kind in (3, 4, 5, 6)
         out.append(
             MemoryEvent(
@@ -121,6 +128,8 @@ def to_memory_events(
                 stream=stream,
                 thread_id=tid,
                 stack_trace=resolve_stack(stack) if stack else None,
+                module=where[0],
+                phase=where[1],
                 details=details(kind, address) if is_marker else None,
             )
         )

@@ -90,7 +90,10 @@ class MemoryEvent(Event):
     the cumulative bytes allocated and freed when the event happened, so the
     usage at that moment is their difference (``total_free_bytes`` is the
     deprecated name of ``total_freed_bytes``). ``device`` is -1 for host
-    memory. ``details`` holds what a snapshot, GC or OOM event adds.
+    memory. ``module`` and ``phase`` are what the recording thread was
+    running (torchmem.sources.context: the module's path, "" for none; the
+    phase "forward", "backward", "optimizer" or "other"). ``details`` holds
+    what a snapshot, GC or OOM event adds.
     """
 
     event_type: MemoryEventType
@@ -103,6 +106,8 @@ class MemoryEvent(Event):
     stream: int = 0
     thread_id: int = 0
     stack_trace: StackTrace | None = None
+    module: str = ""
+    phase: str = "other"
     details: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

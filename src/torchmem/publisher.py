@@ -60,6 +60,7 @@ class _TraceView:
         self.gc_records: list = []
         self.snapshots: list = []
         self.ooms: list = []
+        self.contexts: list[tuple[str, str]] = []
 
     def add(self, d: TraceDelta) -> None:
         with self.lock:
@@ -69,7 +70,8 @@ class _TraceView:
                 self.stacks.extend(d.frames, d.frames_start, d.stack_nodes, d.nodes_start)
             for records, start, new in ((self.gc_records, d.gc_start, d.gc_records),
                                         (self.snapshots, d.snapshots_start, d.snapshots),
-                                        (self.ooms, d.ooms_start, d.ooms)):
+                                        (self.ooms, d.ooms_start, d.ooms),
+                                        (self.contexts, d.contexts_start, d.contexts)):
                 del records[start:]
                 records.extend(new)
 
@@ -77,7 +79,12 @@ class _TraceView:
         with self.lock:
             return to_memory_events(rows, self.type_names, self.stacks.resolve,
                                     lambda kind, i: marker_details(kind, i, self.snapshots,
-                                                                   self.gc_records, self.ooms))
+                                                                   self.gc_records, self.ooms),
+                                    self.context)
+
+    def context(self, context_id: int) -> tuple[str, str]:
+        c = self.contexts
+        return tuple(c[context_id]) if context_id < len(c) else ("", "other")
 
 
 class EventPublisher:

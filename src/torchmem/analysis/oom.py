@@ -23,6 +23,7 @@ import numpy as np
 
 from .._types import OomEvent
 from ..units import parse_bytes
+from .breakdown import breakdown, breakdown_at, context_of_event
 from .gc_problems import find_gc_problems
 from .sites import group_by_site, top_sites
 
@@ -152,4 +153,23 @@ def build_report(profiler: Any, error: BaseException | None = None,
     data["live_count"] = sum(u.count for u in (on_device or usage).values())
     data["timeline"] = _timeline(prof, window_s)
     data["gc"] = _gc_state(prof)
+    data["attribution"] = _attribution(prof, oom, device)
     return data
+
+
+def _attribution(prof: Any, oom: OomEvent | None, device: int | None) -> dict[str, Any]:
+    """What was live at the failure by category, module and phase (on the failed
+    request's device), and the module and phase that asked: the moment right
+    after the OUT_OF_MEMORY event, else now."""
+    try:
+        if oom is not None and oom.seq is not None:
+            out = {by: breakdown_at(prof, int(oom.seq), by, device)
+                   for by in ("category", "module", "phase")}
+            module, phase = context_of_event(prof, int(oom.seq))
+        else:
+            out = {by: breakdown(prof, by, "now", device) for by in ("category", "module", "phase")}
+            module, phase = "", "other"
+        return {"by_category": out["category"], "by_module": out["module"],
+                "by_phase": out["phase"], "running_module": module, "running_phase": phase}
+    except Exception as exc:  # a report must come out whatever attribution knows
+        return {"error": f"{type(exc).__name__}: {exc}"}

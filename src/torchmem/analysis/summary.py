@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .._events import ALLOCATING_KINDS
+from .breakdown import model_state
 from .sites import Site, group_by_site, site_keys, top_sites
 
 __all__ = ["allocation_sites", "growing_sites"]
@@ -35,10 +36,15 @@ def growing_sites(profiler: Any, min_steps: int = 3) -> list[tuple[Site, int, in
 
     A loop that does not leak keeps, at any moment, what the model needs plus
     the last step's tensors; a site that holds tensors from many steps keeps
-    them on purpose (a cache) or by mistake (a leak). Returns (site, live
-    bytes, live count), largest first.
+    them on purpose (a cache) or by mistake (a leak). Parameters, buffers,
+    gradients and optimizer state (alive by design: a .grad kept with
+    zero_grad(set_to_none=False) spans every step) are left out. Returns
+    (site, live bytes, live count), largest first.
     """
     live = profiler.live_allocations()
+    if not len(live):
+        return []
+    live = live[~model_state(profiler, live)]
     if not len(live):
         return []
     keys = site_keys(profiler, live)

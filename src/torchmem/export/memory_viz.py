@@ -8,7 +8,10 @@ Mapping:
 - every CUDA device ``d`` is ``device_traces[d]``; host memory (device -1:
   "CPU", "Pinned", user types) goes to one pseudo device after the last
   CUDA device (``torchmem_devices`` in the dict names each index);
-- an allocation or reallocation is an ``alloc`` entry; a free is a
+- an allocation or reallocation is an ``alloc`` entry, with its
+  ``category`` (torchmem.analysis: parameter, buffer, gradient,
+  optimizer_state, input, activation, temporary or other, as when it was
+  made; memory_viz colours allocations by it); a free is a
   ``free_requested`` entry followed by ``free_completed`` (torchmem sees the
   free when the memory is released, so both carry the same time); an
   out-of-memory error is an ``oom`` entry; snapshot and GC markers are left out;
@@ -28,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..analysis.timeline import allocation_categories
 from ._common import ALLOC, FREE, OOM, REALLOC, Progress, all_events, chunks
 
 __all__ = ["to_memory_viz", "export_memory_viz"]
@@ -116,17 +120,19 @@ def to_memory_viz(profiler: Any, progress: Progress = None) -> dict[str, Any]:
     traces: list[list[dict[str, Any]]] = [[] for _ in range(n_dev)]
     frames = _Frames(profiler)
     ooms = profiler.oom_events
+    categories = allocation_categories(profiler)
     cols = [events[c].tolist() for c in
-            ("kind", "address", "size", "stream", "timestamp_ns", "stack_id", "device")]
+            ("kind", "address", "size", "stream", "timestamp_ns", "stack_id", "device", "seq")]
     for start, stop in chunks(len(events), progress):
-        for kind, addr, size, stream, ts, stack, dev in zip(*(c[start:stop] for c in cols)):
+        for kind, addr, size, stream, ts, stack, dev, seq in zip(*(c[start:stop] for c in cols)):
             t = traces[index[dev]] if dev in index else None
             if t is None:
                 continue
             time_us = ts // 1000
             if kind == ALLOC or kind == REALLOC:
                 t.append({"action": "alloc", "addr": addr, "size": size, "stream": stream,
-                          "time_us": time_us, "frames": frames(stack)})
+                          "time_us": time_us, "frames": frames(stack),
+                          "category": categories.get(seq, "other")})
             elif kind == FREE:
                 f = frames(stack)
                 for action in ("free_requested", "free_completed"):

@@ -30,6 +30,25 @@ def _svg(points: list[tuple[float, int]], width: int = 720, height: int = 200) -
             f'<text x="{width - 60}" y="{height - 4}" font-size="11">{t_max:.2f} s</text></svg>')
 
 
+def _attribution(a: dict[str, Any]) -> str:
+    """What was live at the failure by category, module and phase, as tables."""
+    e = html.escape
+    if not a or "error" in a or not sum(a["by_category"].values()):
+        return ""
+    total = sum(a["by_category"].values())
+    who = (f"{a['running_phase']} of {a['running_module']}" if a["running_module"]
+           else a["running_phase"])
+    tables = "".join(
+        f"<td><table><tr><th>{e(title)}</th><th>live</th><th>share</th></tr>"
+        + "".join(f"<tr><td>{e(k)}</td><td>{e(format_bytes(v))}</td>"
+                  f"<td>{100 * v / total:.0f}%</td></tr>" for k, v in list(d.items())[:10])
+        + "</table></td>"
+        for title, d in (("category", a["by_category"]), ("module", a["by_module"]),
+                         ("phase", a["by_phase"])))
+    return (f"<h2>What was live at the failure</h2><p>{e(who)} was running.</p>"
+            f"<table><tr>{tables}</tr></table>")
+
+
 def render_html(data: dict[str, Any], text: str) -> str:
     """The report as one self-contained HTML page (no network; every string escaped)."""
     e = html.escape
@@ -47,6 +66,7 @@ def render_html(data: dict[str, Any], text: str) -> str:
             "</head><body><h1>Out of memory</h1>"
             f"<p><b>Failed request:</b> {e(head)} on "
             f"{e(device_label(data['device']))}, step {data['step']}</p>"
+            f"{_attribution(data.get('attribution') or {})}"
             f"<h2>Memory over the last {data['timeline']['window_s']:g} s</h2>"
             f"{_svg(data['timeline']['points'])}"
             f"<h2>Live allocations by site ({e(data['sites_scope'])})</h2>"

@@ -70,6 +70,7 @@ def render_text(data: dict[str, Any]) -> str:
     t = data["tracked"]
     L.append(f"Tracked memory: {format_bytes(t['current'])} live, peak {format_bytes(t['peak'])}; "
              + ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(t["by_type"].items())))
+    L.extend(_attribution_lines(data.get("attribution") or {}))
     nv = data["nvml"]
     if isinstance(nv, str):
         L.append(f"NVML: {nv}")
@@ -99,6 +100,21 @@ def render_text(data: dict[str, Any]) -> str:
     for p in g["problems"]:
         L.append(f"  problem: {p}")
     return "\n".join(L) + "\n"
+
+
+def _attribution_lines(a: dict[str, Any]) -> list[str]:
+    """What was live at the failure by category and module, and who asked."""
+    if not a or "error" in a:
+        return [f"What was live at the failure: unknown ({a['error']})"] if a else []
+    total = sum(a["by_category"].values())
+    if not total:
+        return []
+    who = (f"{a['running_phase']} of {a['running_module']}" if a["running_module"]
+           else a["running_phase"])
+    share = lambda d: ", ".join(f"{k} {format_bytes(v)} ({100 * v / total:.0f}%)"  # noqa: E731
+                                for k, v in list(d.items())[:6])
+    return [f"At the failure ({who} was running), live: {share(a['by_category'])}",
+            f"  by module: {share(a['by_module'])}"]
 
 
 def _next_paths(directory: str) -> tuple[str, str]:

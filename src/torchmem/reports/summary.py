@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..analysis.breakdown import overall_peak
 from ..analysis.epoch import epoch_results
 from ..analysis.sites import SiteUsage, device_label, merge_by_label
 from ..analysis.summary import allocation_sites, growing_sites
@@ -16,14 +17,28 @@ def _labels(sites: list[tuple[Any, int, int]]) -> list[tuple[str, int, int]]:
     return merge_by_label(SiteUsage(site, nbytes, count) for site, nbytes, count in sites)
 
 
+def _peak_lines(prof: Any, top: int) -> list[str]:
+    """The summary's opening: the peak, when, and what was live then by category
+    and by module (nothing when the peak's moment is no longer in memory)."""
+    try:
+        peak = overall_peak(prof, top, storage=False)
+    except Exception:  # the summary must come out whatever attribution knows
+        peak = None
+    if peak is None:
+        return []
+    modules = ", ".join(f"{k} {format_bytes(v)}" for k, v in list(peak.by_module.items())[:top])
+    return [f"torchmem summary: {peak.headline()}", f"  by module at the peak: {modules}"]
+
+
 def format_summary(profiler: Any, *, trace: str | None = None, max_sites: int = 5) -> str:
     """The at-exit summary of ``profiler`` as text; ``trace`` is the trace path to name."""
     prof = profiler
     stats = prof.get_statistics()
-    lines = [f"torchmem summary: {stats.allocation_count} allocations, "
-             f"{format_bytes(stats.total_allocated_bytes)} allocated in total, "
-             f"{prof.current_step} steps; peak {format_bytes(stats.peak_usage_bytes)}, "
-             f"live now {format_bytes(stats.current_usage_bytes)}"]
+    lines = _peak_lines(prof, max_sites)
+    lines.append(f"{'  ' if lines else 'torchmem summary: '}{stats.allocation_count} allocations, "
+                 f"{format_bytes(stats.total_allocated_bytes)} allocated in total, "
+                 f"{prof.current_step} steps; peak {format_bytes(stats.peak_usage_bytes)}, "
+                 f"live now {format_bytes(stats.current_usage_bytes)}")
     for (type_name, device), c in prof.counters_by_type_and_device().items():
         where = device_label(device)
         lines.append(f"  peak {type_name:<8} {where:<9} {format_bytes(c.peak_bytes):>12}"
