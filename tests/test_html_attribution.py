@@ -53,6 +53,5 @@ def test_the_attribution_sections_are_drawn(report):
     shot = _screenshot(tmp, page, "sections")
     counts = {name: _count_color(shot, CATEGORY_COLORS[name], tolerance=12)
               for name in ("parameter", "gradient", "optimizer_state", "activation")}
-    # Bands of the chart (their width follows wall-clock time, so a slow step
-    # makes the others thin) and the peak's stacked bar.
-    assert min(counts.values()) > 50, counts
+    # Bands of the chart and the peak's stacked bar.
+    assert min(counts.values()) > 200, counts

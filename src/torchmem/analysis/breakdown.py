@@ -336,8 +336,8 @@ class PeakReport:
             for s in self.steps:
                 phases = " / ".join(format_bytes(s.by_phase[ph]) if ph in s.by_phase else "-"
                                     for ph in ("forward", "backward", "optimizer"))
-                lines.append(f"    step {s.step}: {format_bytes(s.bytes)} in {s.phase} of "
-                             f"{s.module or NO_MODULE} ({phases})")
+                where = f"{s.phase} of {s.module}" if s.module else s.phase
+                lines.append(f"    step {s.step}: {format_bytes(s.bytes)} in {where} ({phases})")
         return "\n".join(lines)
 
 

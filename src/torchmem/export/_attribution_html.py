@@ -39,8 +39,9 @@ def _legend(names: Sequence[str]) -> str:
 
 
 def category_chart(tl: Any) -> str:
-    """An SVG of live bytes over time, one stacked band per category, the x axis
-    labelled with the training step at each tick (``tl``: a CategoryTimeline)."""
+    """An SVG of live bytes over the run, one stacked band per category; the x axis
+    follows the events and is labelled with the training step at each tick
+    (``tl``: a CategoryTimeline)."""
     n = len(tl.seq)
     pw, ph = WIDTH - _LEFT - _RIGHT, HEIGHT - _TOP - _BOTTOM
     parts = [f'<svg id="category-chart" xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" '
@@ -50,7 +51,9 @@ def category_chart(tl: Any) -> str:
              f'stroke="#999999"/>']
     if n == 0:
         return "".join(parts) + "</svg>" + '<p class="muted">No allocation events.</p>'
-    t = (tl.timestamp_ns - tl.timestamp_ns[0]).astype(float)
+    # Along the events, not the clock: idle time (start-up, data loading)
+    # would squeeze the training steps into a corner.
+    t = (tl.seq - tl.seq[0]).astype(float)
     span = float(t[-1]) or 1.0
     x = _LEFT + pw * (t / span if n > 1 else np.zeros(n) + 0.5)
     total = tl.total().astype(float)
