@@ -142,10 +142,7 @@ class _Hooks:
         if _is_compiling():
             return
         try:
-            try:
-                t = _local.s
-            except AttributeError:
-                t = _thread()
+            t = _thread()
             stack = t.stack
             in_backward = _graph_task_id() != -1
             top = stack[-1] if stack else None
@@ -196,10 +193,7 @@ class _Hooks:
         if _is_compiling():
             return
         try:
-            try:
-                t = _local.s
-            except AttributeError:
-                t = _thread()
+            t = _thread()
             stack = t.stack
             if stack and stack[-1][_MODULE] is module:
                 frame = stack.pop()
@@ -333,10 +327,7 @@ def _backward_hook(ctx: int) -> Any:
 
     def hook(grad_outputs: Any) -> None:
         try:
-            try:
-                t = _local.s
-            except AttributeError:
-                t = _thread()
+            t = _thread()
             task = _graph_task_id()
             if task != t.task:
                 _hooks.backward_start(t, task, ctx)
