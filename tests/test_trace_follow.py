@@ -154,3 +154,28 @@ def test_replaying_in_parts_equals_replaying_whole(tmp_path):
     _same_figures(replay, whole)
     assert len(replay.snapshots) == len(whole.snapshots) == 1
     assert np.array_equal(replay.get_event_rows()["size"], whole.get_event_rows()["size"])
+
+
+def test_a_followed_trace_carries_contexts_and_marks(tmp_path):
+    # The module, phase and category of every byte come with each poll, in
+    # parts as small as one wants: the replay's breakdowns are the writer's.
+    from _attribution_helpers import MLP, attributed, batches, train
+
+    path = tmp_path / "t.db"
+    with attributed(storage=torchmem.SQLiteStorage(path), capture_stack_traces=True) as prof:
+        train(MLP, torch.optim.Adam, batches((8, 16), 3), prof)
+        want = {(by, at): prof.breakdown(by, at) for by in ("category", "module", "phase")
+                for at in ("peak", "now", 0, 2)}
+        prof.flush()
+    prof.storage.wait()
+    follower = TraceFollower(path, max_events=37)  # parts that cut steps and marks apart
+    replay = MemoryProfiler.from_trace(follower.poll(), retention_events=1 << 16)
+    polls = 1
+    while not follower.caught_up:
+        replay.extend_from_trace(follower.poll())
+        polls += 1
+    assert polls > 3
+    assert replay.context_table() == prof.context_table()[:len(replay.context_table())]
+    assert len(replay.attribution_marks()) == len(prof.attribution_marks())
+    for (by, at), breakdown in want.items():
+        assert replay.breakdown(by, at) == breakdown, (by, at)
