@@ -10,6 +10,7 @@ import torch
 
 import torchmem
 from torchmem import cli
+from torchmem.analysis.categories import CATEGORIES
 from torchmem.analysis.steps import step_memory
 from torchmem.export.tensorboard import step_scalars
 from torchmem.sources.host import HostTracker
@@ -60,12 +61,11 @@ def test_export_writes_every_step_of_every_tag(trace, tmp_path, capsys):
     prof = torchmem.load(trace)
     cats = {t for t in got if t.startswith("torchmem/category_bytes/")}
     assert set(got) - cats == BASE_TAGS
-    if hasattr(prof, "breakdown"):  # attribution (issue 18): the categories at each
-        assert cats                 # step's peak add up to that peak, exactly
-        for i, (step, peak) in enumerate(got["torchmem/peak_bytes"]):
-            assert sum(got[t][i][1] for t in cats) == peak, step
-    else:
-        assert not cats
+    # Attribution (issue 18): every category at every step; at each step's
+    # peak they add up to that peak, exactly.
+    assert cats == {f"torchmem/category_bytes/{c}" for c in CATEGORIES}
+    for i, (step, peak) in enumerate(got["torchmem/peak_bytes"]):
+        assert sum(got[t][i][1] for t in cats) == peak, step
     expected = list(step_memory(prof))
     # Steps 0..STEPS-1 each end with a step(); the step after the last holds
     # nothing but the loop's end.
@@ -121,14 +121,16 @@ def test_live_callback_writes_each_step_as_it_ends(tmp_path):
     assert tb.steps_written == STEPS + 1
     prof.close()
     live = _scalars(tmp_path / "live")
-    assert set(live) == BASE_TAGS
+    # Attribution (issue 18): every category at every step, beside the base tags.
+    assert set(live) == BASE_TAGS | {f"torchmem/category_bytes/{c}" for c in CATEGORIES}
     assert all(len(points) == STEPS + 1 for points in live.values())
     # The same figures as the export of the trace, for every finished step.
     from torchmem.export import export_tensorboard
 
     export_tensorboard(torchmem.load(path), tmp_path / "saved")
     saved = _scalars(tmp_path / "saved")
-    for tag in BASE_TAGS:
+    assert set(saved) == set(live)
+    for tag in live:
         assert live[tag][:STEPS] == saved[tag][:STEPS], tag
 
 

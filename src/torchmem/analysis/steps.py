@@ -24,6 +24,7 @@ import numpy as np
 
 from .._events import TYPE_NONE
 from .._types import GCRecord, MemoryEventType
+from .categories import CATEGORIES
 
 __all__ = ["StepMemory", "StepSeries", "StepTracker", "signed_sizes", "step_categories",
            "step_memory"]
@@ -41,11 +42,15 @@ def signed_sizes(rows: np.ndarray) -> np.ndarray:
 
 def step_categories(profiler: Any, step: int) -> dict[str, int] | None:
     """Live bytes by category at the peak of ``step`` (``breakdown(by="category", at=step)``),
-    or None for a profiler that cannot attribute memory to categories."""
+    every category named (0 when it holds nothing, so each one's series has a
+    point at every step), or None for a profiler that cannot attribute memory
+    to categories."""
     breakdown = getattr(profiler, "breakdown", None)
     if breakdown is None:
         return None
-    return {str(k): int(v) for k, v in breakdown(by="category", at=step).items()}
+    out = dict.fromkeys(CATEGORIES, 0)
+    out.update((str(k), int(v)) for k, v in breakdown(by="category", at=step).items())
+    return out
 
 
 @dataclass(frozen=True)
