@@ -8,6 +8,7 @@ from torch import nn
 
 import torchmem
 from torchmem.analysis.categories import CATEGORIES
+from torchmem.analysis.steps import step_memory
 from torchmem.units import format_bytes
 
 from _attribution_helpers import (CNN, MLP, Block, attributed, batches, exact_state, same_run,
@@ -141,8 +142,14 @@ def test_peak_report_and_step_peaks():
         assert [p.step for p in report.steps] == [0, 1, 2, 3]
         peaks = prof.step_peaks()
         for p in peaks[:3]:
-            assert set(p.by_phase) == {"forward", "backward", "optimizer", "other"}
-            assert p.peak_bytes == max(p.by_phase.values())
+            assert set(p.peak_by_phase) == {"forward", "backward", "optimizer", "other"}
+            assert p.peak_bytes == max(p.peak_by_phase.values())
+        # One per-step computation (analysis.steps): the records the TensorBoard
+        # export and the callbacks use, and the moments breakdown(at=step) shows.
+        assert peaks == list(step_memory(prof))
+        assert [s.seq for s in report.steps] == [p.peak_seq for p in peaks]
+        for p in peaks:
+            assert sum(prof.breakdown("category", p.step).values()) == p.peak_bytes, p.step
         # Adam's state appears in the first step: its optimizer peak is the highest.
         assert report.overall.step == 0 and report.overall.phase == "optimizer"
         text = report.format()

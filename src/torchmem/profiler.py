@@ -611,8 +611,10 @@ class MemoryProfiler(_recorder.Recorder):
         return self._queries().peak_report(self, top)
 
     def step_peaks(self) -> list:
-        """Each step's highest live bytes, and the highest in its forward, backward,
-        optimizer and other events (StepPeak, bytes), steps in order."""
+        """Each step's memory (analysis.steps.StepMemory, bytes): its peak, where it
+        was first reached (``peak_seq``, ``peak_timestamp_ns``), the highest live
+        bytes in its forward, backward, optimizer and other events
+        (``peak_by_phase``), steps in order."""
         return self._queries().step_peaks(self)
 
     def event_rows_from(self, start_seq: int = 0) -> np.ndarray:

@@ -32,12 +32,12 @@ from ..units import format_bytes
 from .categories import (CATEGORIES, NO_MODULE, Lifetimes, Segments, lifetimes, live_now,
                          segments)
 from .sites import site_name
+from .steps import StepMemory, StepSeries, step_memory
 
-__all__ = ["BY", "MODEL_STATE", "Peak", "PeakReport", "StepPeak", "breakdown", "breakdown_at",
+__all__ = ["BY", "MODEL_STATE", "Peak", "PeakReport", "breakdown", "breakdown_at",
            "context_of_event", "model_state", "overall_peak", "peak_report", "step_peaks"]
 
 BY = ("category", "module", "phase", "site", "type", "device")
-_PHASES = ("forward", "backward", "optimizer", "other")
 
 
 def _check_by(by: str) -> None:
@@ -237,52 +237,18 @@ def context_of_event(profiler: Any, seq: int) -> tuple[str, str]:
     return profiler.resolve_context(int(rows["context_id"][0]))
 
 
-@dataclass
-class StepPeak:
-    """The highest live bytes of one step, overall and in each phase (bytes; a
-    phase the step never entered is absent). ``seq`` is the event after which
-    the step's peak was reached."""
-
-    step: int
-    peak_bytes: int
-    seq: int
-    timestamp_ns: int
-    by_phase: dict[str, int] = field(default_factory=dict)
+def _step_records(m: _Moments) -> list[StepMemory]:
+    # The rows already read, fed to the one per-step computation (analysis.steps).
+    series = StepSeries(m.profiler.type_name, m.profiler.resolve_context)
+    return series.feed(m.lt.rows) + series.finish()
 
 
-def _phase_codes(m: _Moments) -> np.ndarray:
-    names = [m.context(i)[1] for i in range(len(m.contexts))] or ["other"]
-    code = np.array([_PHASES.index(n) if n in _PHASES else 3 for n in names], np.int64)
-    ctx = m.lt.rows["context_id"].astype(np.int64)
-    return np.where(ctx < len(code), code[np.minimum(ctx, len(code) - 1)], 3)
-
-
-def _step_peaks(m: _Moments) -> list[StepPeak]:
-    rows = m.lt.rows
-    if not len(rows):
-        return []
-    usage = m.lt.usage()
-    steps = rows["step"].astype(np.int64)
-    phases = _phase_codes(m)
-    bounds = np.flatnonzero(np.r_[True, steps[1:] != steps[:-1], True])
-    out = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        u = usage[a:b]
-        i = a + int(np.argmax(u))
-        by_phase = {}
-        for code, name in enumerate(_PHASES):
-            sel = u[phases[a:b] == code]
-            if len(sel):
-                by_phase[name] = int(sel.max())
-        out.append(StepPeak(int(steps[a]), int(usage[i]), int(rows["seq"][i]),
-                            int(rows["timestamp_ns"][i]), by_phase))
-    return out
-
-
-def step_peaks(profiler: Any) -> list[StepPeak]:
-    """Each step's peak live bytes, split by phase: the highest live bytes reached
-    in its forward, backward, optimizer and other events (steps in order)."""
-    return _step_peaks(_Moments(profiler))
+def step_peaks(profiler: Any) -> list[StepMemory]:
+    """Each step's peak live bytes, where it was first reached (``peak_seq``,
+    ``peak_timestamp_ns``) and split by phase (``peak_by_phase``: the highest
+    live bytes after its forward, backward, optimizer and other events), steps
+    in order: analysis.steps.StepMemory."""
+    return list(step_memory(profiler))
 
 
 @dataclass
@@ -378,7 +344,7 @@ def peak_report(profiler: Any, top: int = 10) -> PeakReport:
     if seq is not None:
         m.check_held(seq)
         overall = _peak(m, seq, top)
-    steps = [_peak(m, s.seq, top, s.by_phase) for s in _step_peaks(m)]
+    steps = [_peak(m, s.peak_seq, top, s.peak_by_phase) for s in _step_records(m)]
     return PeakReport(overall, steps)
 
 

@@ -9,10 +9,16 @@ pair's events, and a pair's peak is its highest level after any event of the
 step. Both are exact: they are the counters the recorder kept, at each
 event.
 
+Each step's peak is also split by phase (the highest live bytes after its
+forward, backward, optimizer and other events, from the context id every
+event carries) and located (the seq and time of the first event that reached
+it), so ``MemoryProfiler.step_peaks`` and ``peak_report`` are these records.
+
 ``StepSeries`` turns rows fed in seq order (from the first event of the
 trace) into one ``StepMemory`` per step; ``step_memory`` does it for a
 whole profiler; ``StepTracker`` for a running one, between steps. The
-TensorBoard export and the framework callbacks are built on them.
+TensorBoard export, the framework callbacks and the peak report are built
+on them.
 """
 
 from __future__ import annotations
@@ -58,7 +64,11 @@ class StepMemory:
     """Memory of one training step (sizes in bytes, times in ns since the epoch).
 
     ``current_bytes`` is what was live after the step's last event,
-    ``peak_bytes`` the highest live bytes after any of its events. The two dicts map
+    ``peak_bytes`` the highest live bytes after any of its events: first
+    reached after event ``peak_seq`` at ``peak_timestamp_ns``;
+    ``peak_by_phase`` the highest after its events of each phase
+    (``forward``, ``backward``, ``optimizer``, ``other``; a phase the step
+    did not enter is absent). The two dicts map
     (allocation type, device) (device -1 = host) to the same figures for
     that pair, for every pair seen up to this step. ``gc_count`` and
     ``gc_time_ns`` are the garbage collections that ended in this step.
@@ -74,6 +84,9 @@ class StepMemory:
     last_timestamp_ns: int = 0
     gc_count: int = 0
     gc_time_ns: int = 0
+    peak_seq: int = -1
+    peak_timestamp_ns: int = 0
+    peak_by_phase: dict[str, int] = field(default_factory=dict)
 
 
 class _Step:
@@ -88,6 +101,9 @@ class _Step:
         self.allocations = 0
         self.first_ts = ts
         self.last_ts = ts
+        self.peak_seq = -1
+        self.peak_ts = 0
+        self.by_phase: dict[str, int] = {}
 
 
 class StepSeries:
@@ -100,10 +116,15 @@ class StepSeries:
     Args:
         type_name: the allocation type's name for a type id
             (``profiler.type_name``).
+        context: ``(module, phase)`` of a context id
+            (``profiler.resolve_context``); without it every event's phase
+            is ``other``.
     """
 
-    def __init__(self, type_name: Callable[[int], str]) -> None:
+    def __init__(self, type_name: Callable[[int], str],
+                 context: Callable[[int], tuple[str, str]] | None = None) -> None:
         self._type_name = type_name
+        self._context = context
         self._pairs: dict[int, int] = {}  # pair key -> live bytes now
         self._open: _Step | None = None
         self._last_step = -1
@@ -135,6 +156,8 @@ class StepSeries:
         continued = self._open is not None and self._open.step == int(steps[0])
         pair_segs = self._pair_segments(rows, signed, starts, continued)
         ts = rows["timestamp_ns"]
+        seqs = rows["seq"]
+        phases = self._phases(rows)
         done: list[StepMemory] = []
         for j, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
             step = int(steps[a])
@@ -143,7 +166,13 @@ class StepSeries:
                 if acc is not None:
                     done.append(self._emit(acc))
                 acc = self._open = _Step(step, self._pairs, int(ts[a]))
-            acc.peak = max(acc.peak, int(seg_peak[j]))
+            if acc.peak_seq < 0 or int(seg_peak[j]) > acc.peak:  # the first event at it
+                i = a + int(np.argmax(after[a:b]))
+                acc.peak, acc.peak_seq, acc.peak_ts = int(seg_peak[j]), int(seqs[i]), int(ts[i])
+            seg_after, seg_phase = after[a:b], phases[a:b]
+            for name in np.unique(seg_phase).tolist():
+                top = int(seg_after[seg_phase == name].max())
+                acc.by_phase[name] = max(acc.by_phase.get(name, top), top)
             acc.current = int(after[b - 1])
             acc.allocations += int(seg_allocs[j])
             acc.last_ts = int(ts[b - 1])
@@ -157,6 +186,15 @@ class StepSeries:
             acc.pair_current = dict(self._pairs)
             self._last_step = step
         return done
+
+    def _phases(self, rows: np.ndarray) -> np.ndarray:
+        """The phase name of each row's context."""
+        if self._context is None:
+            return np.full(len(rows), "other", dtype=object)
+        ctx = rows["context_id"]
+        uniq, inverse = np.unique(ctx, return_inverse=True)
+        names = np.array([self._context(int(c))[1] for c in uniq.tolist()], dtype=object)
+        return names[inverse.reshape(-1)]
 
     def close_through(self, step: int) -> list[StepMemory]:
         """Completes the open step if it is ``step`` or earlier (no more rows of it will come)."""
@@ -203,9 +241,12 @@ class StepSeries:
                     for k, v in sorted(d.items())}
 
         gc_count, gc_ns = self._gc.pop(acc.step, (0, 0))
+        order = ("forward", "backward", "optimizer", "other")
+        by_phase = {k: acc.by_phase[k] for k in sorted(acc.by_phase, key=lambda k: (
+            order.index(k) if k in order else len(order), k))}
         return StepMemory(acc.step, acc.current, acc.peak, named(acc.pair_current),
                           named(acc.pair_peak), acc.allocations, acc.first_ts, acc.last_ts,
-                          gc_count, gc_ns)
+                          gc_count, gc_ns, acc.peak_seq, acc.peak_ts, by_phase)
 
 
 def step_memory(profiler: Any, *, steps_per_read: int = 256) -> Iterator[StepMemory]:
@@ -214,7 +255,7 @@ def step_memory(profiler: Any, *, steps_per_read: int = 256) -> Iterator[StepMem
     Rows are read ``steps_per_read`` steps at a time, so memory is bounded
     by the events of that many steps, not by the trace.
     """
-    series = StepSeries(profiler.type_name)
+    series = StepSeries(profiler.type_name, profiler.resolve_context)
     series.add_gc(profiler.gc_records)
     last = profiler.current_step
     for a in range(0, last + 1, steps_per_read):
@@ -233,7 +274,7 @@ class StepTracker:
 
     def __init__(self, profiler: Any) -> None:
         self.profiler = profiler
-        self._series = StepSeries(profiler.type_name)
+        self._series = StepSeries(profiler.type_name, profiler.resolve_context)
         self._next_step = 0
         self._gc_seen = 0
 
