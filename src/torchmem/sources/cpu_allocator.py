@@ -10,7 +10,8 @@ an op are counted. It is the default host source; the dispatch-mode
 c10's Allocator is a C++ class whose layout belongs to one torch build, so
 the hook is compiled against the installed torch the first time it is needed
 (about 1-2 s with g++) and cached per torch build and hook source in
-``$TORCHMEM_CACHE_DIR`` (default ``~/.cache/torchmem``). Without a C++
+``$TORCHMEM_CACHE_DIR`` (default ``~/.cache/torchmem``), by the builder all
+run-time-built modules share (:mod:`torchmem.sources._build`). Without a C++
 compiler or torch's headers, :func:`load_hook` raises
 :class:`HookUnavailable` saying which.
 
@@ -22,102 +23,42 @@ memory from DataLoader workers, mmap'ed loads).
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import hashlib
-import os
-import re
-import shutil
-import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import _native
+from . import _build
+from ._build import BuildUnavailable
 
 __all__ = ["CPUAllocatorHook", "HookUnavailable", "build_hook", "load_hook"]
 
-_SOURCE = Path(__file__).resolve().parent.parent / "_hook" / "cpu_allocator_hook.cpp"
-_BUILD_TIMEOUT_S = 180
+_SOURCE = _build.HOOK_DIR / "cpu_allocator_hook.cpp"
 
+# The CPU hook's name for the builder's error (one class for every module).
+HookUnavailable = BuildUnavailable
 
-class HookUnavailable(RuntimeError):
-    """The CPU allocator hook cannot be built or loaded here (the message says why)."""
+cache_dir = _build.cache_dir
 
-
-def cache_dir() -> Path:
-    """Where built hooks are kept: $TORCHMEM_CACHE_DIR, else $XDG_CACHE_HOME/torchmem."""
-    explicit = os.environ.get("TORCHMEM_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "torchmem"
-
-
-def _compiler() -> str:
-    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if candidate and shutil.which(candidate):
-            return candidate
-    raise HookUnavailable("no C++ compiler found (set CXX, or install g++)")
-
-
-def _build_command(cxx: str, out: Path) -> list[str]:
-    torch_dir = Path(torch.__file__).resolve().parent
-    include, lib = torch_dir / "include", torch_dir / "lib"
-    if not (include / "c10" / "core" / "CPUAllocator.h").is_file():
-        raise HookUnavailable(f"torch's C++ headers are missing under {include}")
-    abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
-    return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-I", str(include), str(_SOURCE),
-            "-o", str(out), "-L", str(lib), "-lc10", f"-Wl,-rpath,{lib}"]
+_SPEC = _build.ModuleSpec(name="cpu_allocator_hook", what="the CPU allocator hook",
+                          sources=(_SOURCE,))
 
 
 def build_hook(*, force: bool = False) -> Path:
     """Compiles the hook for the installed torch (once; cached) and returns its path.
 
-    Concurrent processes (the ranks of a distributed job) build it once: the
-    build holds a lock file and publishes the library with an atomic rename.
     Raises HookUnavailable when there is no compiler, no torch headers, or
     the compiler fails (its last lines are in the message).
     """
-    cxx = _compiler()
-    directory = cache_dir()
-    probe = _build_command(cxx, Path("OUT"))
-    key = hashlib.sha256()
-    key.update(_SOURCE.read_bytes())
-    for part in (torch.__version__, str(getattr(torch.version, "git_version", "")), *probe):
-        key.update(part.encode() + b"\0")
-    version = re.sub(r"[^0-9A-Za-z.]+", "_", torch.__version__)
-    out = directory / f"cpu_allocator_hook-torch{version}-{key.hexdigest()[:16]}.so"
-    if out.is_file() and not force:
-        return out
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(directory / ".build.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if out.is_file() and not force:
-                return out  # another process built it while we waited
-            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-            try:
-                done = subprocess.run(_build_command(cxx, tmp), capture_output=True, text=True,
-                                      timeout=_BUILD_TIMEOUT_S)
-                if done.returncode != 0:
-                    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
-                    raise HookUnavailable(f"{cxx} failed to build the CPU allocator hook:\n{tail}")
-                os.replace(tmp, out)
-            finally:
-                tmp.unlink(missing_ok=True)
-    except OSError as exc:
-        raise HookUnavailable(f"cannot build the CPU allocator hook in {directory}: {exc}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise HookUnavailable(f"building the CPU allocator hook took over {exc.timeout} s") from exc
-    return out
+    return _build.build_module(_SPEC, force=force)
 
 
-_lib: ctypes.CDLL | None = None
-_lib_error: HookUnavailable | None = None  # a failure is not retried in this process
-_lib_lock = threading.Lock()
+def _setup(lib: ctypes.CDLL) -> None:
+    lib.torchmem_cpu_hook_install.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.torchmem_cpu_hook_install.restype = ctypes.c_int
+    lib.torchmem_cpu_hook_uninstall.argtypes = []
+    lib.torchmem_cpu_hook_uninstall.restype = None
+    lib.torchmem_cpu_hook_active.argtypes = []
+    lib.torchmem_cpu_hook_active.restype = ctypes.c_int
 
 
 def load_hook() -> ctypes.CDLL:
@@ -126,37 +67,7 @@ def load_hook() -> ctypes.CDLL:
     A cached library that does not load (truncated, foreign) is rebuilt once.
     A failure is remembered: later calls raise it again without rebuilding.
     """
-    global _lib, _lib_error
-    with _lib_lock:
-        if _lib is not None:
-            return _lib
-        if _lib_error is not None:
-            raise _lib_error
-        try:
-            _lib = _load_locked()
-        except HookUnavailable as exc:
-            _lib_error = exc
-            raise
-        return _lib
-
-
-def _load_locked() -> ctypes.CDLL:
-    path = build_hook()
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError:
-        path = build_hook(force=True)
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as exc:
-            raise HookUnavailable(f"the CPU allocator hook does not load: {exc}") from exc
-    lib.torchmem_cpu_hook_install.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    lib.torchmem_cpu_hook_install.restype = ctypes.c_int
-    lib.torchmem_cpu_hook_uninstall.argtypes = []
-    lib.torchmem_cpu_hook_uninstall.restype = None
-    lib.torchmem_cpu_hook_active.argtypes = []
-    lib.torchmem_cpu_hook_active.restype = ctypes.c_int
-    return lib
+    return _build.load_module(_SPEC, _setup)
 
 
 # Set once a hook has recorded anything in this process: from then on live
