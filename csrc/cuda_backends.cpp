@@ -1,6 +1,6 @@
-// The plugin's backends: async (cudaMallocAsync on the device's default
-// pool), sync (cudaMalloc), host (malloc, for CPU tests) and fake (logs its
-// calls and fails on demand, for tests of ordering and out of memory).
+// The plugin's test backends, host (malloc, for CPU tests) and fake (logs its
+// calls and fails on demand, for tests of ordering, capture and out of
+// memory), and the fake's controls. The CUDA backends: cuda_backends_cuda.cpp.
 //
 // Each backend is a process-lifetime singleton: blocks allocated by one must
 // be freed by it even after the plugin has moved on to another.
@@ -11,14 +11,10 @@
 #include <mutex>
 
 #include "cuda_plugin.hpp"
-#include "cuda_runtime.hpp"
 
 namespace torchmem {
 namespace plugin {
 namespace {
-
-using cuda::DeviceGuard;
-using cuda::Runtime;
 
 class HostBackend final : public Backend {
  public:
@@ -28,21 +24,27 @@ class HostBackend final : public Backend {
     return *out ? AllocStatus::Ok : AllocStatus::OutOfMemory;
   }
   void deallocate(void* ptr, size_t, int, void*) override { std::free(ptr); }
-  void fence(int, void*, void*) override {}
+  bool fence(int, void*, void*) override { return true; }
+  bool sync_stream(int, void*) override { return true; }
   void release_cache(int) override {}
   bool mem_info(int, uint64_t*, uint64_t*) override { return false; }
 };
+
+// Takes one from a "fail the next n" counter; true when this call must fail.
+bool take_failure(std::atomic<int>& left_counter) {
+  int left = left_counter.load();
+  while (left > 0) {
+    if (left_counter.compare_exchange_weak(left, left - 1)) return true;
+  }
+  return false;
+}
 
 class FakeBackend final : public Backend {
  public:
   const char* name() const override { return "fake"; }
 
   AllocStatus allocate(void** out, size_t size, int device, void* stream) override {
-    bool fail = false;
-    int left = fail_next_.load();
-    while (left > 0 && !fail) {
-      fail = fail_next_.compare_exchange_weak(left, left - 1);
-    }
+    bool fail = take_failure(fail_next_);
     // Synthetic addresses, never reused: the fake never touches memory, and
     // distinct addresses keep the plugin's map and the recorder exact.
     uint64_t addr = 0;
@@ -62,11 +64,45 @@ class FakeBackend final : public Backend {
                   reinterpret_cast<uint64_t>(stream));
     log(line);
   }
-  void fence(int device, void* user, void* waiter) override {
+  bool fence(int device, void* user, void* waiter) override {
+    bool fail = take_failure(fail_fences_);
     char line[160];
-    std::snprintf(line, sizeof line, "fence device=%d user=%" PRIu64 " waiter=%" PRIu64, device,
-                  reinterpret_cast<uint64_t>(user), reinterpret_cast<uint64_t>(waiter));
+    std::snprintf(line, sizeof line, "fence device=%d user=%" PRIu64 " waiter=%" PRIu64 "%s",
+                  device, reinterpret_cast<uint64_t>(user), reinterpret_cast<uint64_t>(waiter),
+                  fail ? " -> error" : "");
     log(line);
+    return !fail;
+  }
+  bool sync_stream(int device, void* stream) override {
+    bool fail = take_failure(fail_syncs_);
+    char line[128];
+    std::snprintf(line, sizeof line, "sync device=%d stream=%" PRIu64 "%s", device,
+                  reinterpret_cast<uint64_t>(stream), fail ? " -> error" : "");
+    log(line);
+    return !fail;
+  }
+  // One synthetic stream per device (kUnifying + device), created (logged)
+  // on first use like the CUDA backend's.
+  void* unifying_stream(int device) override {
+    int d = (device >= 0 && device < kMaxDevices) ? device : kMaxDevices;
+    if (!created_[d].exchange(true)) {
+      char line[96];
+      std::snprintf(line, sizeof line, "create_stream device=%d -> %" PRIu64, device,
+                    kUnifying + static_cast<uint64_t>(d));
+      log(line);
+    }
+    return reinterpret_cast<void*>(kUnifying + static_cast<uint64_t>(d));
+  }
+  bool supports_capture(std::string* why) const override {
+    if (capture_.load()) return true;
+    *why = "fake backend set to refuse capture";
+    return false;
+  }
+  bool enable_peer_access(int device, int peer, std::string*) override {
+    char line[96];
+    std::snprintf(line, sizeof line, "peer_access device=%d peer=%d", device, peer);
+    log(line);
+    return true;
   }
   void release_cache(int device) override {
     char line[64];
@@ -83,11 +119,17 @@ class FakeBackend final : public Backend {
     std::lock_guard<std::mutex> lock(mu_);
     return log_;
   }
+  // Forgets the log and the unifying streams made (so each test sees its
+  // own first use).
   void clear() {
     std::lock_guard<std::mutex> lock(mu_);
     log_.clear();
+    for (auto& c : created_) c.store(false);
   }
   void fail_next(int n) { fail_next_.store(n < 0 ? 0 : n); }
+  void fail_fences(int n) { fail_fences_.store(n < 0 ? 0 : n); }
+  void fail_syncs(int n) { fail_syncs_.store(n < 0 ? 0 : n); }
+  void set_capture(bool on) { capture_.store(on); }
   void set_mem_info(uint64_t f, uint64_t t) {
     free_.store(f);
     total_.store(t);
@@ -96,6 +138,7 @@ class FakeBackend final : public Backend {
  private:
   static constexpr uint64_t kBase = 0x7e0000000000ULL;
   static constexpr uint64_t kStride = 0x100000ULL;  // 1 MiB apart
+  static constexpr uint64_t kUnifying = 0xf000;     // streams 0xf000 + device
   void log(const char* line) {
     std::lock_guard<std::mutex> lock(mu_);
     // Bounded so a benchmark run through the fake cannot exhaust memory.
@@ -103,178 +146,19 @@ class FakeBackend final : public Backend {
   }
   std::mutex mu_;
   std::vector<std::string> log_;
-  std::atomic<int> fail_next_{0};
+  std::atomic<int> fail_next_{0}, fail_fences_{0}, fail_syncs_{0};
+  std::atomic<bool> capture_{true};
+  std::atomic<bool> created_[kMaxDevices + 1] = {};
   std::atomic<uint64_t> next_{0};
   std::atomic<uint64_t> free_{0};
   std::atomic<uint64_t> total_{0};
 };
 
-// Shared by the CUDA backends: error text and the device-memory query.
-class CudaBackendBase : public Backend {
- public:
-  explicit CudaBackendBase(const Runtime* rt) : rt_(rt) {}
-  bool mem_info(int device, uint64_t* free_bytes, uint64_t* total_bytes) override {
-    DeviceGuard guard(rt_, device);
-    size_t f = 0, t = 0;
-    if (rt_->MemGetInfo(&f, &t) != cuda::kSuccess) {
-      rt_->GetLastError();
-      return false;
-    }
-    *free_bytes = f;
-    *total_bytes = t;
-    return true;
-  }
-  std::string last_error() const override {
-    std::lock_guard<std::mutex> lock(err_mu_);
-    return last_error_;
-  }
-
- protected:
-  // Classifies a failed call and clears the runtime's sticky last error, so
-  // torch's next kernel-launch check does not report our failure as its own.
-  AllocStatus failed(cuda::Error err, const char* what) {
-    rt_->GetLastError();
-    std::lock_guard<std::mutex> lock(err_mu_);
-    last_error_ = std::string(what) + ": " + rt_->GetErrorString(err);
-    return err == cuda::kErrorMemoryAllocation ? AllocStatus::OutOfMemory : AllocStatus::Error;
-  }
-  const Runtime* rt_;
-  mutable std::mutex err_mu_;
-  std::string last_error_;
-};
-
-class SyncBackend final : public CudaBackendBase {
- public:
-  using CudaBackendBase::CudaBackendBase;
-  const char* name() const override { return "sync"; }
-  AllocStatus allocate(void** out, size_t size, int device, void*) override {
-    DeviceGuard guard(rt_, device);
-    cuda::Error err = rt_->Malloc(out, size);
-    if (err != cuda::kSuccess) return failed(err, "cudaMalloc");
-    return AllocStatus::Ok;
-  }
-  void deallocate(void* ptr, size_t, int device, void*) override {
-    DeviceGuard guard(rt_, device);
-    cuda::Error err = rt_->Free(ptr);
-    if (err != cuda::kSuccess) failed(err, "cudaFree");
-  }
-  // cudaFree is not stream ordered, so the host waits for the other
-  // stream's work before the block goes back.
-  void fence(int device, void* user, void*) override {
-    DeviceGuard guard(rt_, device);
-    cuda::Event ev = nullptr;
-    if (rt_->EventCreateWithFlags(&ev, cuda::kEventDisableTiming) != cuda::kSuccess) {
-      rt_->GetLastError();
-      rt_->StreamSynchronize(user);
-      return;
-    }
-    rt_->EventRecord(ev, user);
-    rt_->EventSynchronize(ev);
-    rt_->EventDestroy(ev);
-  }
-  void release_cache(int) override {}
-};
-
-class AsyncBackend final : public CudaBackendBase {
- public:
-  using CudaBackendBase::CudaBackendBase;
-  const char* name() const override { return "async"; }
-
-  AllocStatus allocate(void** out, size_t size, int device, void* stream) override {
-    if (device < 0 || device >= kMaxDevices) return AllocStatus::Error;
-    DeviceGuard guard(rt_, device);
-    if (!pool(device)) {
-      cuda::Error err = rt_->Malloc(out, size);  // no pools on this device
-      return err == cuda::kSuccess ? AllocStatus::Ok : failed(err, "cudaMalloc");
-    }
-    cuda::Error err = rt_->MallocAsync(out, size, stream);
-    if (err != cuda::kSuccess) return failed(err, "cudaMallocAsync");
-    return AllocStatus::Ok;
-  }
-  void deallocate(void* ptr, size_t, int device, void* stream) override {
-    DeviceGuard guard(rt_, device);
-    bool pooled = device >= 0 && device < kMaxDevices && state_[device].load() == kPooled;
-    cuda::Error err = pooled ? rt_->FreeAsync(ptr, stream) : rt_->Free(ptr);
-    if (err != cuda::kSuccess) failed(err, pooled ? "cudaFreeAsync" : "cudaFree");
-  }
-  void fence(int device, void* user, void* waiter) override {
-    DeviceGuard guard(rt_, device);
-    cuda::Event ev = nullptr;
-    if (rt_->EventCreateWithFlags(&ev, cuda::kEventDisableTiming) != cuda::kSuccess) {
-      rt_->GetLastError();
-      rt_->StreamSynchronize(user);  // correct, only slower
-      return;
-    }
-    rt_->EventRecord(ev, user);
-    rt_->StreamWaitEvent(waiter, ev, 0);
-    // Destroying a recorded event is safe: its resources go once it completes.
-    rt_->EventDestroy(ev);
-  }
-  // Frees still queued on streams are not trimmable until they complete,
-  // hence the synchronize (what torch's cudaMallocAsync backend does too).
-  void release_cache(int device) override {
-    if (device < 0 || device >= kMaxDevices || state_[device].load() != kPooled) return;
-    DeviceGuard guard(rt_, device);
-    rt_->DeviceSynchronize();
-    rt_->MemPoolTrimTo(pools_[device], 0);
-    rt_->GetLastError();
-  }
-  bool reserved(int device, uint64_t* current, uint64_t* high) override {
-    if (device < 0 || device >= kMaxDevices || state_[device].load() != kPooled) return false;
-    uint64_t c = 0, h = 0;
-    if (rt_->MemPoolGetAttribute(pools_[device], cuda::kMemPoolAttrReservedMemCurrent, &c) !=
-            cuda::kSuccess ||
-        rt_->MemPoolGetAttribute(pools_[device], cuda::kMemPoolAttrReservedMemHigh, &h) !=
-            cuda::kSuccess) {
-      rt_->GetLastError();
-      return false;
-    }
-    *current = c;
-    *high = h;
-    return true;
-  }
-  void reset_reserved_peak(int device) override {
-    if (device < 0 || device >= kMaxDevices || state_[device].load() != kPooled) return;
-    uint64_t zero = 0;  // the runtime resets the high mark to the current value
-    rt_->MemPoolSetAttribute(pools_[device], cuda::kMemPoolAttrReservedMemHigh, &zero);
-    rt_->GetLastError();
-  }
-
- private:
-  enum : int { kUnknown = 0, kPooled = 1, kNoPool = 2 };
-
-  // The device's default pool, set up on first use: with the default release
-  // threshold (0) the pool returns freed memory to the driver at every
-  // synchronize, and allocations go back to the driver every step.
-  bool pool(int device) {
-    int s = state_[device].load(std::memory_order_acquire);
-    if (s != kUnknown) return s == kPooled;
-    std::lock_guard<std::mutex> lock(init_mu_);
-    s = state_[device].load();
-    if (s != kUnknown) return s == kPooled;
-    int supported = 0;
-    cuda::MemPool p = nullptr;
-    bool ok = rt_->DeviceGetAttribute(&supported, cuda::kDevAttrMemoryPoolsSupported, device) ==
-                  cuda::kSuccess &&
-              supported && rt_->DeviceGetDefaultMemPool(&p, device) == cuda::kSuccess;
-    if (ok) {
-      uint64_t threshold = UINT64_MAX;
-      rt_->MemPoolSetAttribute(p, cuda::kMemPoolAttrReleaseThreshold, &threshold);
-      pools_[device] = p;
-    } else {
-      std::fprintf(stderr,
-                   "torchmem: device %d has no stream-ordered memory pools; "
-                   "using cudaMalloc there\n", device);
-    }
-    rt_->GetLastError();
-    state_[device].store(ok ? kPooled : kNoPool, std::memory_order_release);
-    return ok;
-  }
-
-  std::mutex init_mu_;
-  std::atomic<int> state_[kMaxDevices] = {};
-  cuda::MemPool pools_[kMaxDevices] = {};
-};
+FakeBackend* fake() {
+  // Immortal: blocks may come back during static destruction at exit.
+  static FakeBackend* backend = new FakeBackend;
+  return backend;
+}
 
 }  // namespace
 
@@ -284,43 +168,16 @@ Backend* make_host_backend() {
   return backend;
 }
 
-Backend* make_fake_backend() {
-  // Immortal: blocks may come back during static destruction at exit.
-  static FakeBackend* backend = new FakeBackend;
-  return backend;
-}
+Backend* make_fake_backend() { return fake(); }
 
-Backend* make_sync_backend(std::string* why) {
-  const Runtime* rt = cuda::runtime();
-  if (!rt) {
-    *why = cuda::runtime_description();
-    return nullptr;
-  }
-  // Immortal: blocks may come back during static destruction at exit.
-  static SyncBackend* backend = new SyncBackend(rt);
-  return backend;
-}
-
-Backend* make_async_backend(std::string* why) {
-  const Runtime* rt = cuda::runtime();
-  if (!rt || !rt->has_async) {
-    *why = rt ? "libcudart has no cudaMallocAsync (CUDA < 11.2): " + rt->missing
-              : cuda::runtime_description();
-    return nullptr;
-  }
-  // Immortal: blocks may come back during static destruction at exit.
-  static AsyncBackend* backend = new AsyncBackend(rt);
-  return backend;
-}
-
-std::vector<std::string> fake_log() {
-  FakeBackend* f = static_cast<FakeBackend*>(make_fake_backend());
-  return f->log_copy();
-}
-void fake_clear_log() { static_cast<FakeBackend*>(make_fake_backend())->clear(); }
-void fake_fail_next(int count) { static_cast<FakeBackend*>(make_fake_backend())->fail_next(count); }
+std::vector<std::string> fake_log() { return fake()->log_copy(); }
+void fake_clear_log() { fake()->clear(); }
+void fake_fail_next(int count) { fake()->fail_next(count); }
+void fake_fail_fences(int count) { fake()->fail_fences(count); }
+void fake_fail_syncs(int count) { fake()->fail_syncs(count); }
+void fake_set_capture(bool supported) { fake()->set_capture(supported); }
 void fake_set_mem_info(uint64_t free_bytes, uint64_t total_bytes) {
-  static_cast<FakeBackend*>(make_fake_backend())->set_mem_info(free_bytes, total_bytes);
+  fake()->set_mem_info(free_bytes, total_bytes);
 }
 
 }  // namespace plugin

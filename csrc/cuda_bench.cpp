@@ -7,7 +7,9 @@
 #include <string>
 #include <vector>
 
+#include "../src/torchmem/_hook/cuda_hook_api.h"
 #include "cuda_plugin.hpp"
+#include "cuda_trace.hpp"
 
 using namespace torchmem::plugin;
 
@@ -38,6 +40,24 @@ uint64_t torchmem_plugin_bench_batched(uint64_t n, uint64_t batch) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
 }
 
+// The tracker's cost per event pair, on the model of one 64 MiB segment on
+// device 63 (a slot tests do not use).
+uint64_t torchmem_cuda_trace_bench(uint64_t n) {
+  constexpr int kDevice = 63;
+  constexpr uint64_t kSegment = 0x7f0000000000ULL;
+  torchmem_cuda_trace_event(TORCHMEM_TRACE_SEGMENT_ALLOC, kDevice, kSegment, 64ULL << 20, 0);
+  auto t0 = std::chrono::steady_clock::now();
+  for (uint64_t i = 0; i < n; ++i) {
+    uint64_t addr = kSegment + (i & 1023) * 4096;
+    uint64_t size = 256 + (i & 7) * 64;
+    torchmem_cuda_trace_event(TORCHMEM_TRACE_ALLOC, kDevice, addr, size, 0);
+    torchmem_cuda_trace_event(TORCHMEM_TRACE_FREE_COMPLETED, kDevice, addr, size, 0);
+  }
+  auto t1 = std::chrono::steady_clock::now();
+  torchmem_cuda_trace_event(TORCHMEM_TRACE_SEGMENT_FREE, kDevice, kSegment, 64ULL << 20, 0);
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
+}
+
 size_t torchmem_fake_log(char* buf, size_t len) {
   std::string text;
   for (const std::string& line : fake_log()) {
@@ -54,6 +74,9 @@ size_t torchmem_fake_log(char* buf, size_t len) {
 
 void torchmem_fake_clear(void) { fake_clear_log(); }
 void torchmem_fake_fail_next(int count) { fake_fail_next(count); }
+void torchmem_fake_fail_fences(int count) { fake_fail_fences(count); }
+void torchmem_fake_fail_syncs(int count) { fake_fail_syncs(count); }
+void torchmem_fake_set_capture(int supported) { fake_set_capture(supported != 0); }
 void torchmem_fake_set_mem_info(uint64_t free_bytes, uint64_t total_bytes) {
   fake_set_mem_info(free_bytes, total_bytes);
 }

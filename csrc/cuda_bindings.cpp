@@ -19,8 +19,10 @@ namespace {
 const char* const kStatNames[] = {
     "current", "peak", "allocated", "freed", "alloc_count", "free_count",
     "oom_count", "retry_count", "reserved", "reserved_peak", "live_blocks",
-    "unknown_frees"};
-constexpr int kStatCount = sizeof(kStatNames) / sizeof(kStatNames[0]);
+    "unknown_frees", "peak_live_blocks", "deferred_frees", "unfenced_blocks", "limit"};
+static_assert(sizeof(kStatNames) / sizeof(kStatNames[0]) == torchmem::plugin::kStatCount,
+              "one name per DeviceCounters field");
+using torchmem::plugin::kStatCount;
 
 nb::dict stats(int device) {
   uint64_t values[kStatCount] = {};
@@ -82,6 +84,8 @@ void bind_cuda(nb::module_& m) {
     nb::gil_scoped_release release;
     torchmem_free(reinterpret_cast<void*>(ptr), size, device, reinterpret_cast<void*>(stream));
   }, nb::arg("ptr"), nb::arg("size"), nb::arg("device"), nb::arg("stream"));
+  m.def("cuda_hook_api_address", [] { return address_of(const_cast<void*>(torchmem_cuda_hook_api())); },
+        "Address of the entry-point table the run-time-built CUDA library is given.");
   m.def("cuda_hook_addresses", [] {
     nb::dict d;
     d["malloc"] = address_of(reinterpret_cast<void*>(&torchmem_malloc));

@@ -1,10 +1,12 @@
-// The CUDA plugin's entry points: bookkeeping, counters, record_stream, the
-// out-of-memory path, and the hand-off to the recorder.
+// The CUDA plugin's allocation and free paths: bookkeeping, the
+// out-of-memory path, record_stream fencing, CUDA graph capture, and the
+// hand-off to the recorder. Counters and controls: cuda_plugin_stats.cpp.
 //
 // Lock discipline: a call holds at most one shard lock at a time and never
 // while it calls the backend, the recorder or Python, so neither torch
 // (which may call us from several threads and from autograd's workers) nor a
-// thread waiting on the GIL can deadlock against us.
+// thread waiting on the GIL can deadlock against us. The capture lock is
+// taken only around capture bookkeeping, never with a shard lock held.
 
 // Python.h first: it sets feature macros the C library headers read.
 #include <Python.h>
@@ -19,100 +21,31 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "../src/torchmem/_hook/cuda_hook_api.h"
+#include "cuda_plugin_state.hpp"
 #include "cuda_runtime.hpp"
-#include "live_map.hpp"
-#include "recorder.hpp"
-#include "spin_lock.hpp"
 #include "stack_capture.hpp"
 
 namespace torchmem {
 namespace plugin {
-namespace {
 
-// What the plugin knows about a live block. `backend` is the one that made
-// it: a block is always returned to its own backend.
-struct Block {
-  uint64_t size = 0;
-  uint64_t stream = 0;
-  std::vector<uint64_t>* extra_streams = nullptr;  // record_stream; rare
-  Backend* backend = nullptr;
-  int16_t device = 0;
-};
-
-// Slot kMaxDevices collects devices outside [0, kMaxDevices).
-inline int slot(int device) { return (device >= 0 && device < kMaxDevices) ? device : kMaxDevices; }
-
-// Cumulative totals, kept per shard under the shard's lock (plain adds, no
-// atomics) and summed when read. A block's alloc and free hit one shard.
-struct ShardTotals {
-  uint64_t allocated = 0, freed = 0, alloc_count = 0, free_count = 0;
-};
-
-// The pointer map is sharded so threads allocating at once (data loader
-// pin threads, autograd's device threads, the main thread) rarely meet.
-constexpr int kShards = 32;
-struct alignas(64) Shard {
-  SpinLock mu;
-  AddressTable<Block> table;
-  ShardTotals totals[kMaxDevices + 1];
-};
-// Immortal (never destroyed), like every piece of state the entry points
-// touch: torch frees its last blocks (cuBLAS workspaces held by C++ statics)
-// during static destruction at exit, possibly after this library's own
-// destructors would have run.
 Shard* const g_shards = new Shard[kShards];
-
-inline Shard& shard_for(uint64_t address) {
-  return g_shards[(hash_address(address) >> 40) & (kShards - 1)];
-}
-
-// What needs one value across threads: live bytes (for the peak and the
-// memory-fraction limit), and the rare events.
-struct alignas(64) DeviceState {
-  std::atomic<uint64_t> current{0}, peak{0};
-  std::atomic<uint64_t> oom_count{0}, retry_count{0};
-  std::atomic<uint64_t> cap{0};  // memory-fraction limit in bytes; 0 = none
-  std::atomic<bool> used{false};  // has had an allocation (empty_cache visits it)
-
-  void add(uint64_t size) {
-    uint64_t now = current.fetch_add(size, std::memory_order_relaxed) + size;
-    uint64_t p = peak.load(std::memory_order_relaxed);
-    while (now > p && !peak.compare_exchange_weak(p, now, std::memory_order_relaxed)) {
-    }
-  }
-  void remove(uint64_t size) { current.fetch_sub(size, std::memory_order_relaxed); }
-};
 DeviceState g_devices[kMaxDevices + 1];
-
-inline DeviceState& state_for(int device) { return g_devices[slot(device)]; }
-
-// Sum of the shard totals of a device slot (-1: every slot).
-ShardTotals sum_totals(int device_slot) {
-  ShardTotals t;
-  for (int i = 0; i < kShards; ++i) {
-    Shard& s = g_shards[i];
-    std::lock_guard<SpinLock> lock(s.mu);
-    for (int d = 0; d <= kMaxDevices; ++d) {
-      if (device_slot >= 0 && d != device_slot) continue;
-      t.allocated += s.totals[d].allocated;
-      t.freed += s.totals[d].freed;
-      t.alloc_count += s.totals[d].alloc_count;
-      t.free_count += s.totals[d].free_count;
-    }
-  }
-  return t;
-}
-
 std::atomic<Backend*> g_backend{nullptr};
 std::mutex g_backend_mu;
-std::string& g_backend_error = *new std::string;  // why the default backend could not start
-std::atomic<int> g_oom_throws{1};
+std::string& g_backend_error = *new std::string;
 std::atomic<uint64_t> g_unknown_frees{0};
-std::atomic<int> g_device_count{0};
+std::atomic<uint64_t> g_deferred{0};
+std::atomic<uint64_t> g_unfenced{0};
 std::mutex g_oom_mu;
 std::string& g_last_oom = *new std::string;
+
+namespace {
+
+std::atomic<int> g_oom_throws{1};
 
 // Set by an atexit handler registered at the first allocation: from then on
 // the recorder (destroyed with the other statics) is left alone, and blocks
@@ -123,15 +56,22 @@ inline Recorder* live_recorder() {
   return g_exiting.load(std::memory_order_relaxed) ? nullptr : gpu_recorder();
 }
 
-uint64_t live_blocks_of(int device) {
-  ShardTotals t = sum_totals(slot(device));
-  return t.alloc_count - t.free_count;
-}
+// -- CUDA graph capture --------------------------------------------------------
+// While any capture is underway (torch's beginAllocateToPool .. endAllocateToPool),
+// a block allocated before it must not be freed: cudaFreeAsync on a capturing
+// stream of memory the graph did not allocate invalidates the capture (torch's
+// cudaMallocAsync backend has the same rule). Such frees wait in `deferred`
+// and run when the last capture ends. Streams captured blocks were freed on
+// are remembered so that they rejoin the capture stream at its end.
+struct CaptureState {
+  std::mutex mu;
+  std::atomic<int> underway{0};
+  std::vector<uint64_t> deferred;         // addresses, in the order freed
+  std::vector<UseStream> free_streams;    // streams frees were queued on during capture
+};
+CaptureState& g_capture = *new CaptureState;
 
-uint64_t total_live_blocks() {
-  ShardTotals t = sum_totals(-1);
-  return t.alloc_count - t.free_count;
-}
+thread_local std::string* t_last_message = nullptr;
 
 Backend* make_backend(const std::string& name, std::string* why) {
   if (name == "host") return make_host_backend();
@@ -140,27 +80,6 @@ Backend* make_backend(const std::string& name, std::string* why) {
   if (name == "async") return make_async_backend(why);
   *why = "unknown backend '" + name + "' (expected async, sync, host or fake)";
   return nullptr;
-}
-
-// First use without set_backend: TORCHMEM_CUDA_BACKEND, else async, else
-// sync (a runtime without the stream-ordered allocator).
-Backend* backend() {
-  Backend* b = g_backend.load(std::memory_order_acquire);
-  if (b) return b;
-  std::lock_guard<std::mutex> lock(g_backend_mu);
-  b = g_backend.load();
-  if (b) return b;
-  const char* env = std::getenv("TORCHMEM_CUDA_BACKEND");
-  std::string name = (env && *env) ? env : "async";
-  std::string why;
-  b = make_backend(name, &why);
-  if (!b && name == "async") b = make_sync_backend(&why);
-  if (!b) {
-    g_backend_error = why;
-    return nullptr;
-  }
-  g_backend.store(b, std::memory_order_release);
-  return b;
 }
 
 // The same units and rounding as torch's c10 format_size, so the message
@@ -179,18 +98,14 @@ std::string format_size(uint64_t size) {
   return buf;
 }
 
-// torch's pluggable wrapper does not check for null (it would hand out a
-// tensor without memory), so the failure has to be an exception. c10's
-// OutOfMemoryError cannot be thrown without linking libc10, so torch turns
-// this into a RuntimeError carrying the message (pytorch issue 133280: the
-// same holds for every pluggable allocator, RMM included).
-class CudaOutOfMemory : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+uint64_t live_blocks_of(int device) {
+  return state_for(device).blocks.load(std::memory_order_relaxed);
+}
 
-void* fail(AllocStatus status, Backend* b, size_t size, int device, void* stream,
-           uint32_t stack, bool over_cap) {
+// Records a final failure and composes its message (torch's wording for an
+// out of memory). Returns the status for the caller to report.
+AllocStatus fail(AllocStatus status, Backend* b, size_t size, int device, void* stream,
+                 uint32_t stack, bool over_cap) {
   DeviceState& c = state_for(device);
   std::string msg;
   if (status == AllocStatus::OutOfMemory) {
@@ -236,26 +151,109 @@ void* fail(AllocStatus status, Backend* b, size_t size, int device, void* stream
     std::lock_guard<std::mutex> lock(g_oom_mu);
     g_last_oom = msg;
   }
-  if (g_oom_throws.load(std::memory_order_relaxed)) throw CudaOutOfMemory(msg);
-  return nullptr;
+  set_last_message(msg);
+  return status;
 }
 
-}  // namespace
-}  // namespace plugin
-}  // namespace torchmem
+// The frees that waited for captures to end, once none is left.
+void run_deferred_frees();
 
-using namespace torchmem;
-using namespace torchmem::plugin;
+// Orders the reuse of a block used on several streams after all of them:
+// every stream's queued work is fenced into `waiter` (the backend's unifying
+// stream, or the block's own stream where the free is not stream ordered).
+// A fence that fails falls back to a host wait for that stream; false when
+// even that failed, so the block must never be handed out again.
+bool fence_uses(Backend* b, const Block& blk, void* waiter) {
+  bool ok = true;
+  auto order = [&](int device, uint64_t stream) {
+    void* s = reinterpret_cast<void*>(stream);
+    if (s == waiter) return;
+    if (b->fence(device, s, waiter)) return;
+    if (!b->sync_stream(device, s)) ok = false;
+  };
+  if (waiter != reinterpret_cast<void*>(blk.stream)) order(blk.device, blk.stream);
+  for (const UseStream& u : *blk.extra_streams) order(u.device, u.stream);
+  return ok;
+}
 
-extern "C" {
+// The free proper: counters, recorder, fences, backend. `blk` is already out
+// of the map.
+void release(void* ptr, Block& blk, int64_t torch_size) {
+  state_for(blk.device).remove(blk.size);
+  // Before the backend may hand the address out again (see torchmem_malloc).
+  // torch's own size is passed on so that a disagreement shows as an anomaly.
+  if (Recorder* rec = live_recorder()) {
+    if (rec->enabled()) rec->record_free(reinterpret_cast<uint64_t>(ptr), torch_size);
+  }
+  void* free_stream = reinterpret_cast<void*>(blk.stream);
+  if (blk.extra_streams) {
+    // torch's rule: a block used on several streams is freed on a per-device
+    // stream that waits for all of them, so no user stream waits on another.
+    void* unifying = blk.backend->unifying_stream(blk.device);
+    void* waiter = unifying ? unifying : free_stream;
+    bool ordered = fence_uses(blk.backend, blk, waiter);
+    delete blk.extra_streams;
+    blk.extra_streams = nullptr;
+    if (!ordered) {
+      // Neither an event nor a host wait could order the other streams' work
+      // before reuse: keeping the memory is the only safe choice.
+      g_unfenced.fetch_add(1, std::memory_order_relaxed);
+      set_last_message("torchmem CUDA plugin: a block used on several streams could not be "
+                       "fenced; its memory is kept rather than reused early");
+      return;
+    }
+    free_stream = waiter;
+  }
+  if (g_capture.underway.load(std::memory_order_acquire) > 0) {
+    std::lock_guard<std::mutex> lock(g_capture.mu);
+    UseStream fs{reinterpret_cast<uint64_t>(free_stream), blk.device};
+    bool seen = false;
+    for (const UseStream& u : g_capture.free_streams)
+      seen = seen || (u.stream == fs.stream && u.device == fs.device);
+    if (!seen) g_capture.free_streams.push_back(fs);
+  }
+  blk.backend->deallocate(ptr, blk.size, blk.device, free_stream);
+}
 
-void* torchmem_malloc(size_t size, int device, void* stream) {
-  // torch asks for 0 bytes for empty tensors; a null data pointer is what it
-  // expects back, and it never frees a null pointer.
-  if (size == 0) return nullptr;
+void run_deferred_frees() {
+  std::vector<uint64_t> todo;
+  {
+    std::lock_guard<std::mutex> lock(g_capture.mu);
+    if (g_capture.underway.load() > 0) return;
+    todo.swap(g_capture.deferred);
+  }
+  for (uint64_t addr : todo) {
+    Block blk;
+    bool known;
+    {
+      Shard& s = shard_for(addr);
+      std::lock_guard<SpinLock> lock(s.mu);
+      known = s.table.erase(addr, &blk);
+      if (known) {
+        ShardTotals& t = s.totals[slot(blk.device)];
+        t.freed += blk.size;
+        ++t.free_count;
+      }
+    }
+    if (!known) continue;
+    g_deferred.fetch_sub(1, std::memory_order_relaxed);
+    release(reinterpret_cast<void*>(addr), blk, -1);
+  }
+}
+
+// The allocation path shared by torch's C-function interface and the
+// compiled allocator class.
+AllocStatus allocate_block(void** out, size_t size, int device, void* stream, unsigned flags) {
   static const bool at_exit_registered =
       std::atexit([] { g_exiting.store(true, std::memory_order_relaxed); }) == 0;
   (void)at_exit_registered;
+  *out = nullptr;
+  // A deferred free can run as soon as no capture is left; the next
+  // allocation is the first moment that is sure to be outside one.
+  if (g_deferred.load(std::memory_order_relaxed) != 0 &&
+      g_capture.underway.load(std::memory_order_acquire) == 0) {
+    run_deferred_frees();
+  }
   Backend* b = backend();
   Recorder* rec = live_recorder();
   uint32_t stack = (rec && rec->enabled()) ? capture_stack_in_allocator() : 0;
@@ -268,7 +266,9 @@ void* torchmem_malloc(size_t size, int device, void* stream) {
   }
   void* p = nullptr;
   AllocStatus st = b->allocate(&p, size, device, stream);
-  if (st == AllocStatus::OutOfMemory) {
+  if (st == AllocStatus::OutOfMemory && !(flags & TORCHMEM_ALLOC_CAPTURED)) {
+    // Releasing the cache synchronises the device: not allowed while the
+    // stream is being captured, so a captured allocation fails at once.
     b->release_cache(device);
     st = b->allocate(&p, size, device, stream);
     if (st == AllocStatus::Ok) c.retry_count.fetch_add(1, std::memory_order_relaxed);
@@ -281,6 +281,7 @@ void* torchmem_malloc(size_t size, int device, void* stream) {
   blk.stream = reinterpret_cast<uint64_t>(stream);
   blk.backend = b;
   blk.device = static_cast<int16_t>(device);
+  blk.captured = (flags & TORCHMEM_ALLOC_CAPTURED) ? 1 : 0;
   Shard& s = shard_for(addr);
   {
     std::lock_guard<SpinLock> lock(s.mu);
@@ -295,193 +296,203 @@ void* torchmem_malloc(size_t size, int device, void* stream) {
   if (rec && rec->enabled()) {
     rec->record_alloc(addr, size, kTypeGPU, static_cast<int16_t>(device), blk.stream, stack);
   }
-  return p;
+  *out = p;
+  return AllocStatus::Ok;
 }
 
-void torchmem_free(void* ptr, size_t size, int device, void* stream) {
+void free_block(void* ptr, int64_t torch_size) {
   if (!ptr) return;
   const uint64_t addr = reinterpret_cast<uint64_t>(ptr);
+  const bool capturing = g_capture.underway.load(std::memory_order_acquire) > 0;
   Block blk;
   bool known;
+  bool defer = false;
   {
     Shard& s = shard_for(addr);
     std::lock_guard<SpinLock> lock(s.mu);
-    known = s.table.erase(addr, &blk);
-    if (known) {
+    Block* live = s.table.find(addr);
+    known = live != nullptr && !live->deferred;
+    if (known && capturing && !live->captured) {
+      live->deferred = 1;  // stays in the map (its memory is still held)
+      defer = true;
+    } else if (known) {
+      s.table.erase(addr, &blk);
       ShardTotals& t = s.totals[slot(blk.device)];
       t.freed += blk.size;
       ++t.free_count;
     }
   }
-  Recorder* rec = live_recorder();
-  if (!known) {
-    // Not ours: handing it to a backend could crash; leak it and report.
-    g_unknown_frees.fetch_add(1, std::memory_order_relaxed);
-    if (rec && rec->enabled()) rec->record_free(addr, static_cast<int64_t>(size));
-    (void)device;
-    (void)stream;
+  if (defer) {
+    std::lock_guard<std::mutex> lock(g_capture.mu);
+    g_capture.deferred.push_back(addr);
+    g_deferred.fetch_add(1, std::memory_order_relaxed);
     return;
   }
-  state_for(blk.device).remove(blk.size);
-  // Before the backend may hand the address out again (see torchmem_malloc).
-  // torch's own size is passed on so that a disagreement shows as an anomaly.
-  if (rec && rec->enabled()) {
-    rec->record_free(addr, size ? static_cast<int64_t>(size) : -1);
-  }
-  void* free_stream = reinterpret_cast<void*>(blk.stream);
-  if (blk.extra_streams) {
-    for (uint64_t other : *blk.extra_streams) {
-      blk.backend->fence(blk.device, reinterpret_cast<void*>(other), free_stream);
+  if (!known) {
+    // Not ours (or freed twice during a capture): handing it to a backend
+    // could crash; leak it and report.
+    g_unknown_frees.fetch_add(1, std::memory_order_relaxed);
+    if (Recorder* rec = live_recorder()) {
+      if (rec->enabled()) rec->record_free(addr, torch_size);
     }
-    delete blk.extra_streams;
+    return;
   }
-  blk.backend->deallocate(ptr, blk.size, blk.device, free_stream);
+  release(ptr, blk, torch_size);
 }
+
+}  // namespace
+
+void set_last_message(const std::string& text) {
+  if (!t_last_message) t_last_message = new std::string;  // per thread, leaked at exit
+  *t_last_message = text;
+}
+
+// First use without set_backend: TORCHMEM_CUDA_BACKEND, else async, else
+// sync (a runtime without the stream-ordered allocator).
+Backend* backend() {
+  Backend* b = g_backend.load(std::memory_order_acquire);
+  if (b) return b;
+  std::lock_guard<std::mutex> lock(g_backend_mu);
+  b = g_backend.load();
+  if (b) return b;
+  const char* env = std::getenv("TORCHMEM_CUDA_BACKEND");
+  std::string name = (env && *env) ? env : "async";
+  std::string why;
+  b = make_backend(name, &why);
+  if (!b && name == "async") b = make_sync_backend(&why);
+  if (!b) {
+    g_backend_error = why;
+    return nullptr;
+  }
+  g_backend.store(b, std::memory_order_release);
+  return b;
+}
+
+Backend* backend_by_name(const std::string& name, std::string* why) {
+  return make_backend(name, why);
+}
+
+}  // namespace plugin
+}  // namespace torchmem
+
+using namespace torchmem;
+using namespace torchmem::plugin;
+
+namespace {
+// torch's C-function wrapper does not check for null (it would hand out a
+// tensor without memory), so a failure there has to be an exception. It
+// becomes a RuntimeError carrying the message: the compiled allocator class
+// (src/torchmem/_hook/cuda_allocator.cpp) throws c10::OutOfMemoryError instead.
+class CudaOutOfMemory : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+}  // namespace
+
+extern "C" {
+
+void* torchmem_malloc(size_t size, int device, void* stream) {
+  // torch asks for 0 bytes for empty tensors; a null data pointer is what it
+  // expects back, and it never frees a null pointer.
+  if (size == 0) return nullptr;
+  void* p = nullptr;
+  if (allocate_block(&p, size, device, stream, 0) == AllocStatus::Ok) return p;
+  if (g_oom_throws.load(std::memory_order_relaxed)) {
+    std::lock_guard<std::mutex> lock(g_oom_mu);
+    throw CudaOutOfMemory(g_last_oom);
+  }
+  return nullptr;
+}
+
+void torchmem_free(void* ptr, size_t size, int device, void* stream) {
+  (void)device;
+  (void)stream;
+  free_block(ptr, size ? static_cast<int64_t>(size) : -1);
+}
+
+int torchmem_cuda_alloc(void** out, size_t size, int device, void* stream, unsigned flags) {
+  if (!out) return TORCHMEM_ALLOC_ERROR;
+  *out = nullptr;
+  if (size == 0) return TORCHMEM_ALLOC_OK;
+  AllocStatus st = allocate_block(out, size, device, stream, flags);
+  return st == AllocStatus::Ok ? TORCHMEM_ALLOC_OK
+         : st == AllocStatus::OutOfMemory ? TORCHMEM_ALLOC_OOM
+                                          : TORCHMEM_ALLOC_ERROR;
+}
+
+void torchmem_cuda_free(void* ptr) { free_block(ptr, -1); }
 
 void torchmem_init(int device_count) {
   // Pools are set up lazily per device: touching one here would create a
   // CUDA context on every GPU of the machine.
-  g_device_count.store(device_count, std::memory_order_relaxed);
+  (void)device_count;
 }
 
-void torchmem_reset(void) {
-  Backend* b = g_backend.load(std::memory_order_acquire);
-  if (!b) return;
-  for (int d = 0; d < kMaxDevices; ++d) {
-    if (g_devices[d].used.load(std::memory_order_relaxed)) b->release_cache(d);
-  }
-}
-
-void torchmem_set_memory_fraction(double fraction, int device) {
-  Backend* b = backend();
-  DeviceState& c = state_for(device);
-  uint64_t free_b = 0, total_b = 0;
-  if (!b || fraction >= 1.0 || fraction < 0.0 || !b->mem_info(device, &free_b, &total_b)) {
-    c.cap.store(0);
-    return;
-  }
-  uint64_t cap = static_cast<uint64_t>(fraction * static_cast<double>(total_b));
-  c.cap.store(cap ? cap : 1);  // fraction 0 allows nothing, as in torch
-}
-
-void* torchmem_base_alloc(void* ptr, size_t* size) {
-  const uint64_t addr = reinterpret_cast<uint64_t>(ptr);
-  Shard& s = shard_for(addr);
-  std::lock_guard<SpinLock> lock(s.mu);
-  if (const Block* blk = s.table.find(addr)) {
-    if (size) *size = blk->size;
-  }
-  return ptr;  // every block is its own segment
-}
-
-void torchmem_record_stream(void* ptr, void* stream) {
+void torchmem_cuda_record_stream(void* ptr, void* stream, int stream_device) {
   const uint64_t addr = reinterpret_cast<uint64_t>(ptr);
   const uint64_t st = reinterpret_cast<uint64_t>(stream);
   Shard& s = shard_for(addr);
   std::lock_guard<SpinLock> lock(s.mu);
   Block* blk = s.table.find(addr);
-  if (!blk || blk->stream == st) return;
-  if (!blk->extra_streams) blk->extra_streams = new std::vector<uint64_t>();
+  if (!blk || (blk->stream == st && (stream_device < 0 || stream_device == blk->device))) return;
+  if (!blk->extra_streams) blk->extra_streams = new std::vector<UseStream>();
   auto& v = *blk->extra_streams;
-  if (std::find(v.begin(), v.end(), st) == v.end()) v.push_back(st);
+  for (const UseStream& u : v)
+    if (u.stream == st && u.device == stream_device) return;
+  v.push_back(UseStream{st, stream_device});
 }
 
-int torchmem_plugin_set_backend(const char* name) {
-  if (!name) return -1;
+void torchmem_record_stream(void* ptr, void* stream) {
+  // torch's C-function interface does not say the stream's device.
+  torchmem_cuda_record_stream(ptr, stream, -1);
+}
+
+int torchmem_cuda_capture_begin(int device) {
+  Backend* b = backend();
   std::string why;
-  std::string n(name);
-  if (n != "async" && n != "sync" && n != "host" && n != "fake") return -1;
-  Backend* b = make_backend(n, &why);
   if (!b) {
-    std::lock_guard<std::mutex> lock(g_backend_mu);
-    g_backend_error = why;
-    return -3;
+    set_last_message("torchmem CUDA plugin: no CUDA runtime: " + g_backend_error);
+    return -1;
   }
-  std::lock_guard<std::mutex> lock(g_backend_mu);
-  Backend* cur = g_backend.load();
-  if (cur == b) return 0;
-  if (cur && total_live_blocks() != 0) return -2;
-  g_backend.store(b, std::memory_order_release);
+  if (!b->supports_capture(&why)) {
+    set_last_message(why);
+    return -1;
+  }
+  (void)device;
+  std::lock_guard<std::mutex> lock(g_capture.mu);
+  g_capture.underway.fetch_add(1, std::memory_order_acq_rel);
   return 0;
 }
 
-const char* torchmem_plugin_backend(void) {
+void torchmem_cuda_capture_end(int device, void* capture_stream) {
+  std::vector<UseStream> streams;
+  {
+    std::lock_guard<std::mutex> lock(g_capture.mu);
+    if (g_capture.underway.load() <= 0) return;
+    g_capture.underway.fetch_sub(1, std::memory_order_acq_rel);
+    streams.swap(g_capture.free_streams);
+  }
+  // Work a capture queued on other streams (frees on side streams) joins the
+  // capture stream again, as torch's cudaMallocAsync backend does.
   Backend* b = g_backend.load(std::memory_order_acquire);
-  return b ? b->name() : "";
+  if (b) {
+    for (const UseStream& u : streams) {
+      if (reinterpret_cast<void*>(u.stream) == capture_stream) continue;
+      if (!b->fence(u.device, reinterpret_cast<void*>(u.stream), capture_stream)) {
+        set_last_message("torchmem CUDA plugin: a stream freed on during capture could not "
+                         "rejoin the capture stream");
+      }
+    }
+  }
+  (void)device;
+  run_deferred_frees();
 }
 
 void torchmem_plugin_set_oom_throws(int throws) { g_oom_throws.store(throws ? 1 : 0); }
 
-size_t torchmem_plugin_last_oom_message(char* buf, size_t len) {
-  std::lock_guard<std::mutex> lock(g_oom_mu);
-  if (buf && len) {
-    size_t n = std::min(len - 1, g_last_oom.size());
-    std::memcpy(buf, g_last_oom.data(), n);
-    buf[n] = '\0';
-  }
-  return g_last_oom.size();
-}
-
-int torchmem_plugin_stats(int device, uint64_t* out, int len) {
-  DeviceCounters d;
-  auto add = [&d](const DeviceState& c) {
-    d.current += c.current.load(std::memory_order_relaxed);
-    d.peak += c.peak.load(std::memory_order_relaxed);  // summed over devices: an upper bound
-    d.oom_count += c.oom_count.load(std::memory_order_relaxed);
-    d.retry_count += c.retry_count.load(std::memory_order_relaxed);
-  };
-  if (device < 0) {
-    for (const DeviceState& c : g_devices) add(c);
-  } else {
-    add(state_for(device));
-  }
-  ShardTotals t = sum_totals(device < 0 ? -1 : slot(device));
-  d.allocated = t.allocated;
-  d.freed = t.freed;
-  d.alloc_count = t.alloc_count;
-  d.free_count = t.free_count;
-  d.live_blocks = t.alloc_count - t.free_count;
-  d.unknown_frees = g_unknown_frees.load(std::memory_order_relaxed);
-  d.reserved = d.current;
-  d.reserved_peak = d.peak;
-  Backend* b = g_backend.load(std::memory_order_acquire);
-  uint64_t rc = 0, rh = 0;
-  if (b && device >= 0 && b->reserved(device, &rc, &rh)) {
-    d.reserved = rc;
-    d.reserved_peak = rh;
-  }
-  const uint64_t values[] = {d.current,    d.peak,      d.allocated,   d.freed,
-                             d.alloc_count, d.free_count, d.oom_count, d.retry_count,
-                             d.reserved,   d.reserved_peak, d.live_blocks, d.unknown_frees};
-  int n = std::min<int>(len, sizeof(values) / sizeof(values[0]));
-  for (int i = 0; i < n; ++i) out[i] = values[i];
-  return n;
-}
-
-void torchmem_plugin_reset_peak(int device) {
-  auto reset = [](DeviceState& c) {
-    c.peak.store(c.current.load(std::memory_order_relaxed), std::memory_order_relaxed);
-  };
-  Backend* b = g_backend.load(std::memory_order_acquire);
-  if (device < 0) {
-    for (int d = 0; d <= kMaxDevices; ++d) {
-      reset(g_devices[d]);
-      if (b && d < kMaxDevices && g_devices[d].used.load()) b->reset_reserved_peak(d);
-    }
-  } else {
-    reset(state_for(device));
-    if (b) b->reset_reserved_peak(device);
-  }
-}
-
-uint64_t torchmem_plugin_live_blocks(void) { return total_live_blocks(); }
-
-size_t torchmem_cuda_runtime_description(char* buf, size_t len) {
-  std::string text = cuda::runtime_description();
-  {
-    std::lock_guard<std::mutex> lock(g_backend_mu);
-    if (!g_backend_error.empty()) text += "; last backend error: " + g_backend_error;
-  }
+size_t torchmem_cuda_last_message(char* buf, size_t len) {
+  const std::string empty;
+  const std::string& text = t_last_message ? *t_last_message : empty;
   if (buf && len) {
     size_t n = std::min(len - 1, text.size());
     std::memcpy(buf, text.data(), n);

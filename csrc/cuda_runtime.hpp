@@ -3,9 +3,11 @@
 // torchmem builds with g++ alone and must import on machines without CUDA,
 // so nothing here includes a CUDA header: the handful of types and enum
 // values used are declared below with the values of cuda_runtime_api.h
-// (stable since CUDA 11.2). The library is the libcudart that torch already
-// loaded, so the plugin and torch share one runtime (one set of streams,
-// pools and error state).
+// (stable since CUDA 11.2; scripts/check_cuda_build.sh compiles
+// tests/native/cuda_abi_check.cpp, which checks every value and signature
+// here against the real headers). The library is the libcudart that torch's
+// libc10_cuda.so links, so the plugin and torch share one runtime (one set of
+// streams, pools and error state).
 #pragma once
 
 #include <cstddef>
@@ -22,11 +24,28 @@ using MemPool = void*;       // cudaMemPool_t
 
 constexpr Error kSuccess = 0;                // cudaSuccess
 constexpr Error kErrorMemoryAllocation = 2;  // cudaErrorMemoryAllocation
+constexpr Error kErrorPeerAccessAlreadyEnabled = 704;  // cudaErrorPeerAccessAlreadyEnabled
 constexpr unsigned kEventDisableTiming = 0x02;  // cudaEventDisableTiming
+constexpr unsigned kStreamNonBlocking = 0x01;   // cudaStreamNonBlocking
 constexpr int kMemPoolAttrReleaseThreshold = 4;      // cudaMemPoolAttrReleaseThreshold
 constexpr int kMemPoolAttrReservedMemCurrent = 5;    // cudaMemPoolAttrReservedMemCurrent
 constexpr int kMemPoolAttrReservedMemHigh = 6;       // cudaMemPoolAttrReservedMemHigh
+constexpr int kMemPoolAttrUsedMemCurrent = 7;        // cudaMemPoolAttrUsedMemCurrent
 constexpr int kDevAttrMemoryPoolsSupported = 115;    // cudaDevAttrMemoryPoolsSupported
+constexpr int kMemLocationTypeDevice = 1;            // cudaMemLocationTypeDevice
+constexpr int kMemAccessFlagsProtReadWrite = 3;      // cudaMemAccessFlagsProtReadWrite
+
+// struct cudaMemAccessDesc: { struct cudaMemLocation { enum type; int id; }; enum flags; }
+struct MemAccessDesc {
+  int location_type;
+  int location_id;
+  int flags;
+};
+
+// libcuda's cuDeviceGet / cuDevicePrimaryCtxGetState (CUresult, CUdevice):
+// the only way to ask "does this device have a context?" without creating one.
+using DriverResult = int;
+using DriverDevice = int;
 
 // Function pointers into libcudart; every member is null when not found.
 struct Runtime {
@@ -50,7 +69,14 @@ struct Runtime {
   Error (*GetDevice)(int* device) = nullptr;
   Error (*SetDevice)(int device) = nullptr;
   Error (*GetLastError)() = nullptr;
+  Error (*PeekAtLastError)() = nullptr;
   const char* (*GetErrorString)(Error error) = nullptr;
+  // Optional (null when absent): unifying streams, peer access.
+  Error (*StreamCreateWithFlags)(Stream* stream, unsigned flags) = nullptr;
+  Error (*StreamGetDevice)(Stream stream, int* device) = nullptr;  // CUDA >= 12.8
+  Error (*DeviceCanAccessPeer)(int* can, int device, int peer) = nullptr;
+  Error (*DeviceEnablePeerAccess)(int peer, unsigned flags) = nullptr;
+  Error (*MemPoolSetAccess)(MemPool pool, const MemAccessDesc* descs, size_t count) = nullptr;
 
   bool complete = false;      // every function above was found
   bool has_async = false;     // the stream-ordered allocator entry points exist
@@ -65,8 +91,22 @@ const Runtime* runtime();
 // Where the runtime came from, or why it was not found (for messages).
 std::string runtime_description();
 
+// Whether `device` has a primary context (so making it current costs no
+// memory). Unknown (no driver entry points) counts as true: the caller then
+// behaves as it did before it could ask.
+bool has_primary_context(const Runtime* rt, int device);
+
+// Clears the runtime's last-error slot only when it holds `err`, the error of
+// a call of ours that just failed: an error torch has not yet checked (a
+// failed kernel launch) must stay for torch to report.
+void clear_own_error(const Runtime* rt, Error err);
+
 // Switches the calling thread to `device` for the guard's lifetime when it
 // is not already current (the runtime keeps the current device per thread).
+// The previous device is made current again only if it has a primary
+// context: a thread that never used CUDA reports device 0, and making device
+// 0 current would create a context there (about 500 MB), which is what
+// torch's own device guards avoid too (c10::cuda::MaybeExchangeDevice).
 class DeviceGuard {
  public:
   DeviceGuard(const Runtime* rt, int device);

@@ -24,7 +24,9 @@ LIBS=()
 
 # The plugin's entry points need Python's headers and library (the optional
 # stack capture takes the GIL); the test never starts an interpreter.
-PLUGIN=(csrc/cuda_plugin.cpp csrc/cuda_backends.cpp csrc/cuda_runtime.cpp
+PLUGIN=(csrc/cuda_plugin.cpp csrc/cuda_plugin_stats.cpp csrc/cuda_backends.cpp
+        csrc/cuda_backends_cuda.cpp csrc/cuda_runtime.cpp csrc/cuda_trace.cpp
+        csrc/cuda_pinned_bridge.cpp
         csrc/stack_capture.cpp csrc/stack_table.cpp csrc/host_bridge.cpp)
 PY=${PYTHON:-python3}
 have_plugin=1

@@ -7,53 +7,16 @@ import ctypes
 
 import pytest
 
-import torchmem
+from _cuda_helpers import GiB, UNIFYING, fake_backend_profiler, fake_log, free, malloc, record_stream
+from _cuda_helpers import lib as _lib
 from torchmem import MemoryEventType, _native
 from torchmem import cuda as tcuda
-
-GiB = 1 << 30
-_lib = tcuda._clib()
-
-# The entry points as torch calls them: plain C function pointers.
-malloc = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)(
-    tcuda._address("torchmem_malloc"))
-free = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)(
-    tcuda._address("torchmem_free"))
-record_stream = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(
-    tcuda._address("torchmem_record_stream"))
-
-
-def detach_recorder():
-    try:
-        _native.set_gpu_recorder(None)
-    except TypeError:  # a binding that does not take None: attach an idle recorder
-        idle = _native.Recorder(1024)
-        idle.enabled = False
-        _native.set_gpu_recorder(idle)
-
-
-def fake_log() -> list[str]:
-    return tcuda._read_text(_lib.torchmem_fake_log).splitlines()
 
 
 @pytest.fixture
 def prof():
-    tcuda.set_backend("fake")
-    tcuda._set_oom_throws(False)
-    _lib.torchmem_fake_fail_next(0)
-    _lib.torchmem_fake_set_mem_info(0, 0)
-    _lib.torchmem_fake_clear()
-    p = torchmem.MemoryProfiler(auto_snapshot=False)
-    _native.set_gpu_recorder(p)
-    try:
+    with fake_backend_profiler() as p:
         yield p
-    finally:
-        detach_recorder()
-        for d in range(4):
-            _lib.torchmem_set_memory_fraction(1.0, d)
-        _lib.torchmem_fake_fail_next(0)
-        assert tcuda.live_blocks() == 0
-        tcuda.set_backend("host")
 
 
 def test_free_without_record_stream_has_no_fence(prof):
@@ -65,7 +28,9 @@ def test_free_without_record_stream_has_no_fence(prof):
     ]
 
 
-def test_record_stream_orders_the_free_after_each_other_stream(prof):
+def test_record_stream_frees_on_the_unifying_stream(prof):
+    # torch's rule: a block used on several streams is freed on a per-device
+    # stream that waits for all of them; no user stream waits on another.
     p = malloc(1024, 0, 1)
     record_stream(p, 7)
     record_stream(p, 9)
@@ -74,9 +39,11 @@ def test_record_stream_orders_the_free_after_each_other_stream(prof):
     free(p, 1024, 0, 1)
     assert fake_log() == [
         "malloc size=1024 device=0 stream=1 -> ok",
-        "fence device=0 user=7 waiter=1",
-        "fence device=0 user=9 waiter=1",
-        f"free ptr={p:#x} size=1024 device=0 stream=1",
+        f"create_stream device=0 -> {UNIFYING}",
+        f"fence device=0 user=1 waiter={UNIFYING}",
+        f"fence device=-1 user=7 waiter={UNIFYING}",
+        f"fence device=-1 user=9 waiter={UNIFYING}",
+        f"free ptr={p:#x} size=1024 device=0 stream={UNIFYING}",
     ]
 
 
@@ -89,9 +56,62 @@ def test_record_stream_is_per_block_and_device(prof):
     free(b, 256, 2, 3)
     assert fake_log()[2:] == [
         f"free ptr={a:#x} size=256 device=2 stream=3",
-        "fence device=2 user=4 waiter=3",
-        f"free ptr={b:#x} size=256 device=2 stream=3",
+        f"create_stream device=2 -> {UNIFYING + 2}",
+        f"fence device=2 user=3 waiter={UNIFYING + 2}",
+        f"fence device=-1 user=4 waiter={UNIFYING + 2}",
+        f"free ptr={b:#x} size=256 device=2 stream={UNIFYING + 2}",
     ]
+
+
+def test_a_stream_of_another_device_is_fenced_on_its_own_device(prof):
+    # The compiled allocator passes the stream's device: the event is
+    # recorded with that device current, as cudaEventRecord requires.
+    p = malloc(512, 0, 1)
+    _lib.torchmem_cuda_record_stream(p, 0x55, 1)
+    _lib.torchmem_cuda_free(p)
+    assert fake_log()[1:] == [
+        f"create_stream device=0 -> {UNIFYING}",
+        f"fence device=0 user=1 waiter={UNIFYING}",
+        f"fence device=1 user=85 waiter={UNIFYING}",
+        f"free ptr={p:#x} size=512 device=0 stream={UNIFYING}",
+    ]
+
+
+def test_a_failed_fence_falls_back_to_a_host_wait(prof):
+    p = malloc(512, 0, 1)
+    _lib.torchmem_cuda_record_stream(p, 0x55, 1)
+    _lib.torchmem_fake_clear()
+    _lib.torchmem_fake_fail_fences(1)  # the alloc stream's fence fails
+    _lib.torchmem_cuda_free(p)
+    assert fake_log() == [
+        f"create_stream device=0 -> {UNIFYING}",
+        f"fence device=0 user=1 waiter={UNIFYING} -> error",
+        "sync device=0 stream=1",
+        f"fence device=1 user=85 waiter={UNIFYING}",
+        f"free ptr={p:#x} size=512 device=0 stream={UNIFYING}",
+    ]
+    assert tcuda.plugin_stats(-1)["unfenced_blocks"] == 0
+
+
+def test_a_free_that_cannot_be_ordered_keeps_the_memory(prof):
+    before = tcuda.plugin_stats(-1)["unfenced_blocks"]
+    p = malloc(512, 0, 1)
+    record_stream(p, 9)
+    _lib.torchmem_fake_clear()
+    _lib.torchmem_fake_fail_fences(2)
+    _lib.torchmem_fake_fail_syncs(2)  # neither stream can even be waited for
+    free(p, 512, 0, 1)
+    assert fake_log() == [
+        f"create_stream device=0 -> {UNIFYING}",
+        f"fence device=0 user=1 waiter={UNIFYING} -> error",
+        "sync device=0 stream=1 -> error",
+        f"fence device=-1 user=9 waiter={UNIFYING} -> error",
+        "sync device=-1 stream=9 -> error",
+    ]  # and no free: the memory is never handed out again
+    assert tcuda.plugin_stats(-1)["unfenced_blocks"] == before + 1
+    assert "could not be fenced" in tcuda.last_message()
+    # The block is gone for torch and the recorder: its free was recorded.
+    assert prof.get_statistics_for_type("GPU").current_usage_bytes == 0
 
 
 def test_oom_releases_the_cache_and_retries_once(prof):

@@ -3,9 +3,10 @@
 ``enable()`` builds (once per process) a MemoryProfiler and starts, for the
 machine it runs on:
 
-- GPU: the torchmem CUDA plugin when CUDA is present and not yet
-  initialised, else torch's allocation history (``torchmem.cuda``
-  decides and warns on a fallback); nothing without CUDA;
+- GPU: the trace tracker on torch's own caching allocator when CUDA is
+  present (the plugin on request; torch's allocation history where neither
+  can be built: ``torchmem.cuda`` decides and warns on a fallback); nothing
+  without CUDA;
 - the host tracker (CPU and pinned tensors) on the calling thread;
 - the GC monitor, and timed snapshots with NVML device totals;
 - a SQLite trace in ``trace_dir`` (rank in the file name in a distributed
@@ -169,7 +170,8 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
         retention_events (int, 2**20): events kept in memory.
         trace (bool, True): write a SQLite trace.
         trace_dir (str; env TORCHMEM_DIR; default ./torchmem-traces): where.
-        gpu_source ("auto" | "plugin" | "history" | "none", default "auto").
+        gpu_source ("auto" | "tracker" | "plugin" | "history" | "none", default
+            "auto" = the tracker; env TORCHMEM_GPU_SOURCE; docs/gpu-sources.md).
         host ("auto" | "allocator" | "dispatch" | False; default "auto"; env
             TORCHMEM_HOST): how CPU tensors are tracked. "allocator" hooks
             c10's CPU allocator (every thread, about 0.1 us per allocation;
@@ -269,9 +271,10 @@ def _stop_sources(s: _Session) -> None:
     if s.gc is not None:
         s.gc.stop()
         s.gc = None
-    if s.gpu is not None and s.gpu.history is not None:
-        s.profiler.remove_batch_source(s.gpu.history.poll)
-        s.gpu.history.stop()
+    if s.gpu is not None and s.gpu.source_object is not None:
+        if s.gpu.history is not None:
+            s.profiler.remove_batch_source(s.gpu.history.poll)
+        s.gpu.stop()
         s.gpu = None
     # The plugin stays installed (the swap cannot be undone); it keeps
     # recording into the profiler, which ignores events while disabled.
