@@ -15,9 +15,12 @@ run-time-built modules share (:mod:`torchmem.sources._build`). Without a C++
 compiler or torch's headers, :func:`load_hook` raises
 :class:`HookUnavailable` saying which.
 
-What it does not see: pinned memory (CUDA's host allocator is another
-allocator), storages over memory torch does not own (``from_numpy``, shared
-memory from DataLoader workers, mmap'ed loads).
+Pinned memory comes from the accelerator's host allocator, not this one: on
+CUDA builds of torch >= 2.8 the hook also wraps torch's CUDA host allocator
+(:mod:`torchmem.sources.pinned`) while it runs, so pinned tensors are
+recorded as "Pinned". What it does not see: pinned memory on older torch,
+storages over memory torch does not own (``from_numpy``, shared memory from
+DataLoader workers, mmap'ed loads).
 """
 
 from __future__ import annotations
@@ -79,6 +82,34 @@ _started_once = False
 _stack: list[CPUAllocatorHook] = []
 
 
+_pinned_running = False
+
+
+def _start_pinned() -> str:
+    """Wraps torch's CUDA host allocator where torch allows it; says what happened."""
+    global _pinned_running
+    from . import pinned
+
+    why = pinned.pinned_unavailable_reason()
+    if why is not None:
+        return f"not recorded: {why}"
+    try:
+        pinned.install()
+    except BuildUnavailable as exc:  # the CPU hook keeps running without it
+        return f"not recorded: {exc}"
+    _pinned_running = True
+    return "recorded"
+
+
+def _stop_pinned() -> None:
+    global _pinned_running
+    if _pinned_running:
+        from . import pinned
+
+        pinned.uninstall()
+        _pinned_running = False
+
+
 class CPUAllocatorHook:
     """Records every CPU storage allocation and free into ``profiler``.
 
@@ -93,11 +124,19 @@ class CPUAllocatorHook:
     ``adopt_existing``: on the first start in a process, CPU tensors that
     already exist are reported too (found through the garbage collector;
     their frees come from weak references on their storages).
+
+    ``pinned``: on CUDA builds of torch, also wrap torch's CUDA host
+    allocator while a hook runs (:mod:`torchmem.sources.pinned`), so pinned
+    blocks are recorded as "Pinned". ``pinned_status`` says whether it runs,
+    or why not.
     """
 
-    def __init__(self, profiler: Any, *, adopt_existing: bool = True) -> None:
+    def __init__(self, profiler: Any, *, adopt_existing: bool = True,
+                 pinned: bool = True) -> None:
         self.profiler = profiler
         self.adopt_existing = adopt_existing
+        self.pinned = pinned
+        self.pinned_status = "not started"
         self._lib = load_hook()
         self._active = False
 
@@ -137,6 +176,7 @@ class CPUAllocatorHook:
         _started_once = True
         _stack.append(self)
         self._active = True
+        self.pinned_status = _start_pinned() if self.pinned else "off (pinned=False)"
         return self
 
     def stop(self) -> None:
@@ -148,6 +188,7 @@ class CPUAllocatorHook:
         _stack.remove(self)
         if not _stack:
             self._lib.torchmem_cpu_hook_uninstall()
+            _stop_pinned()
         elif was_fed:
             _stack[-1]._feed()
 

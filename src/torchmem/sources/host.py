@@ -155,6 +155,22 @@ def _accelerator_present() -> bool:
         return False
 
 
+def _pinned_memory_possible() -> bool:
+    """Whether a pinned block can exist: with CUDA, once some device has a context.
+
+    Before that nothing is pinned, and the is_pinned() probe would itself make
+    a context on the current device (about 500 MB on GPU 0); asking whether a
+    context exists makes none. Other accelerators: always.
+    """
+    try:
+        if not torch.cuda.is_available():
+            return True
+        has_context = torch._C._cuda_hasPrimaryContext
+        return any(has_context(d) for d in range(torch.cuda.device_count()))
+    except Exception:
+        return False
+
+
 class HostTracker:
     """Records CPU and pinned tensor storages into ``profiler``.
 
@@ -178,6 +194,7 @@ class HostTracker:
         # Pinned memory needs an accelerator; without one every host storage is
         # "CPU" and the is_pinned() probe (200 ns to 6 us) is skipped.
         self._is_pinned = _Tensor.is_pinned if _accelerator_present() else None
+        self._pinned_possible = False  # until a CUDA context exists (then for good)
         self._dispatch = self._build()
 
     # -- public -----------------------------------------------------------
@@ -282,7 +299,10 @@ class HostTracker:
             if not n or (not external and not s.resizable()):
                 return
             is_pinned = tracker._is_pinned
-            kind = "Pinned" if is_pinned is not None and is_pinned(t) else "CPU"
+            if is_pinned is not None and not tracker._pinned_possible:
+                tracker._pinned_possible = _pinned_memory_possible()
+            kind = ("Pinned" if is_pinned is not None and tracker._pinned_possible
+                    and is_pinned(t) else "CPU")
             rec = _Rec(s, on_dead)
             rec.key = key
             rec.ptr = s.data_ptr()
