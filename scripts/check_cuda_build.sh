@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Compiles and links every line of torchmem's CUDA C++ against real CUDA
+# builds of torch, with the project's warnings as errors. No GPU needed.
+#
+#   1. tests/native/cuda_abi_check.cpp: csrc/cuda_runtime.hpp's hand-written
+#      CUDA declarations (csrc/cuda_* build without CUDA headers) against the
+#      CUDA runtime's headers, linked against its libcudart.
+#   2. src/torchmem/_hook/*.cpp (the CUDA allocator class and trace tracker,
+#      the pinned-memory wrapper, the CPU hook) against torch 2.11's CUDA 13
+#      wheel, linked with -Wl,--no-undefined against that torch's libraries:
+#      a symbol torch does not export fails here.
+#   3. The same sources against the installed torch's headers (2.13, a CPU
+#      wheel: its c10/cuda headers are compiled, its libraries linked where
+#      it has them).
+#   4. csrc/cuda_*.cpp with -Werror (the normal build only warns).
+#
+# The torch wheel (~530 MB) and the CUDA runtime / crt wheels it depends on
+# are fetched once with `pip download --no-deps`, and only the headers and
+# the few libraries needed are unpacked, into $TORCHMEM_CI_CACHE (default
+# ~/.cache/torchmem-ci), outside the repository. About a minute on 2 cores
+# once cached.
+#
+#   bash scripts/check_cuda_build.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+CXX=${CXX:-g++}
+CACHE=${TORCHMEM_CI_CACHE:-$HOME/.cache/torchmem-ci}
+TORCH_CUDA_VERSION=${TORCHMEM_CI_TORCH:-2.11.0}
+OUT=build/check_cuda
+mkdir -p "$CACHE" "$OUT"
+start=$(date +%s)
+
+# -- fetch and unpack (cached) -------------------------------------------------
+# Prints: torch root, cuda include dir, cuda lib dir.
+mapfile -t paths < <("$PY" - "$CACHE" "$TORCH_CUDA_VERSION" <<'EOF'
+import glob, os, re, subprocess, sys, zipfile
+
+cache, version = sys.argv[1], sys.argv[2]
+
+
+def download(requirement: str, pattern: str) -> str:
+    found = sorted(glob.glob(os.path.join(cache, pattern)))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                        "--only-binary=:all:", "-d", cache, requirement], check=True)
+        found = sorted(glob.glob(os.path.join(cache, pattern)))
+    if not found:
+        sys.exit(f"check_cuda_build: {requirement} did not download")
+    return found[-1]
+
+
+def unpack(wheel: str, dest: str, keep) -> None:
+    stamp = os.path.join(dest, ".unpacked")
+    if os.path.exists(stamp):
+        return
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if keep(name):
+                z.extract(name, dest)
+    open(stamp, "w").close()
+
+
+def requires(wheel: str) -> list[str]:
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        return [line.split(":", 1)[1].strip() for line in z.read(meta).decode().splitlines()
+                if line.startswith("Requires-Dist:")]
+
+
+def pin(reqs: list[str], name: str) -> str:
+    for r in reqs:
+        m = re.match(rf"{re.escape(name)}(\[[^\]]*\])?\s*==\s*([^;\s]+)", r)
+        if m:
+            return m.group(2)
+    sys.exit(f"check_cuda_build: no pin of {name} in {reqs}")
+
+
+torch_whl = download(f"torch=={version}", f"torch-{version}-*manylinux*x86_64.whl")
+torch_dir = os.path.join(cache, f"torch-{version}-unpacked")
+libs = {"libc10.so", "libc10_cuda.so", "libtorch_cpu.so"}
+unpack(torch_whl, torch_dir, lambda n: n.startswith("torch/include/") or n == "torch/version.py"
+       or (n.startswith("torch/lib/") and os.path.basename(n) in libs))
+# torch -> cuda-toolkit[cudart,...]==X -> nvidia-cuda-runtime==Y, nvidia-cuda-crt==Z
+toolkit = pin(requires(torch_whl), "cuda-toolkit")
+toolkit_whl = download(f"cuda-toolkit=={toolkit}", f"cuda_toolkit-{toolkit}-*.whl")
+treqs = requires(toolkit_whl)
+cuda_dir = os.path.join(cache, f"cuda-toolkit-{toolkit}-unpacked")
+for name in ("nvidia-cuda-runtime", "nvidia-cuda-crt"):
+    v = pin(treqs, name).rstrip(".*")
+    whl = download(f"{name}=={v}", f"{name.replace('-', '_')}-{v}*.whl")
+    unpack(whl, os.path.join(cuda_dir, name), lambda n: "/include/" in n or "/lib/libcudart.so" in n)
+include = glob.glob(os.path.join(cuda_dir, "nvidia-cuda-runtime", "nvidia", "*", "include"))[0]
+crt = glob.glob(os.path.join(cuda_dir, "nvidia-cuda-crt", "nvidia", "*", "include"))[0]
+lib = glob.glob(os.path.join(cuda_dir, "nvidia-cuda-runtime", "nvidia", "*", "lib"))[0]
+print(os.path.join(torch_dir, "torch"))
+print(include)
+print(crt)
+print(lib)
+EOF
+)
+[ "${#paths[@]}" -eq 4 ] || { echo "check_cuda_build: fetching failed"; exit 1; }
+T211=${paths[0]}
+CUDA_INC=${paths[1]}
+CRT_INC=${paths[2]}
+CUDA_LIB=${paths[3]}
+CUDART=$(basename "$(ls "$CUDA_LIB"/libcudart.so.* | head -1)")
+T213=$("$PY" -c "import os, torch; print(os.path.dirname(torch.__file__))")
+ABI=$("$PY" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
+echo "check_cuda_build: torch $(sed -n "s/^__version__ = '\(.*\)'/\1/p" "$T211/version.py") and \
+$("$PY" -c 'import torch; print(torch.__version__)'), $CUDART; fetched in $(( $(date +%s) - start )) s"
+
+WARN=(-Wall -Wextra -Wno-missing-field-initializers -Werror)
+BASE=(-std=c++17 -O1 -fPIC -fvisibility=hidden "-D_GLIBCXX_USE_CXX11_ABI=$ABI" "${WARN[@]}")
+torch_inc() { echo "-isystem $1/include -isystem $1/include/torch/csrc/api/include"; }
+HOOK=src/torchmem/_hook
+status=0
+pids=()
+names=()
+run() {  # run NAME COMMAND...: two at a time (CI machines here have two cores)
+  local name=$1
+  shift
+  ( "$@" > "$OUT/$name.log" 2>&1 ) &
+  pids+=($!)
+  names+=("$name")
+  if [ "${#pids[@]}" -ge 2 ]; then collect; fi
+}
+collect() {
+  local i
+  for i in "${!pids[@]}"; do
+    if wait "${pids[$i]}"; then
+      echo "  ok      ${names[$i]}"
+    else
+      echo "  FAILED  ${names[$i]}"
+      sed 's/^/    /' "$OUT/${names[$i]}.log" | tail -25
+      status=1
+    fi
+  done
+  pids=()
+  names=()
+}
+
+# 1. csrc/cuda_runtime.hpp against the real headers and libcudart.
+run abi-check "$CXX" -std=c++17 "${WARN[@]}" -isystem "$CUDA_INC" -isystem "$CRT_INC" -Icsrc \
+  tests/native/cuda_abi_check.cpp -o "$OUT/cuda_abi_check" \
+  -L "$CUDA_LIB" "-l:$CUDART" -Wl,--no-undefined
+
+# 2. The run-time-built libraries against torch 2.11 (CUDA 13), every symbol resolved.
+# shellcheck disable=SC2046
+run cuda-hook-2.11 "$CXX" "${BASE[@]}" -shared $(torch_inc "$T211") -isystem "$CUDA_INC" \
+  -isystem "$CRT_INC" -I "$HOOK" "$HOOK/cuda_allocator.cpp" "$HOOK/cuda_trace_tracker.cpp" \
+  -o "$OUT/cuda_hook-2.11.so" -L "$T211/lib" -lc10 -lc10_cuda -L "$CUDA_LIB" "-l:$CUDART" \
+  -Wl,--no-undefined
+# shellcheck disable=SC2046
+run pinned-2.11 "$CXX" "${BASE[@]}" -shared $(torch_inc "$T211") -I "$HOOK" \
+  "$HOOK/pinned_host_allocator.cpp" -o "$OUT/pinned-2.11.so" -L "$T211/lib" -lc10 -ltorch_cpu \
+  -Wl,--no-undefined
+# shellcheck disable=SC2046
+run cpu-hook-2.11 "$CXX" "${BASE[@]}" -shared $(torch_inc "$T211") "$HOOK/cpu_allocator_hook.cpp" \
+  -o "$OUT/cpu_hook-2.11.so" -L "$T211/lib" -lc10 -Wl,--no-undefined
+
+# 3. The installed torch (2.13, CPU build: no libc10_cuda to link, and no
+#    generated cuda_cmake_macros.h, which only matters on Windows).
+# shellcheck disable=SC2046
+run cuda-hook-2.13 "$CXX" "${BASE[@]}" -c -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE $(torch_inc "$T213") \
+  -isystem "$CUDA_INC" -isystem "$CRT_INC" -I "$HOOK" "$HOOK/cuda_allocator.cpp" \
+  -o "$OUT/cuda_allocator-2.13.o"
+# shellcheck disable=SC2046
+run tracker-2.13 "$CXX" "${BASE[@]}" -c -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE $(torch_inc "$T213") \
+  -isystem "$CUDA_INC" -isystem "$CRT_INC" -I "$HOOK" "$HOOK/cuda_trace_tracker.cpp" \
+  -o "$OUT/cuda_trace_tracker-2.13.o"
+# shellcheck disable=SC2046
+run pinned-2.13 "$CXX" "${BASE[@]}" -shared $(torch_inc "$T213") -I "$HOOK" \
+  "$HOOK/pinned_host_allocator.cpp" -o "$OUT/pinned-2.13.so" -L "$T213/lib" -lc10 -ltorch_cpu \
+  -Wl,--no-undefined
+
+# 4. The plugin's C entry points, warnings as errors (Python's and nanobind's
+#    headers for the two files that use them).
+PYINC=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+NBINC=$("$PY" -m nanobind --include_dir)
+for src in csrc/cuda_*.cpp; do
+  run "$(basename "${src%.cpp}")" "$CXX" "${BASE[@]}" -O2 -c -isystem "$PYINC" -isystem "$NBINC" \
+    -isystem "$NBINC/../ext/robin_map/include" -Icsrc "$src" -o "$OUT/$(basename "${src%.cpp}").o"
+done
+collect
+
+if [ "$status" -ne 0 ]; then
+  echo "check_cuda_build: FAILED (logs in $OUT)"
+  exit 1
+fi
+echo "check_cuda_build: passed in $(( $(date +%s) - start )) s"
