@@ -29,6 +29,11 @@
 #include "cuda_runtime.hpp"
 #include "stack_capture.hpp"
 
+#define TORCHMEM_LIKELY(x) __builtin_expect(!!(x), 1)
+// The hot paths, inlined into each entry point (torch's C-function one and
+// the compiled class's): a call and a return less per allocation and free.
+#define TORCHMEM_HOT inline __attribute__((always_inline))
+
 namespace torchmem {
 namespace plugin {
 
@@ -178,7 +183,7 @@ bool fence_uses(Backend* b, const Block& blk, void* waiter) {
 
 // The free proper: counters, recorder, fences, backend. `blk` is already out
 // of the map.
-void release(void* ptr, Block& blk, int64_t torch_size) {
+TORCHMEM_HOT void release(void* ptr, Block& blk, int64_t torch_size) {
   state_for(blk.device).remove(blk.size);
   // Before the backend may hand the address out again (see torchmem_malloc).
   // torch's own size is passed on so that a disagreement shows as an anomaly.
@@ -243,7 +248,8 @@ void run_deferred_frees() {
 
 // The allocation path shared by torch's C-function interface and the
 // compiled allocator class.
-AllocStatus allocate_block(void** out, size_t size, int device, void* stream, unsigned flags) {
+TORCHMEM_HOT AllocStatus allocate_block(void** out, size_t size, int device, void* stream,
+                                       unsigned flags) {
   static const bool at_exit_registered =
       std::atexit([] { g_exiting.store(true, std::memory_order_relaxed); }) == 0;
   (void)at_exit_registered;
@@ -300,7 +306,7 @@ AllocStatus allocate_block(void** out, size_t size, int device, void* stream, un
   return AllocStatus::Ok;
 }
 
-void free_block(void* ptr, int64_t torch_size) {
+TORCHMEM_HOT void free_block(void* ptr, int64_t torch_size) {
   if (!ptr) return;
   const uint64_t addr = reinterpret_cast<uint64_t>(ptr);
   const bool capturing = g_capture.underway.load(std::memory_order_acquire) > 0;
@@ -310,13 +316,23 @@ void free_block(void* ptr, int64_t torch_size) {
   {
     Shard& s = shard_for(addr);
     std::lock_guard<SpinLock> lock(s.mu);
-    Block* live = s.table.find(addr);
-    known = live != nullptr && !live->deferred;
-    if (known && capturing && !live->captured) {
-      live->deferred = 1;  // stays in the map (its memory is still held)
-      defer = true;
-    } else if (known) {
-      s.table.erase(addr, &blk);
+    if (TORCHMEM_LIKELY(!capturing)) {
+      known = s.table.erase(addr, &blk);  // one lookup on the common path
+      if (known && blk.deferred) {
+        s.table.put(addr, blk);  // already waiting for its capture: not freed twice
+        known = false;
+      }
+    } else {
+      Block* live = s.table.find(addr);
+      known = live != nullptr && !live->deferred;
+      if (known && !live->captured) {
+        live->deferred = 1;  // stays in the map (its memory is still held)
+        defer = true;
+      } else if (known) {
+        s.table.erase(addr, &blk);
+      }
+    }
+    if (known && !defer) {
       ShardTotals& t = s.totals[slot(blk.device)];
       t.freed += blk.size;
       ++t.free_count;

@@ -15,14 +15,16 @@
 #include <cstring>
 #include <map>
 #include <mutex>
-#include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "../src/torchmem/_hook/cuda_hook_api.h"
 #include "cuda_plugin.hpp"
 #include "cuda_runtime.hpp"
+#include "live_map.hpp"
 #include "recorder.hpp"
+#include "spin_lock.hpp"
 #include "stack_capture.hpp"
 
 namespace torchmem {
@@ -40,8 +42,8 @@ struct Range {
   bool expandable;
 };
 struct TBlock {
-  uint64_t size;
-  int16_t device;
+  uint64_t size = 0;
+  int16_t device = 0;
 };
 struct DeviceTotals {
   uint64_t reserved = 0, allocated = 0, reserved_peak = 0, allocated_peak = 0;
@@ -50,10 +52,13 @@ struct DeviceTotals {
 constexpr int kSlots = plugin::kMaxDevices + 1;
 inline int dslot(int device) { return (device >= 0 && device < plugin::kMaxDevices) ? device : plugin::kMaxDevices; }
 
+// One lock, held for a few dozen instructions per event (the open-addressing
+// block table allocates nothing per block); segment events and queries walk
+// the ordered ranges, which are few.
 struct Model {
-  std::mutex mu;
+  SpinLock mu;
   std::map<uint64_t, Range> ranges;  // by start address, all devices
-  std::unordered_map<uint64_t, TBlock> blocks;
+  AddressTable<TBlock> blocks;
   DeviceTotals totals[kSlots];
   bool adopting = false;
   std::unordered_set<uint64_t> freed_while_adopting;
@@ -106,11 +111,28 @@ struct Span {
   bool expandable;
   std::vector<uint64_t> gaps;
 };
-std::vector<Span> spans_locked(Model& m, int device) {
+
+// What the span computation needs, copied under the lock so that the
+// computation (a sort) runs without it: allocating threads never wait for a
+// query.
+struct ModelCopy {
+  std::vector<std::pair<uint64_t, Range>> ranges;      // by address
+  std::vector<std::pair<uint64_t, uint64_t>> blocks;   // (address, requested size)
+};
+ModelCopy copy_locked(Model& m, int device) {
+  ModelCopy c;
+  for (const auto& kv : m.ranges)
+    if (device < 0 || kv.second.device == device) c.ranges.emplace_back(kv.first, kv.second);
+  m.blocks.for_each([&](uint64_t addr, const TBlock& b) {
+    if (device < 0 || b.device == device) c.blocks.emplace_back(addr, b.size);
+  });
+  return c;
+}
+
+std::vector<Span> spans_of(ModelCopy c) {
   std::vector<Span> spans;
-  for (const auto& kv : m.ranges) {
+  for (const auto& kv : c.ranges) {
     const Range& r = kv.second;
-    if (device >= 0 && r.device != device) continue;
     if (!spans.empty()) {
       Span& last = spans.back();
       // Mapped pages of one expandable segment come as adjacent ranges.
@@ -122,9 +144,7 @@ std::vector<Span> spans_locked(Model& m, int device) {
     }
     spans.push_back(Span{kv.first, r.size, r.stream, 0, 0, 0, r.device, r.expandable, {}});
   }
-  std::vector<std::pair<uint64_t, uint64_t>> live;  // (address, size)
-  for (const auto& kv : m.blocks)
-    if (device < 0 || kv.second.device == device) live.emplace_back(kv.first, kv.second.size);
+  std::vector<std::pair<uint64_t, uint64_t>>& live = c.blocks;
   std::sort(live.begin(), live.end());
   size_t bi = 0;
   for (Span& s : spans) {
@@ -143,22 +163,31 @@ std::vector<Span> spans_locked(Model& m, int device) {
   return spans;
 }
 
-uint64_t fragmented_locked(Model& m, int device, uint64_t request) {
+std::vector<Span> spans_now(Model& m, int device) {
+  ModelCopy c;
+  {
+    std::lock_guard<SpinLock> lock(m.mu);
+    c = copy_locked(m, device);
+  }
+  return spans_of(std::move(c));
+}
+
+uint64_t fragmented(const std::vector<Span>& spans, uint64_t request) {
   uint64_t bytes = 0;
-  for (const Span& s : spans_locked(m, device))
+  for (const Span& s : spans)
     for (uint64_t g : s.gaps)
       if (g < request) bytes += g;
   return bytes;
 }
 
-uint64_t largest_free_locked(Model& m, int device) {
+uint64_t largest_free(const std::vector<Span>& spans) {
   uint64_t largest = 0;
-  for (const Span& s : spans_locked(m, device)) largest = std::max(largest, s.largest_free);
+  for (const Span& s : spans) largest = std::max(largest, s.largest_free);
   return largest;
 }
 
 void add_block_locked(Model& m, uint64_t addr, uint64_t size, int device) {
-  m.blocks[addr] = TBlock{size, static_cast<int16_t>(device)};
+  m.blocks.put(addr, TBlock{size, static_cast<int16_t>(device)});
   DeviceTotals& t = m.totals[dslot(device)];
   t.allocated += size;
   ++t.alloc_count;
@@ -182,21 +211,30 @@ void remove_range_locked(Model& m, uint64_t addr, uint64_t size, int device) {
 }
 
 void on_oom(int device, uint64_t requested, uint64_t device_free, uint64_t stream) {
-  uint64_t total = 0, allocated = 0;
+  uint64_t total = 0, allocated = 0, reserved = 0;
+  int count = 0;
+  ModelCopy copy;
   {
-    std::lock_guard<std::mutex> lock(g_model.mu);
+    std::lock_guard<SpinLock> lock(g_model.mu);
     DeviceTotals& t = g_model.totals[dslot(device)];
     ++t.oom_count;
     allocated = t.allocated;
+    reserved = t.reserved;
+    count = ++g_model.last_oom_count;
+    copy = copy_locked(g_model, device);
+  }
+  const std::vector<Span> spans = spans_of(std::move(copy));
+  {
+    std::lock_guard<SpinLock> lock(g_model.mu);
     uint64_t* o = g_model.last_oom;
     o[0] = static_cast<uint64_t>(device);
     o[1] = requested;
     o[2] = device_free;
-    o[3] = t.reserved;
-    o[4] = t.allocated;
-    o[5] = largest_free_locked(g_model, device);
-    o[6] = fragmented_locked(g_model, device, requested);
-    o[7] = ++g_model.last_oom_count;
+    o[3] = reserved;
+    o[4] = allocated;
+    o[5] = largest_free(spans);
+    o[6] = fragmented(spans, requested);
+    o[7] = static_cast<uint64_t>(count);
   }
   // The device's size: the trace entry only carries its free bytes.
   if (const cuda::Runtime* rt = cuda::runtime()) {
@@ -240,13 +278,12 @@ void torchmem_cuda_trace_event(int action, int device, uint64_t address, uint64_
       const uint32_t stack = t_stashed_stack;
       t_stashed_stack = 0;
       {
-        std::lock_guard<std::mutex> lock(m.mu);
+        std::lock_guard<SpinLock> lock(m.mu);
         ++m.totals[dslot(device)].events;
-        auto it = m.blocks.find(address);
-        if (it != m.blocks.end()) {  // a free this tracker never saw
-          DeviceTotals& t = m.totals[dslot(it->second.device)];
-          t.allocated -= std::min(t.allocated, it->second.size);
-          m.blocks.erase(it);
+        TBlock old;
+        if (m.blocks.erase(address, &old)) {  // a free this tracker never saw
+          DeviceTotals& t = m.totals[dslot(old.device)];
+          t.allocated -= std::min(t.allocated, old.size);
         }
         add_block_locked(m, address, size, device);
       }
@@ -258,16 +295,15 @@ void torchmem_cuda_trace_event(int action, int device, uint64_t address, uint64_
     case TORCHMEM_TRACE_FREE_COMPLETED: {
       bool known;
       {
-        std::lock_guard<std::mutex> lock(m.mu);
+        std::lock_guard<SpinLock> lock(m.mu);
         DeviceTotals& t = m.totals[dslot(device)];
         ++t.events;
-        auto it = m.blocks.find(address);
-        known = it != m.blocks.end();
+        TBlock gone;
+        known = m.blocks.erase(address, &gone);
         if (known) {
-          DeviceTotals& owner = m.totals[dslot(it->second.device)];
-          owner.allocated -= std::min(owner.allocated, it->second.size);
+          DeviceTotals& owner = m.totals[dslot(gone.device)];
+          owner.allocated -= std::min(owner.allocated, gone.size);
           ++owner.free_count;
-          m.blocks.erase(it);
         } else {
           // A block from before the tracker started that was not adopted.
           ++t.unknown_frees;
@@ -280,14 +316,14 @@ void torchmem_cuda_trace_event(int action, int device, uint64_t address, uint64_
     }
     case TORCHMEM_TRACE_SEGMENT_ALLOC:
     case TORCHMEM_TRACE_SEGMENT_MAP: {
-      std::lock_guard<std::mutex> lock(m.mu);
+      std::lock_guard<SpinLock> lock(m.mu);
       ++m.totals[dslot(device)].events;
       add_range_locked(m, address, size, stream, device, action == TORCHMEM_TRACE_SEGMENT_MAP);
       return;
     }
     case TORCHMEM_TRACE_SEGMENT_FREE:
     case TORCHMEM_TRACE_SEGMENT_UNMAP: {
-      std::lock_guard<std::mutex> lock(m.mu);
+      std::lock_guard<SpinLock> lock(m.mu);
       ++m.totals[dslot(device)].events;
       remove_range_locked(m, address, size, device);
       return;
@@ -296,7 +332,7 @@ void torchmem_cuda_trace_event(int action, int device, uint64_t address, uint64_
       on_oom(device, size, address, stream);
       return;
     default: {  // FREE_REQUESTED, SNAPSHOT: nothing changes yet
-      std::lock_guard<std::mutex> lock(m.mu);
+      std::lock_guard<SpinLock> lock(m.mu);
       ++m.totals[dslot(device)].events;
       return;
     }
@@ -306,7 +342,7 @@ void torchmem_cuda_trace_event(int action, int device, uint64_t address, uint64_
 void torchmem_cuda_trace_set_recording(int on) { g_recording.store(on != 0); }
 
 void torchmem_cuda_trace_set_adopting(int on) {
-  std::lock_guard<std::mutex> lock(g_model.mu);
+  std::lock_guard<SpinLock> lock(g_model.mu);
   g_model.adopting = on != 0;
   if (!on) g_model.freed_while_adopting.clear();
 }
@@ -314,8 +350,8 @@ void torchmem_cuda_trace_set_adopting(int on) {
 int torchmem_cuda_trace_adopt_block(int device, uint64_t address, uint64_t size,
                                     uint64_t stream) {
   {
-    std::lock_guard<std::mutex> lock(g_model.mu);
-    if (g_model.blocks.count(address) || g_model.freed_while_adopting.count(address)) return 0;
+    std::lock_guard<SpinLock> lock(g_model.mu);
+    if (g_model.blocks.find(address) || g_model.freed_while_adopting.count(address)) return 0;
     add_block_locked(g_model, address, size, device);
   }
   if (Recorder* r = listening()) {
@@ -326,7 +362,7 @@ int torchmem_cuda_trace_adopt_block(int device, uint64_t address, uint64_t size,
 
 int torchmem_cuda_trace_adopt_segment(int device, uint64_t address, uint64_t size,
                                       uint64_t stream, int expandable) {
-  std::lock_guard<std::mutex> lock(g_model.mu);
+  std::lock_guard<SpinLock> lock(g_model.mu);
   auto it = g_model.ranges.find(address);
   if (it != g_model.ranges.end() && it->second.size == size) return 0;
   add_range_locked(g_model, address, size, stream, device, expandable != 0);
@@ -334,9 +370,9 @@ int torchmem_cuda_trace_adopt_segment(int device, uint64_t address, uint64_t siz
 }
 
 void torchmem_cuda_trace_reset(void) {
-  std::lock_guard<std::mutex> lock(g_model.mu);
+  std::lock_guard<SpinLock> lock(g_model.mu);
   g_model.ranges.clear();
-  g_model.blocks.clear();
+  g_model.blocks = AddressTable<TBlock>();
   for (DeviceTotals& t : g_model.totals) t = DeviceTotals{};
   g_model.adopting = false;
   g_model.freed_while_adopting.clear();
@@ -345,40 +381,41 @@ void torchmem_cuda_trace_reset(void) {
 }
 
 int torchmem_cuda_trace_stats(int device, uint64_t* out, int len) {
-  std::lock_guard<std::mutex> lock(g_model.mu);
   DeviceTotals sum;
-  for (int d = 0; d < kSlots; ++d) {
-    if (device >= 0 && d != dslot(device)) continue;
-    const DeviceTotals& t = g_model.totals[d];
-    sum.reserved += t.reserved;
-    sum.allocated += t.allocated;
-    sum.reserved_peak += t.reserved_peak;
-    sum.allocated_peak += t.allocated_peak;
-    sum.alloc_count += t.alloc_count;
-    sum.free_count += t.free_count;
-    sum.unknown_frees += t.unknown_frees;
-    sum.oom_count += t.oom_count;
-    sum.events += t.events;
+  ModelCopy copy;
+  {
+    std::lock_guard<SpinLock> lock(g_model.mu);
+    for (int d = 0; d < kSlots; ++d) {
+      if (device >= 0 && d != dslot(device)) continue;
+      const DeviceTotals& t = g_model.totals[d];
+      sum.reserved += t.reserved;
+      sum.allocated += t.allocated;
+      sum.reserved_peak += t.reserved_peak;
+      sum.allocated_peak += t.allocated_peak;
+      sum.alloc_count += t.alloc_count;
+      sum.free_count += t.free_count;
+      sum.unknown_frees += t.unknown_frees;
+      sum.oom_count += t.oom_count;
+      sum.events += t.events;
+    }
+    copy = copy_locked(g_model, device);
   }
-  std::vector<Span> spans = spans_locked(g_model, device);
-  uint64_t largest = 0, free_bytes = 0, blocks = 0;
-  for (const Span& s : spans) {
-    largest = std::max(largest, s.largest_free);
+  const uint64_t blocks = copy.blocks.size();
+  const std::vector<Span> spans = spans_of(std::move(copy));
+  uint64_t free_bytes = 0;
+  for (const Span& s : spans)
     for (uint64_t g : s.gaps) free_bytes += g;
-  }
-  for (const auto& kv : g_model.blocks)
-    if (device < 0 || kv.second.device == device) ++blocks;
   const uint64_t values[TORCHMEM_TRACE_STAT_COUNT] = {
       sum.reserved, sum.allocated, sum.reserved_peak, sum.allocated_peak,
-      static_cast<uint64_t>(spans.size()), blocks, largest, free_bytes, sum.alloc_count,
-      sum.free_count, sum.unknown_frees, sum.oom_count, sum.events};
+      static_cast<uint64_t>(spans.size()), blocks, largest_free(spans), free_bytes,
+      sum.alloc_count, sum.free_count, sum.unknown_frees, sum.oom_count, sum.events};
   int n = std::min(len, TORCHMEM_TRACE_STAT_COUNT);
   for (int i = 0; i < n; ++i) out[i] = values[i];
   return n;
 }
 
 void torchmem_cuda_trace_reset_peak(int device) {
-  std::lock_guard<std::mutex> lock(g_model.mu);
+  std::lock_guard<SpinLock> lock(g_model.mu);
   for (int d = 0; d < kSlots; ++d) {
     if (device >= 0 && d != dslot(device)) continue;
     DeviceTotals& t = g_model.totals[d];
@@ -388,13 +425,11 @@ void torchmem_cuda_trace_reset_peak(int device) {
 }
 
 uint64_t torchmem_cuda_trace_fragmentation(int device, uint64_t request) {
-  std::lock_guard<std::mutex> lock(g_model.mu);
-  return fragmented_locked(g_model, device, request);
+  return fragmented(spans_now(g_model, device), request);
 }
 
 size_t torchmem_cuda_trace_segments(int device, TorchmemTraceSegment* out, size_t capacity) {
-  std::lock_guard<std::mutex> lock(g_model.mu);
-  std::vector<Span> spans = spans_locked(g_model, device);
+  std::vector<Span> spans = spans_now(g_model, device);
   std::stable_sort(spans.begin(), spans.end(),
                    [](const Span& a, const Span& b) { return a.device < b.device; });
   for (size_t i = 0; out && i < spans.size() && i < capacity; ++i) {
@@ -406,7 +441,7 @@ size_t torchmem_cuda_trace_segments(int device, TorchmemTraceSegment* out, size_
 }
 
 int torchmem_cuda_trace_last_oom(uint64_t* out, int len) {
-  std::lock_guard<std::mutex> lock(g_model.mu);
+  std::lock_guard<SpinLock> lock(g_model.mu);
   if (g_model.last_oom_count == 0) return 0;
   int n = std::min(len, 8);
   for (int i = 0; i < n; ++i) out[i] = g_model.last_oom[i];

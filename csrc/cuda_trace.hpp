@@ -8,9 +8,10 @@
 //
 // Threads and locks: trace_event runs inside torch's allocator with its
 // per-device lock held, and the calling thread may hold the GIL, so nothing
-// here takes the GIL or any lock of torch's. The model has one mutex; the
-// recorder is called after it is released. Queries (Python) take the model
-// mutex only.
+// here takes the GIL or any lock of torch's. The model has one spin lock,
+// held for a few dozen instructions per event; the recorder is called after
+// it is released. Queries (Python) copy the model under that lock and
+// compute without it.
 #pragma once
 
 #include <cstddef>
