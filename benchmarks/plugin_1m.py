@@ -1,12 +1,17 @@
-"""1M malloc + free pairs through the CUDA plugin's entry points, host backend.
+"""1M malloc + free pairs through the CUDA plugin's entry points (host backend),
+and 1M alloc + free trace entries through the trace tracker's native half.
 
-The loop runs in C++ (torchmem_plugin_bench) and calls torchmem_malloc /
-torchmem_free exactly as torch's pluggable allocator does, so the figure is
-the plugin's own cost (bookkeeping + recorder + malloc/free), not ctypes'.
-Rows: the plugin feeding a MemoryProfiler (the goal: <= 150 ms per 1M pairs),
-in interleaved pairs and in batches of 64, and the plugin with no profiler
-attached. Wall and thread-CPU time, each the best of --repeat runs (CPU time
-shows what a loaded machine adds to the wall figure).
+The loops run in C++ (torchmem_plugin_bench, torchmem_cuda_trace_bench) and
+call the entry points exactly as torch's allocator does (the plugin's
+torchmem_malloc / torchmem_free; for the tracker, the trace_event each
+AllocatorTraceTracker callback makes), so the figures are torchmem's own
+cost, not ctypes'. Rows: the plugin feeding a MemoryProfiler (the goal:
+<= 150 ms per 1M pairs), in interleaved pairs and in batches of 64, the
+plugin with no profiler attached, and the tracker feeding a profiler (its
+segment model included). Wall and thread-CPU time, each the best of --repeat
+runs (CPU time shows what a loaded machine adds to the wall figure). The
+tracker's figure is what torchmem adds to torch's caching allocator, which
+does its own work besides; the plugin's includes malloc/free (the backend).
 
     python benchmarks/plugin_1m.py [--n 1000000] [--repeat 5]
 """
@@ -57,6 +62,14 @@ def main() -> None:
     expected = min(n, 100_000) + 2 * args.repeat * n  # warm-up + pairs + batches
     assert stats.allocation_count == stats.deallocation_count == expected, stats
     assert stats.current_usage_bytes == 0
+
+    tracer = torchmem.MemoryProfiler(auto_snapshot=False)
+    _native.set_gpu_recorder(tracer)
+    lib.torchmem_cuda_trace_set_recording(1)
+    rows.append(("tracker + profiler, pairs",
+                 *best_of(lambda: lib.torchmem_cuda_trace_bench(n), args.repeat)))
+    traced = tracer.get_statistics_for_type("GPU")
+    assert traced.allocation_count == traced.deallocation_count == args.repeat * n, traced
 
     idle = _native.Recorder(1024)
     idle.enabled = False

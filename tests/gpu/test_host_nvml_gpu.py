@@ -41,20 +41,63 @@ def test_pinned_memory_is_labelled_pinned(run_gpu_script):
 
 def test_cpu_allocator_hook_on_a_cuda_build(run_gpu_script):
     # On a CUDA build the hook must build, count CPU storages exactly, and
-    # leave pinned memory (the accelerator's host allocator) out of "CPU".
+    # record pinned memory (the accelerator's host allocator) as "Pinned".
     run_gpu_script("""
         import torch, torchmem
         from torchmem.sources.cpu_allocator import CPUAllocatorHook
         p = torchmem.MemoryProfiler(auto_snapshot=False)
-        with CPUAllocatorHook(p):
+        with CPUAllocatorHook(p) as hook:
+            assert hook.pinned_status == "recorded", hook.pinned_status
             a = torch.empty(4096, dtype=torch.uint8)
             pinned = torch.empty(8192, dtype=torch.uint8, pin_memory=True)
             g = torch.empty(1024, device="cuda")
             back = g.cpu()
             assert p.get_statistics_for_type("CPU").current_usage_bytes == 4096 + 4096, \\
                 p.get_statistics().usage_by_type
-            del a, back
+            assert p.get_statistics_for_type("Pinned").current_usage_bytes == 8192
+            del a, back, pinned
         assert p.get_statistics_for_type("CPU").current_usage_bytes == 0
+        assert p.get_statistics_for_type("Pinned").current_usage_bytes == 0
         assert p.anomalies["total"] == 0, p.anomalies
+        print("OK")
+    """)
+
+
+def test_pinned_bytes_from_a_dataloader(run_gpu_script):
+    # DataLoader's pin-memory thread pins every batch: recorded from that
+    # thread, the blocks in use at each moment, freed with the batch.
+    run_gpu_script("""
+        import torch, torchmem
+        from torch.utils.data import DataLoader, TensorDataset
+        from torchmem.sources.cpu_allocator import CPUAllocatorHook
+        p = torchmem.MemoryProfiler(auto_snapshot=False)
+        data = TensorDataset(torch.randn(64, 1000), torch.randint(0, 10, (64,)))
+        batch_bytes = 16 * 1000 * 4 + 16 * 8
+        with CPUAllocatorHook(p):
+            loader = DataLoader(data, batch_size=16, pin_memory=True, num_workers=0)
+            for x, y in loader:
+                assert x.is_pinned() and y.is_pinned()
+                live = p.get_statistics_for_type("Pinned").current_usage_bytes
+                assert live >= batch_bytes, live
+                on_gpu = x.to("cuda", non_blocking=True)  # record_event path
+                torch.cuda.synchronize()
+            del x, y, on_gpu
+        pinned = p.get_statistics_for_type("Pinned")
+        assert pinned.allocation_count >= 4 * 2, pinned
+        assert pinned.current_usage_bytes == 0, pinned
+        assert p.anomalies["total"] == 0, p.anomalies
+        print("OK")
+    """)
+
+
+def test_the_dispatch_tracker_makes_no_context(run_gpu_script):
+    run_gpu_script("""
+        import torch, torchmem
+        from torchmem.sources.host import HostTracker
+        p = torchmem.MemoryProfiler(auto_snapshot=False)
+        with HostTracker(p):
+            x = torch.ones(1000) * 2
+        assert not any(torch._C._cuda_hasPrimaryContext(d)
+                       for d in range(torch.cuda.device_count())), "a CUDA context was made"
         print("OK")
     """)
