@@ -43,6 +43,7 @@ struct Range {
 };
 struct TBlock {
   uint64_t size = 0;
+  uint64_t stream = 0;
   int16_t device = 0;
 };
 struct DeviceTotals {
@@ -186,8 +187,8 @@ uint64_t largest_free(const std::vector<Span>& spans) {
   return largest;
 }
 
-void add_block_locked(Model& m, uint64_t addr, uint64_t size, int device) {
-  m.blocks.put(addr, TBlock{size, static_cast<int16_t>(device)});
+void add_block_locked(Model& m, uint64_t addr, uint64_t size, uint64_t stream, int device) {
+  m.blocks.put(addr, TBlock{size, stream, static_cast<int16_t>(device)});
   DeviceTotals& t = m.totals[dslot(device)];
   t.allocated += size;
   ++t.alloc_count;
@@ -255,6 +256,7 @@ void on_oom(int device, uint64_t requested, uint64_t device_free, uint64_t strea
     info.stack_id = t_stashed_stack;
     r->record_oom(info, kTypeGPU);
   }
+  t_stashed_stack = 0;
 }
 
 }  // namespace
@@ -285,7 +287,7 @@ void torchmem_cuda_trace_event(int action, int device, uint64_t address, uint64_
           DeviceTotals& t = m.totals[dslot(old.device)];
           t.allocated -= std::min(t.allocated, old.size);
         }
-        add_block_locked(m, address, size, device);
+        add_block_locked(m, address, size, stream, device);
       }
       if (Recorder* r = listening()) {
         r->record_alloc(address, size, kTypeGPU, static_cast<int16_t>(device), stream, stack);
@@ -352,7 +354,7 @@ int torchmem_cuda_trace_adopt_block(int device, uint64_t address, uint64_t size,
   {
     std::lock_guard<SpinLock> lock(g_model.mu);
     if (g_model.blocks.find(address) || g_model.freed_while_adopting.count(address)) return 0;
-    add_block_locked(g_model, address, size, device);
+    add_block_locked(g_model, address, size, stream, device);
   }
   if (Recorder* r = listening()) {
     r->record_alloc(address, size, kTypeGPU, static_cast<int16_t>(device), stream, 0);
@@ -367,6 +369,26 @@ int torchmem_cuda_trace_adopt_segment(int device, uint64_t address, uint64_t siz
   if (it != g_model.ranges.end() && it->second.size == size) return 0;
   add_range_locked(g_model, address, size, stream, device, expandable != 0);
   return 1;
+}
+
+size_t torchmem_cuda_trace_replay_live(void) {
+  Recorder* r = listening();
+  if (!r) return 0;
+  std::vector<std::pair<uint64_t, TBlock>> live;
+  {
+    std::lock_guard<SpinLock> lock(g_model.mu);
+    g_model.blocks.for_each([&](uint64_t addr, const TBlock& b) { live.emplace_back(addr, b); });
+  }
+  std::sort(live.begin(), live.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  size_t fed = 0;
+  LiveEntry known{};
+  for (const auto& kv : live) {
+    if (r->lookup_live(kv.first, &known)) continue;  // a profiler that saw it already
+    r->record_alloc(kv.first, kv.second.size, kTypeGPU, kv.second.device, kv.second.stream, 0);
+    ++fed;
+  }
+  return fed;
 }
 
 void torchmem_cuda_trace_reset(void) {

@@ -45,6 +45,10 @@ TORCHMEM_TRACE_EXPORT int torchmem_cuda_trace_adopt_block(int device, uint64_t a
 TORCHMEM_TRACE_EXPORT int torchmem_cuda_trace_adopt_segment(int device, uint64_t address,
                                                             uint64_t size, uint64_t stream,
                                                             int expandable);
+// The blocks the model knows, recorded in the recorder now listening where it
+// does not have them live (a profiler the tracker starts feeding while torch
+// holds blocks the tracker saw before). Returns how many were recorded.
+TORCHMEM_TRACE_EXPORT size_t torchmem_cuda_trace_replay_live(void);
 // Forgets the model (tests).
 TORCHMEM_TRACE_EXPORT void torchmem_cuda_trace_reset(void);
 

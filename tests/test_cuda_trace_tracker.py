@@ -211,3 +211,75 @@ def test_the_hook_table_has_the_headers_layout():
     api = hook_api()
     assert (api.version, api.size) == (1, __import__("ctypes").sizeof(HOOK_API))
     assert api.backend_name() in (b"async", b"sync", b"host", b"fake")
+
+
+def test_a_new_profiler_gets_the_blocks_an_earlier_one_saw(prof):
+    trace(SEG_ALLOC, 0, SEG, 4 * MiB)
+    trace(ALLOC, 0, SEG, 1000)
+    second = torchmem.MemoryProfiler(auto_snapshot=False)
+    _native.set_gpu_recorder(second)
+    assert lib.torchmem_cuda_trace_replay_live() == 1
+    assert lib.torchmem_cuda_trace_replay_live() == 0  # already live there
+    trace(FREE_COMPLETED, 0, SEG, 1000)  # no unknown free in the new profiler
+    assert second.anomalies["total"] == 0
+    assert [e.event_type for e in second.get_events()] == [MemoryEventType.ALLOCATION,
+                                                            MemoryEventType.DEALLOCATION]
+    second.close()
+
+
+class _FakeHookLib:
+    """What load_cuda_hook() returns, for the source's own logic."""
+
+    def __init__(self, attach_status=0):
+        self.attach_status = attach_status
+        self.calls = []
+
+    def torchmem_cuda_tracker_attach(self, buf, n):
+        self.calls.append("attach")
+        if self.attach_status:
+            buf.value = b"no trace trackers here"
+        return self.attach_status
+
+    def torchmem_cuda_tracker_set_stacks(self, on, buf, n):
+        self.calls.append(f"stacks {on}")
+        return 0
+
+
+def test_the_source_attaches_at_cudas_initialisation_and_adopts(prof, monkeypatch):
+    import torch
+
+    from torchmem.sources import cuda_hook
+
+    fake = _FakeHookLib()
+    queued = []
+    monkeypatch.setattr(cuda_hook, "load_cuda_hook", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "_lazy_call", queued.append)
+    snap = {"segments": [{"device": 0, "stream": STREAM, "address": SEG, "total_size": 2 * MiB,
+                          "blocks": [{"address": SEG, "size": 512, "requested_size": 500,
+                                      "state": "active_allocated"}]}]}
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda *a, **k: snap)
+    src = ct.CudaTraceTracker(prof, stacks=True).start()
+    assert fake.calls == [] and len(queued) == 1  # nothing until torch initialises CUDA
+    queued[0]()  # torch's _lazy_init runs its queued calls
+    assert fake.calls == ["attach", "stacks 1"]
+    assert src.attached and src.adopted_blocks == 1 and src.error is None
+    assert prof.get_statistics_for_type("GPU").current_usage_bytes == 500
+    src.stop()
+    assert fake.calls[-1] == "stacks 0"
+    trace(FREE_COMPLETED, 0, SEG, 500)  # stopped: not recorded
+    assert prof.get_statistics_for_type("GPU").current_usage_bytes == 500
+
+
+def test_a_failed_deferred_attach_warns_and_never_raises_into_torch(prof, monkeypatch):
+    import torch
+
+    from torchmem.sources import cuda_hook
+
+    queued = []
+    monkeypatch.setattr(cuda_hook, "load_cuda_hook", lambda: _FakeHookLib(attach_status=-1))
+    monkeypatch.setattr(torch.cuda, "_lazy_call", queued.append)
+    src = ct.CudaTraceTracker(prof).start()
+    with pytest.warns(RuntimeWarning, match="no trace trackers here"):
+        queued[0]()
+    assert not src.attached and "could not attach" in src.error
+    src.stop()

@@ -18,6 +18,11 @@ Three GPU sources (docs/gpu-sources.md has what each records, changes and costs)
 
 ``choose_gpu_source`` is the (pure) decision; ``start_gpu_recording`` acts on
 it for ``torchmem.enable()``.
+
+(Over 400 lines because this is the one public module of the GPU path: the
+source choice, the plugin's controls and counters, the install. The parts
+with logic of their own live in ``torchmem.sources``: ``cuda_tracker``,
+``cuda_hook``, ``cuda_stats``, ``_cuda_native``.)
 """
 
 from __future__ import annotations

@@ -121,6 +121,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "torchmem_cuda_trace_adopt_block": (i32, (i32, u64, u64, u64)),
         "torchmem_cuda_trace_adopt_segment": (i32, (i32, u64, u64, u64, i32)),
         "torchmem_cuda_trace_reset": (None, ()),
+        "torchmem_cuda_trace_replay_live": (_sz, ()),
         "torchmem_cuda_trace_stats": (i32, (i32, ctypes.POINTER(u64), i32)),
         "torchmem_cuda_trace_reset_peak": (None, (i32,)),
         "torchmem_cuda_trace_fragmentation": (u64, (i32, u64)),

@@ -175,17 +175,20 @@ class CudaTraceTracker:
             return self
         self._lib = load_cuda_hook()
         _native.set_gpu_recorder(self.profiler)
-        clib().torchmem_cuda_trace_set_recording(1)
+        if self.stacks:  # the recorder slots are process-wide, and so is this setting
+            _native.set_stack_capture(True, int(self.profiler.max_stack_trace_depth))
+        lib = clib()
+        lib.torchmem_cuda_trace_set_recording(1)
+        # Blocks an earlier tracker saw (another profiler's run) are live here too.
+        lib.torchmem_cuda_trace_replay_live()
         self._started = True
         import torch
 
-        if torch.cuda.is_initialized():
-            self._attach(adopt=True)
-        else:
-            # Attaching needs torch's per-device allocators, made when torch
-            # initialises CUDA; initialising it here would change the program
-            # (forked children could no longer use CUDA).
-            torch.cuda._lazy_call(lambda: self._attach(adopt=False))
+        # Attaching needs torch's per-device allocators, made when torch
+        # initialises CUDA; initialising it here would change the program
+        # (forked children could no longer use CUDA), so before that the
+        # attach waits for torch's own initialisation (called at once after it).
+        torch.cuda._lazy_call(self._attach)
         return self
 
     def stop(self) -> None:
@@ -199,7 +202,7 @@ class CudaTraceTracker:
 
             call_with_error(self._lib.torchmem_cuda_tracker_set_stacks, 0)
 
-    def _attach(self, adopt: bool) -> None:
+    def _attach(self) -> None:
         # Runs inside torch's CUDA initialisation when deferred: it must not
         # raise (torch would fail the program's first CUDA call).
         from .cuda_hook import call_with_error
@@ -212,8 +215,7 @@ class CudaTraceTracker:
                                "allocations are not recorded")
                     return
                 self.attached = True
-                if adopt:
-                    self._adopt()
+                self._adopt()
                 if self.stacks:
                     status, err = call_with_error(self._lib.torchmem_cuda_tracker_set_stacks, 1)
                     if status != 0:
