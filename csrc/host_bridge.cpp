@@ -43,13 +43,17 @@ uintptr_t host_free_fn_address() { return reinterpret_cast<uintptr_t>(&torchmem_
 
 }  // namespace torchmem
 
-extern "C" int torchmem_host_alloc(void* ptr, size_t size) {
-  using namespace torchmem;
+int torchmem::record_host_alloc(void* ptr, size_t size, uint16_t type_id) {
+  register_handlers_once();
   Recorder* rec = listening();
   if (!rec || !ptr || size == 0) return 0;
   uint32_t stack = capture_stack_in_allocator();
-  rec->record_alloc(reinterpret_cast<uint64_t>(ptr), size, kTypeCPU, -1, 0, stack);
+  rec->record_alloc(reinterpret_cast<uint64_t>(ptr), size, type_id, -1, 0, stack);
   return 1;
+}
+
+extern "C" int torchmem_host_alloc(void* ptr, size_t size) {
+  return torchmem::record_host_alloc(ptr, size, torchmem::kTypeCPU);
 }
 
 extern "C" void torchmem_host_free(void* ptr) {

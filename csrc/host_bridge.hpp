@@ -24,4 +24,7 @@ namespace torchmem {
 // Addresses of the two functions above, for handing to the hook.
 uintptr_t host_alloc_fn_address();
 uintptr_t host_free_fn_address();
+// torchmem_host_alloc for host memory of another allocation type (pinned
+// blocks from the wrapped CUDA host allocator); freed with torchmem_host_free.
+int record_host_alloc(void* ptr, size_t size, uint16_t type_id);
 }  // namespace torchmem
