@@ -63,7 +63,7 @@ struct Model {
   DeviceTotals totals[kSlots];
   bool adopting = false;
   std::unordered_set<uint64_t> freed_while_adopting;
-  uint64_t last_oom[8] = {};
+  uint64_t last_oom[9] = {};
   int last_oom_count = 0;
 };
 // Immortal: torch frees blocks during static destruction at exit.
@@ -236,6 +236,10 @@ void on_oom(int device, uint64_t requested, uint64_t device_free, uint64_t strea
     o[5] = largest_free(spans);
     o[6] = fragmented(spans, requested);
     o[7] = static_cast<uint64_t>(count);
+    uint64_t free_bytes = 0;
+    for (const Span& sp : spans)
+      for (uint64_t g : sp.gaps) free_bytes += g;
+    o[8] = free_bytes;
   }
   // The device's size: the trace entry only carries its free bytes.
   if (const cuda::Runtime* rt = cuda::runtime()) {
@@ -465,7 +469,7 @@ size_t torchmem_cuda_trace_segments(int device, TorchmemTraceSegment* out, size_
 int torchmem_cuda_trace_last_oom(uint64_t* out, int len) {
   std::lock_guard<SpinLock> lock(g_model.mu);
   if (g_model.last_oom_count == 0) return 0;
-  int n = std::min(len, 8);
+  int n = std::min(len, 9);
   for (int i = 0; i < n; ++i) out[i] = g_model.last_oom[i];
   return n;
 }

@@ -82,7 +82,8 @@ TORCHMEM_TRACE_EXPORT size_t torchmem_cuda_trace_segments(int device, TorchmemTr
                                                           size_t capacity);
 // The model at the last OOM: device, requested, device_free, reserved,
 // allocated, largest_free, fragmented (free bytes in ranges smaller than the
-// request), count of OOMs. Returns values written (0 before any OOM).
+// request), count of OOMs, free (reserved bytes no block covered). Returns
+// values written (0 before any OOM).
 TORCHMEM_TRACE_EXPORT int torchmem_cuda_trace_last_oom(uint64_t* out, int len);
 // n ALLOC + FREE_COMPLETED pairs through torchmem_cuda_trace_event; ns.
 TORCHMEM_TRACE_EXPORT uint64_t torchmem_cuda_trace_bench(uint64_t n);

@@ -194,7 +194,7 @@ def test_out_of_memory_is_a_status_with_torchs_message(prof):
     assert tcuda.last_message().startswith(
         "CUDA out of memory. Tried to allocate 1.50 GiB on device 0. GPU 0 has a total "
         "capacity of 80.00 GiB of which 1024.00 MiB is free.")
-    assert prof.oom_events[-1]["requested_bytes"] == 3 << 29
+    assert prof.oom_events[-1].requested_bytes == 3 << 29
     free_b, total_b = ctypes.c_uint64(), ctypes.c_uint64()
     assert lib.torchmem_cuda_mem_info(0, ctypes.byref(free_b), ctypes.byref(total_b)) == 0
     assert (free_b.value, total_b.value) == (1 << 30, 80 << 30)

@@ -107,13 +107,13 @@ def test_oom_records_the_event_and_the_segment_state(prof):
     trace(ALLOC, 0, SEG + 2 * MiB, 2 * MiB)  # free: [0, 2) and [4, 8)
     trace(OOM, 0, 512 * MiB, 6 * MiB)        # address = device free bytes, size = request
     [oom] = prof.oom_events
-    assert (oom["requested_bytes"], oom["device"], oom["device_free_bytes"], oom["live_bytes"],
-            oom["stream"]) == (6 * MiB, 0, 512 * MiB, 2 * MiB, STREAM)
+    assert (oom.requested_bytes, oom.device, oom.device_free_bytes, oom.live_bytes,
+            oom.stream) == (6 * MiB, 0, 512 * MiB, 2 * MiB, STREAM)
     state = ct.last_oom_state()
     assert state == ct.GpuOomState(device=0, requested_bytes=6 * MiB, device_free_bytes=512 * MiB,
                                    reserved_bytes=8 * MiB, allocated_bytes=2 * MiB,
                                    largest_free_bytes=4 * MiB, fragmented_bytes=6 * MiB,
-                                   oom_count=1)
+                                   oom_count=1, free_bytes=6 * MiB)
     assert ct.gpu_memory_state(0).oom_count == 1
     trace(FREE_COMPLETED, 0, SEG + 2 * MiB, 2 * MiB)
 
@@ -283,3 +283,50 @@ def test_a_failed_deferred_attach_warns_and_never_raises_into_torch(prof, monkey
         queued[0]()
     assert not src.attached and "could not attach" in src.error
     src.stop()
+
+
+def _fragmented_device(prof):
+    # Device 0: one 8 MiB segment, 2 MiB allocated in its middle.
+    trace(SEG_ALLOC, 0, SEG, 8 * MiB)
+    trace(ALLOC, 0, SEG + 2 * MiB, 2 * MiB)
+
+
+def test_the_summary_shows_reserved_allocated_and_fragmentation(prof):
+    from torchmem.analysis.gpu_segments import GpuAllocatorView, gpu_allocator_views
+    from torchmem.reports.summary import format_summary
+
+    _fragmented_device(prof)
+    [view] = gpu_allocator_views(prof)
+    assert view == GpuAllocatorView(device=0, reserved_bytes=8 * MiB, allocated_bytes=2 * MiB,
+                                    segment_count=1, largest_free_bytes=4 * MiB,
+                                    free_bytes=6 * MiB)
+    assert view.fragmentation == pytest.approx(1 / 3)
+    assert ("  GPU 0 torch allocator: 2.00 MiB allocated of 8.00 MiB reserved in 1 segments; "
+            "largest free block 4.00 MiB of 6.00 MiB free (fragmentation 33%)") in (
+        format_summary(prof).splitlines())
+    trace(FREE_COMPLETED, 0, SEG + 2 * MiB, 2 * MiB)
+
+
+def test_the_oom_report_shows_the_segments_at_the_failure(prof):
+    from torchmem.analysis.oom import build_report
+    from torchmem.reports.oom import render_text
+
+    _fragmented_device(prof)
+    trace(OOM, 0, 100 * MiB, 5 * MiB)
+    trace(FREE_COMPLETED, 0, SEG + 2 * MiB, 2 * MiB)  # after the failure: not what it saw
+    data = build_report(prof, oom=prof.oom_events[-1])
+    assert data["segments"] == {"segments": 1, "reserved": 8 * MiB, "allocated": 2 * MiB,
+                                "largest_free": 4 * MiB, "free": 6 * MiB,
+                                "fragmented": 6 * MiB, "at_failure": True}
+    assert ("Segments at the failure (torch's caching allocator, traced): 1 holding 8.00 MiB, "
+            "2.00 MiB allocated; largest free block 4.00 MiB of 6.00 MiB free; 6.00 MiB of it "
+            "in ranges smaller than the request (fragmentation)") in render_text(data)
+
+
+def test_without_the_tracker_reports_show_no_segments(profiler):
+    from torchmem.analysis.gpu_segments import gpu_allocator_views, oom_segment_view
+
+    lib.torchmem_cuda_trace_reset()
+    profiler.track_allocation(0x1000, 64, "GPU", 0)
+    assert gpu_allocator_views(profiler) == []
+    assert oom_segment_view(profiler, 0, 64) is None

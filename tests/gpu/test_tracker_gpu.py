@@ -119,10 +119,10 @@ try:
 except torch.OutOfMemoryError:
     pass
 [oom] = prof.oom_events
-assert oom["requested_bytes"] >= 2 * total and oom["device"] == 0
-assert oom["device_total_bytes"] == total
+assert oom.requested_bytes >= 2 * total and oom.device == 0
+assert oom.device_total_bytes == total
 state = ct.last_oom_state()
-assert state is not None and state.requested_bytes == oom["requested_bytes"]
+assert state is not None and state.requested_bytes == oom.requested_bytes
 assert state.reserved_bytes == torch.cuda.memory_reserved()
 print("OK")
 """)

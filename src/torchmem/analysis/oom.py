@@ -25,6 +25,7 @@ from .._types import OomEvent
 from ..units import parse_bytes
 from .breakdown import breakdown, breakdown_at, context_of_event
 from .gc_problems import find_gc_problems
+from .gpu_segments import oom_segment_view
 from .sites import group_by_site, top_sites
 
 __all__ = ["build_report", "is_oom_error", "requested_from_message"]
@@ -138,6 +139,7 @@ def build_report(profiler: Any, error: BaseException | None = None,
     data["tracked"] = {"current": stats.current_usage_bytes, "peak": stats.peak_usage_bytes,
                        "by_type": stats.usage_by_type, "by_device": stats.usage_by_device}
     data["allocator"] = _allocator_view(device)
+    data["segments"] = oom_segment_view(prof, device, requested)
     try:
         from ..sources.nvml import query_devices
 

@@ -67,6 +67,17 @@ def render_text(data: dict[str, Any]) -> str:
         L.append(f"Allocator ({a['source']}): {format_bytes(a['allocated'])} allocated, "
                  f"{format_bytes(a['reserved'])} reserved; {format_bytes(a['reserved'] - a['allocated'])}"
                  " held but not allocated (cache / fragmentation)")
+    seg = data.get("segments")
+    if seg:
+        when = "at the failure" if seg["at_failure"] else "now"
+        line = (f"Segments {when} (torch's caching allocator, traced): {seg['segments']} "
+                f"holding {format_bytes(seg['reserved'])}, {format_bytes(seg['allocated'])} "
+                f"allocated; largest free block {format_bytes(seg['largest_free'])} of "
+                f"{format_bytes(seg['free'])} free")
+        if data.get("requested"):
+            line += (f"; {format_bytes(seg['fragmented'])} of it in ranges smaller than the "
+                     "request (fragmentation)")
+        L.append(line)
     t = data["tracked"]
     L.append(f"Tracked memory: {format_bytes(t['current'])} live, peak {format_bytes(t['peak'])}; "
              + ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(t["by_type"].items())))

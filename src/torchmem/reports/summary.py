@@ -6,6 +6,7 @@ from typing import Any
 
 from ..analysis.breakdown import overall_peak
 from ..analysis.epoch import epoch_results
+from ..analysis.gpu_segments import gpu_allocator_views
 from ..analysis.sites import SiteUsage, device_label, merge_by_label
 from ..analysis.summary import allocation_sites, growing_sites
 from ..units import format_bytes
@@ -43,6 +44,12 @@ def format_summary(profiler: Any, *, trace: str | None = None, max_sites: int = 
         where = device_label(device)
         lines.append(f"  peak {type_name:<8} {where:<9} {format_bytes(c.peak_bytes):>12}"
                      f"   (live now {format_bytes(c.current_bytes)})")
+    for v in gpu_allocator_views(prof):
+        lines.append(f"  GPU {v.device} torch allocator: {format_bytes(v.allocated_bytes)} allocated "
+                     f"of {format_bytes(v.reserved_bytes)} reserved in {v.segment_count} "
+                     f"segments; largest free block {format_bytes(v.largest_free_bytes)} of "
+                     f"{format_bytes(v.free_bytes)} free (fragmentation "
+                     f"{100 * v.fragmentation:.0f}%)")
     sites = _labels(allocation_sites(prof, 1 << 62))[:max_sites]
     if sites:
         lines.append("  top allocation sites (bytes allocated):")

@@ -3,7 +3,10 @@
 The plugin's and the trace tracker's native halves are plain C functions of
 torchmem's own extension module (csrc/cuda_plugin.hpp, csrc/cuda_trace.hpp);
 torchmem.cuda and torchmem.sources.cuda_tracker call them through this one
-table of declarations.
+table of declarations. It is also the CUDA sources' one door to the module
+itself (:func:`native`): import-linter cannot see a C++ extension and reads
+``from .. import _native`` as an import of the whole package (pyproject.toml
+lists this module among those it ignores for that).
 """
 
 from __future__ import annotations
@@ -12,10 +15,17 @@ import ctypes
 import threading
 from typing import Any
 
-__all__ = ["BLOCK", "HOOK_API", "TRACE_SEGMENT", "clib", "hook_api", "read_text"]
+__all__ = ["BLOCK", "HOOK_API", "TRACE_SEGMENT", "clib", "hook_api", "native", "read_text"]
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+
+
+def native() -> Any:
+    """torchmem._native, the C++ extension."""
+    from .. import _native
+
+    return _native
 
 
 class BLOCK(ctypes.Structure):
@@ -72,9 +82,7 @@ class HOOK_API(ctypes.Structure):
 
 def hook_api() -> HOOK_API:
     """The table torchmem._native hands to the run-time-built libraries."""
-    from .. import _native
-
-    return HOOK_API.from_address(_native.cuda_hook_api_address())
+    return HOOK_API.from_address(native().cuda_hook_api_address())
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -144,9 +152,7 @@ def clib() -> ctypes.CDLL:
     global _lib
     with _lock:
         if _lib is None:
-            from .. import _native
-
-            lib = ctypes.CDLL(_native.__file__)
+            lib = ctypes.CDLL(native().__file__)
             _declare(lib)
             _lib = lib
         return _lib

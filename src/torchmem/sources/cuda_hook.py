@@ -32,8 +32,8 @@ import re
 from importlib import metadata
 from pathlib import Path
 
-from .. import _native
 from . import _build
+from ._cuda_native import native
 from ._build import BuildUnavailable
 
 __all__ = ["CudaHookUnavailable", "cuda_headers", "load_cuda_hook"]
@@ -156,7 +156,7 @@ def _setup(lib: ctypes.CDLL) -> None:
     lib.torchmem_cuda_tracker_attach.restype = ctypes.c_int
     lib.torchmem_cuda_tracker_set_stacks.argtypes = [ctypes.c_int, *errbuf]
     lib.torchmem_cuda_tracker_set_stacks.restype = ctypes.c_int
-    if lib.torchmem_cuda_hook_attach(_native.cuda_hook_api_address()) != 0:
+    if lib.torchmem_cuda_hook_attach(native().cuda_hook_api_address()) != 0:
         raise CudaHookUnavailable("the CUDA library was built for another torchmem")
 
 

@@ -37,8 +37,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from .. import _native
-from ._cuda_native import TRACE_SEGMENT, clib, u64_array
+from ._cuda_native import TRACE_SEGMENT, clib, native, u64_array
 
 __all__ = ["CudaTraceTracker", "GpuMemoryState", "GpuOomState", "GpuSegment", "fragmented_bytes",
            "gpu_memory_state", "gpu_segments", "last_oom_state"]
@@ -98,7 +97,8 @@ class GpuSegment:
 class GpuOomState:
     """The segment model when torch's allocator last ran out of memory.
 
-    ``fragmented_bytes``: free bytes in ranges too small for the request.
+    ``fragmented_bytes``: free bytes in ranges too small for the request;
+    ``free_bytes``: reserved bytes no block covered.
     """
 
     device: int
@@ -109,6 +109,7 @@ class GpuOomState:
     largest_free_bytes: int
     fragmented_bytes: int
     oom_count: int
+    free_bytes: int
 
 
 def gpu_memory_state(device: int | None = None) -> GpuMemoryState:
@@ -141,7 +142,7 @@ def fragmented_bytes(request_bytes: int, device: int | None = None) -> int:
 
 def last_oom_state() -> GpuOomState | None:
     """The model at torch's last out-of-memory error, or None before any."""
-    values = u64_array(lambda _d, out, n: clib().torchmem_cuda_trace_last_oom(out, n), 0, 8)
+    values = u64_array(lambda _d, out, n: clib().torchmem_cuda_trace_last_oom(out, n), 0, 9)
     return GpuOomState(*values) if values else None
 
 
@@ -174,9 +175,9 @@ class CudaTraceTracker:
         if self._started:
             return self
         self._lib = load_cuda_hook()
-        _native.set_gpu_recorder(self.profiler)
-        if self.stacks:  # the recorder slots are process-wide, and so is this setting
-            _native.set_stack_capture(True, int(self.profiler.max_stack_trace_depth))
+        native().set_gpu_recorder(self.profiler)
+        # The stack settings the native side reads follow this profiler's.
+        self.profiler.attach_native_source("gpu")
         lib = clib()
         lib.torchmem_cuda_trace_set_recording(1)
         # Blocks an earlier tracker saw (another profiler's run) are live here too.

@@ -27,8 +27,8 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from .. import _native
 from . import _build
+from ._cuda_native import native
 from ._build import BuildUnavailable
 
 __all__ = ["PinnedMemoryHook", "PinnedUnavailable", "load_pinned_hook", "pinned_unavailable_reason"]
@@ -65,7 +65,7 @@ def _setup(lib: ctypes.CDLL) -> None:
     lib.torchmem_pinned_uninstall.restype = None
     lib.torchmem_pinned_attach.argtypes = [ctypes.c_void_p]
     lib.torchmem_pinned_attach.restype = ctypes.c_int
-    if lib.torchmem_pinned_attach(_native.cuda_hook_api_address()) != 0:
+    if lib.torchmem_pinned_attach(native().cuda_hook_api_address()) != 0:
         raise PinnedUnavailable("the pinned-memory wrapper was built for another torchmem")
 
 
@@ -117,9 +117,8 @@ class PinnedMemoryHook:
         why = pinned_unavailable_reason()
         if why is not None:
             raise PinnedUnavailable(why)
-        _native.set_host_recorder(self.profiler)
-        self.profiler._feeds_cpu_hook = True
-        self.profiler._sync_hook_settings()
+        native().set_host_recorder(self.profiler)
+        self.profiler.attach_native_source("cpu")
         install()
         self._active = True
         return self
