@@ -460,6 +460,7 @@ def start_gpu_recording(profiler: Any, gpu_source: str | None = None, *,
     stacks = bool(getattr(profiler, "capture_stack_traces", False))
     if choice.source == "plugin":
         _native.set_gpu_recorder(profiler)
+        profiler.attach_native_source("gpu")  # the plugin reads the stack settings natively
         return GpuRecording(choice)
     if choice.source == "tracker":
         from .sources.cuda_tracker import CudaTraceTracker
