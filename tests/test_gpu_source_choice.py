@@ -146,3 +146,51 @@ def test_tracker_on_a_cpu_build_of_torch_says_why():
         pytest.skip("a CUDA build of torch")
     with pytest.raises(CudaHookUnavailable, match="CPU-only build"):
         load_cuda_hook()
+
+
+def test_the_fallback_says_what_does_not_work(monkeypatch):
+    from torchmem.sources._build import BuildUnavailable
+
+    def no_class():
+        raise BuildUnavailable("no C++ compiler found")
+
+    installed = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(tcuda, "_install_class", no_class)
+    monkeypatch.setattr(tcuda, "_install_functions", lambda t: installed.append(t))
+    monkeypatch.setattr(tcuda, "_start_backend", lambda name: None)
+    monkeypatch.setattr(tcuda, "_set_oom_throws", lambda on: None)
+    monkeypatch.setattr(tcuda, "_installed", None)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert tcuda.install_allocator() is True
+    text = str(caught[0].message)
+    assert "no C++ compiler found" in text
+    for limit in tcuda.FALLBACK_LIMITS:
+        assert limit in text
+    assert "torch.OutOfMemoryError" in text and "cudnn.benchmark" in text
+    assert tcuda.installed_kind() == "functions" and installed == [torch]
+
+
+def test_a_missing_hook_setter_refuses_the_c_function_plugin():
+    import types
+
+    class Hooks:  # a torch whose CUDAPluggableAllocator cannot take record_stream
+        def __init__(self):
+            self.set = []
+
+        def __getattr__(self, name):
+            if name == "set_record_stream_fn":
+                raise AttributeError(name)
+            return lambda address: self.set.append(name)
+
+    hooks = Hooks()
+    changed = []
+    memory = types.SimpleNamespace(
+        CUDAPluggableAllocator=lambda path, alloc, free: types.SimpleNamespace(
+            allocator=lambda: hooks),
+        change_current_allocator=changed.append)
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(memory=memory))
+    with pytest.raises(RuntimeError, match="set_record_stream_fn"):
+        tcuda._install_functions(fake_torch)
+    assert hooks.set == [] and changed == []  # nothing half-installed
