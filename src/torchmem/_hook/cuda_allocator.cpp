@@ -223,7 +223,7 @@ class TorchmemCudaAllocator final : public OomRejectionLayer<CCA::CUDAAllocator>
     std::vector<TorchmemBlock> blocks(api()->live_blocks(nullptr, 0) + 64);
     blocks.resize(std::min(blocks.size(), api()->live_blocks(blocks.data(), blocks.size())));
     const bool graph_pool = mempool_id.first != 0 || mempool_id.second != 0;
-    CCA::SnapshotInfo info;
+    CCA::SnapshotInfo info{};  // value-initialised: its config fields are plain scalars
     for (const TorchmemBlock& b : blocks) {
       if (graph_pool && !(b.flags & TORCHMEM_ALLOC_CAPTURED)) continue;
       const bool freed = (b.flags & 2u) != 0;  // freed during a capture, not yet released
@@ -271,6 +271,13 @@ class TorchmemCudaAllocator final : public OomRejectionLayer<CCA::CUDAAllocator>
   // Graph memory is made by cudaMallocAsync during capture and owned by the
   // graph; nothing of the plugin's to release.
   void releasePool(c10::DeviceIndex, c10::MempoolId_t) override {}
+  // torch.cuda.MemPool (and use_mem_pool) route allocations to a private
+  // pool, or to another allocator: the plugin has neither, and accepting the
+  // pool would silently change where those allocations go.
+  void createOrIncrefPool(c10::DeviceIndex, c10::MempoolId_t,
+                          std::shared_ptr<CCA::CUDAAllocator>) override {
+    TORCH_CHECK(false, kMemPool);
+  }
 
   // -- observers -----------------------------------------------------------------
   void recordHistory(bool enabled, CCA::CreateContextFn, size_t, CCA::RecordContext, bool,
@@ -326,6 +333,10 @@ class TorchmemCudaAllocator final : public OomRejectionLayer<CCA::CUDAAllocator>
       "torchmem's CUDA allocator cannot share CUDA tensors between processes "
       "(torch.multiprocessing CUDA IPC). Use torchmem.enable(gpu_source='tracker'), which "
       "keeps torch's caching allocator.";
+  static constexpr const char* kMemPool =
+      "torchmem's CUDA allocator has no private memory pools (torch.cuda.MemPool, "
+      "use_mem_pool). Use torchmem.enable(gpu_source='tracker'), which keeps torch's "
+      "caching allocator.";
   static constexpr const char* kCheckpoint =
       "torchmem's CUDA allocator has no caching-allocator checkpoints (torch.compile's "
       "CUDA graph trees use them). Use torchmem.enable(gpu_source='tracker'), which keeps "
