@@ -32,7 +32,8 @@
 namespace {
 
 namespace CCA = c10::cuda::CUDACachingAllocator;
-using Action = c10::CachingDeviceAllocator::TraceEntry::Action;
+// CCA's name for it in every torch version (later ones alias c10's generic one).
+using Action = CCA::TraceEntry::Action;
 
 int to_torchmem(Action a) {
   switch (a) {
@@ -49,7 +50,7 @@ int to_torchmem(Action a) {
   return -1;  // an action this build does not know: ignored
 }
 
-void forward(const c10::CachingDeviceAllocator::TraceEntry& te) {
+void forward(const CCA::TraceEntry& te) {
   const TorchmemCudaHookApi* a = torchmem_hook::api();
   if (!a) return;
   const int action = to_torchmem(te.action_);
