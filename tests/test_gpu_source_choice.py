@@ -162,6 +162,8 @@ def test_the_fallback_says_what_does_not_work(monkeypatch):
     monkeypatch.setattr(tcuda, "_start_backend", lambda name: None)
     monkeypatch.setattr(tcuda, "_set_oom_throws", lambda on: None)
     monkeypatch.setattr(tcuda, "_installed", None)
+    monkeypatch.setattr(tcuda, "_backend_choice", None)  # other tests chose "host"
+    monkeypatch.delenv("TORCHMEM_CUDA_BACKEND", raising=False)
     with pytest.warns(RuntimeWarning) as caught:
         assert tcuda.install_allocator() is True
     text = str(caught[0].message)
