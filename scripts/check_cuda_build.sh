@@ -13,12 +13,16 @@
 #      wheel: its c10/cuda headers are compiled, its libraries linked where
 #      it has them).
 #   4. csrc/cuda_*.cpp with -Werror (the normal build only warns).
+#   5. The CUDA library of (2) again with CUDA 13's crt/ headers taken from
+#      triton's bundled copy (what a stock torch install has: torch does not
+#      install nvidia-cuda-crt; torchmem/sources/_cuda_headers.py), which must
+#      give the same bytes as with nvidia-cuda-crt.
 #
-# The torch wheel (~530 MB) and the CUDA runtime / crt wheels it depends on
-# are fetched once with `pip download --no-deps`, and only the headers and
-# the few libraries needed are unpacked, into $TORCHMEM_CI_CACHE (default
-# ~/.cache/torchmem-ci), outside the repository. About a minute on 2 cores
-# once cached.
+# The torch wheel (~530 MB), the CUDA runtime / crt wheels it depends on and
+# the triton wheel it pins (~190 MB) are fetched once with
+# `pip download --no-deps`, and only the headers and the few libraries needed
+# are unpacked, into $TORCHMEM_CI_CACHE (default ~/.cache/torchmem-ci),
+# outside the repository. About a minute on 2 cores once cached.
 #
 #   bash scripts/check_cuda_build.sh
 set -euo pipefail
@@ -32,7 +36,7 @@ mkdir -p "$CACHE" "$OUT"
 start=$(date +%s)
 
 # -- fetch and unpack (cached) -------------------------------------------------
-# Prints: torch root, cuda include dir, cuda lib dir.
+# Prints: torch root, cuda include dir, crt include dir, cuda lib dir, triton's include dir.
 mapfile -t paths < <("$PY" - "$CACHE" "$TORCH_CUDA_VERSION" <<'EOF'
 import glob, os, re, subprocess, sys, zipfile
 
@@ -40,7 +44,7 @@ cache, version = sys.argv[1], sys.argv[2]
 known = os.path.join(cache, f"paths-torch-{version}.txt")
 if os.path.exists(known):  # unpacked before: skip reading the wheels again
     lines = open(known).read().split()
-    if len(lines) == 4 and all(os.path.isdir(p) for p in lines):
+    if len(lines) == 5 and all(os.path.isdir(p) for p in lines):
         print("\n".join(lines))
         sys.exit(0)
 
@@ -99,17 +103,25 @@ for name in ("nvidia-cuda-runtime", "nvidia-cuda-crt"):
 include = glob.glob(os.path.join(cuda_dir, "nvidia-cuda-runtime", "nvidia", "*", "include"))[0]
 crt = glob.glob(os.path.join(cuda_dir, "nvidia-cuda-crt", "nvidia", "*", "include"))[0]
 lib = glob.glob(os.path.join(cuda_dir, "nvidia-cuda-runtime", "nvidia", "*", "lib"))[0]
-lines = [os.path.join(torch_dir, "torch"), include, crt, lib]
+# torch -> triton==V (its CUDA headers, crt/ included, under backends/nvidia/include)
+triton = pin(requires(torch_whl), "triton")
+py = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+triton_whl = download(f"triton=={triton}", f"triton-{triton}-{py}-*.whl")
+triton_dir = os.path.join(cache, f"triton-{triton}-unpacked")
+unpack(triton_whl, triton_dir, lambda n: n.startswith("triton/backends/nvidia/include/"))
+lines = [os.path.join(torch_dir, "torch"), include, crt, lib,
+         os.path.join(triton_dir, "triton", "backends", "nvidia", "include")]
 with open(known, "w") as f:
     f.write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
 )
-[ "${#paths[@]}" -eq 4 ] || { echo "check_cuda_build: fetching failed"; exit 1; }
+[ "${#paths[@]}" -eq 5 ] || { echo "check_cuda_build: fetching failed"; exit 1; }
 T211=${paths[0]}
 CUDA_INC=${paths[1]}
 CRT_INC=${paths[2]}
 CUDA_LIB=${paths[3]}
+TRITON_INC=${paths[4]}
 CUDART=$(basename "$(ls "$CUDA_LIB"/libcudart.so.* | head -1)")
 read -r T213 ABI V213 < <("$PY" -c "import os, torch; print(os.path.dirname(torch.__file__), \
 int(torch._C._GLIBCXX_USE_CXX11_ABI), torch.__version__)")
@@ -157,6 +169,12 @@ run cuda-hook-2.11 "$CXX" "${BASE[@]}" -shared $(torch_inc "$T211") -isystem "$C
   -isystem "$CRT_INC" -I "$HOOK" "$HOOK/cuda_allocator.cpp" "$HOOK/cuda_trace_tracker.cpp" \
   -o "$OUT/cuda_hook-2.11.so" -L "$T211/lib" -lc10 -lc10_cuda -L "$CUDA_LIB" "-l:$CUDART" \
   -Wl,--no-undefined
+# 5. The same with crt/ from triton instead of nvidia-cuda-crt (compared below).
+# shellcheck disable=SC2046
+run cuda-hook-2.11-triton-crt "$CXX" "${BASE[@]}" -shared $(torch_inc "$T211") -isystem "$CUDA_INC" \
+  -isystem "$TRITON_INC" -I "$HOOK" "$HOOK/cuda_allocator.cpp" "$HOOK/cuda_trace_tracker.cpp" \
+  -o "$OUT/cuda_hook-2.11-triton-crt.so" -L "$T211/lib" -lc10 -lc10_cuda -L "$CUDA_LIB" \
+  "-l:$CUDART" -Wl,--no-undefined
 # shellcheck disable=SC2046
 run pinned-2.11 "$CXX" "${BASE[@]}" -shared $(torch_inc "$T211") -I "$HOOK" \
   "$HOOK/pinned_host_allocator.cpp" -o "$OUT/pinned-2.11.so" -L "$T211/lib" -lc10 -ltorch_cpu \
@@ -195,6 +213,14 @@ for src in csrc/cuda_*.cpp; do
     ${NBINC:+-isystem "$NBINC/../ext/robin_map/include"} -Icsrc "$src" -o "$OUT/$name.o"
 done
 collect
+if [ "$status" -eq 0 ]; then
+  if cmp -s "$OUT/cuda_hook-2.11.so" "$OUT/cuda_hook-2.11-triton-crt.so"; then
+    echo "  ok      crt/ from triton gives the same library"
+  else
+    echo "  FAILED  crt/ from triton gives another library than nvidia-cuda-crt's"
+    status=1
+  fi
+fi
 
 if [ "$status" -ne 0 ]; then
   echo "check_cuda_build: FAILED (logs in $OUT)"

@@ -3,8 +3,8 @@
 # nvidia-ml-py, nanobind and scikit-build-core already installed in the
 # active Python). In order, each stage with its own time limit, the limits
 # adding up to 410 s (under 7 minutes on an H100):
-#   prerequisites   15 s  a line for each one missing; stops if any is
-#   build          110 s  torchmem itself (pip install -e, all cores)
+#   prerequisites   25 s  a line for each one missing; stops if any is
+#   build          100 s  torchmem itself (pip install -e, all cores)
 #   hooks           60 s  the libraries built against this torch on first use:
 #                         CUDA allocator class + trace tracker, pinned-memory
 #                         wrapper, CPU allocator hook (says why one cannot build)
@@ -28,7 +28,9 @@ stage() {  # stage NAME SECONDS COMMAND...
   shift 2
   local t0=$SECONDS
   echo "=== ${name} (limit ${limit}s)"
-  timeout --kill-after=10 "${limit}" "$@"
+  # Through bash -c: the stages that are shell functions (exported below)
+  # run under timeout too.
+  timeout --kill-after=10 "${limit}" bash -c '"$@"' "${name}" "$@"
   local rc=$?
   echo "=== ${name}: rc=${rc} in $((SECONDS - t0))s"
   [ "${rc}" -eq 0 ] || status=1
@@ -56,10 +58,37 @@ prerequisites() {
   need "nanobind" "${PY}" -c "import nanobind"
   need "scikit-build-core" "${PY}" -c "import scikit_build_core"
   need "cmake" sh -c 'command -v cmake || "$0" -c "import cmake"' "${PY}"
-  need "torch, a CUDA build" "${PY}" -c "import torch; assert torch.version.cuda"
-  need "a CUDA device visible to torch" "${PY}" -c "import torch; assert torch.cuda.is_available()"
-  "${PY}" -c "import torch; print('  torch', torch.__version__, 'cuda', torch.version.cuda, \
-'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>/dev/null
+  # torch, the device and the CUDA headers in one interpreter (importing
+  # torch is most of this stage's time). The allocator class and the tracker
+  # compile against the CUDA runtime's headers (CUDA_HOME, or torch's
+  # nvidia-cuda-runtime with crt/ from nvidia-cuda-crt or triton): without
+  # them both fall back, and the check would measure the fallbacks.
+  "${PY}" - <<'EOF' || missing=1
+import runpy
+ok = True
+def line(good, what):
+    global ok
+    ok = ok and good
+    print(f"  {'ok      ' if good else 'MISSING '} {what}")
+try:
+    import torch
+except Exception as exc:
+    line(False, f"torch ({exc})")
+    raise SystemExit(1)
+cuda = torch.version.cuda
+line(bool(cuda), f"torch, a CUDA build (torch {torch.__version__}, CUDA {cuda})")
+line(torch.cuda.is_available(), "a CUDA device visible to torch"
+     + (f" ({torch.cuda.device_count()} x {torch.cuda.get_device_name(0)})"
+        if torch.cuda.is_available() else ""))
+headers = runpy.run_path("src/torchmem/sources/_cuda_headers.py")
+try:
+    found = headers["find_cuda_headers"](cuda.split(".")[0] if cuda else None)
+    crt = f", crt/ from {found.crt_from}" if found.extra else ""
+    line(True, f"CUDA headers ({found.include}{crt})")
+except headers["HeadersMissing"] as exc:
+    line(False, f"CUDA headers: {exc}")
+raise SystemExit(0 if ok else 1)
+EOF
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
     | sed 's/^/  /' || true
   return "${missing}"
@@ -86,8 +115,10 @@ raise SystemExit(0 if ok else 1)
 EOF
 }
 
-stage prerequisites 15 prerequisites || { echo "=== gpu_check: prerequisites missing"; exit 1; }
-stage build 110 "${PY}" -m pip install --no-build-isolation --no-deps -e . -q || exit 1
+export PY
+export -f prerequisites hooks
+stage prerequisites 25 prerequisites || { echo "=== gpu_check: prerequisites missing"; exit 1; }
+stage build 100 "${PY}" -m pip install --no-build-isolation --no-deps -e . -q || exit 1
 stage hooks 60 hooks
 stage tests/gpu 170 "${PY}" -m pytest tests/gpu -q -rs -p no:cacheprovider
 stage gpu_overhead 55 "${PY}" benchmarks/gpu_overhead.py --budget 50 --steps 20 --json "${OUT}"

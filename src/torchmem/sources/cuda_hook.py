@@ -9,16 +9,10 @@ runtime headers, at first use, by the shared builder
 holds allocator logic: they get the table of torchmem._native's entry points
 (``torchmem/_hook/cuda_hook_api.h``) and translate torch's calls.
 
-Where the CUDA headers come from, in order:
-
-1. ``$CUDA_HOME`` / ``$CUDA_PATH`` (a CUDA toolkit);
-2. the CUDA runtime package CUDA builds of torch depend on (found from the
-   installed distributions torch requires, e.g. ``nvidia-cuda-runtime`` for
-   CUDA 13, ``nvidia-cuda-runtime-cu12`` for CUDA 12): its ``include``
-   directory. CUDA 13 moved ``crt/host_defines.h``, which the runtime headers
-   include, into ``nvidia-cuda-crt``, which torch does not install: without
-   it the message names the package and version to install;
-3. ``/usr/local/cuda``.
+The CUDA headers: ``$CUDA_HOME``, else the CUDA runtime package torch
+depends on (with CUDA 13's ``crt/`` headers from ``nvidia-cuda-crt`` or
+triton's bundled copy), else ``/usr/local/cuda``
+(:mod:`torchmem.sources._cuda_headers`).
 
 The library links against torch's ``libc10`` / ``libc10_cuda`` and the
 ``libcudart`` of that runtime package, which is the copy torch loaded.
@@ -27,24 +21,18 @@ The library links against torch's ``libc10`` / ``libc10_cuda`` and the
 from __future__ import annotations
 
 import ctypes
-import os
-import re
-from importlib import metadata
 from pathlib import Path
 
 from . import _build
 from ._cuda_native import native
 from ._build import BuildUnavailable
+from ._cuda_headers import HeadersMissing, find_cuda_headers
 
 __all__ = ["CudaHookUnavailable", "cuda_headers", "load_cuda_hook"]
 
 
 class CudaHookUnavailable(BuildUnavailable):
     """The CUDA allocator class and trace tracker cannot be built here (message says why)."""
-
-
-def _dist_files(dist: metadata.Distribution) -> list[Path]:
-    return [Path(dist.locate_file(f)) for f in (dist.files or [])]
 
 
 def _torch_cuda_major() -> str | None:
@@ -54,65 +42,17 @@ def _torch_cuda_major() -> str | None:
     return cuda.split(".")[0] if cuda else None
 
 
-def _runtime_dists() -> list[metadata.Distribution]:
-    """The installed CUDA runtime packages, the ones torch's CUDA major matches first."""
-    major = _torch_cuda_major()
-    found = []
-    for dist in metadata.distributions():
-        name = (dist.metadata.get("Name") or "").lower().replace("_", "-")
-        if name.startswith("nvidia-cuda-runtime"):
-            version = dist.version or ""
-            matches = major is not None and (version.split(".")[0] == major
-                                             or name.endswith(f"-cu{major}"))
-            found.append((0 if matches else 1, dist))
-    return [d for _, d in sorted(found, key=lambda x: x[0])]
-
-
-def _crt_pin() -> str:
-    """The nvidia-cuda-crt requirement cuda-toolkit pins, for the message."""
-    try:
-        for req in metadata.requires("cuda-toolkit") or []:
-            m = re.match(r"\s*(nvidia-cuda-crt\s*[=<>!~]=?\s*[^;\s]+)", req)
-            if m:
-                return m.group(1).replace(" ", "")
-    except metadata.PackageNotFoundError:
-        pass
-    return "nvidia-cuda-crt"
-
-
 def cuda_headers() -> tuple[str, list[str], Path | None]:
     """(include directory, extra include directories, libcudart to link or None).
 
-    Raises CudaHookUnavailable saying what is missing.
+    Raises CudaHookUnavailable saying what is missing (:mod:`._cuda_headers`
+    has the search order).
     """
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and (Path(home) / "include" / "cuda_runtime_api.h").is_file():
-            lib = next((p for p in sorted((Path(home) / "lib64").glob("libcudart.so*"))), None)
-            return str(Path(home) / "include"), [], lib
-    missing_crt = None
-    for dist in _runtime_dists():
-        files = _dist_files(dist)
-        header = next((f for f in files if f.name == "cuda_runtime_api.h"), None)
-        if header is None:
-            continue
-        include = header.parent
-        lib = next((f for f in files if f.name.startswith("libcudart.so")), None)
-        if (include / "crt" / "host_defines.h").is_file():
-            return str(include), [], lib
-        missing_crt = (include, lib)
-    system = Path("/usr/local/cuda/include")
-    if (system / "cuda_runtime_api.h").is_file() and (system / "crt" / "host_defines.h").is_file():
-        lib = next(iter(sorted(Path("/usr/local/cuda/lib64").glob("libcudart.so*"))), None)
-        return str(system), [], lib
-    if missing_crt is not None:
-        raise CudaHookUnavailable(
-            f"the CUDA runtime headers in {missing_crt[0]} include crt/host_defines.h, which "
-            f"CUDA 13 ships in another package: pip install \"{_crt_pin()}\" (or set CUDA_HOME "
-            "to a CUDA toolkit)")
-    raise CudaHookUnavailable(
-        "no CUDA runtime headers found (cuda_runtime_api.h): install the CUDA runtime package "
-        "of torch's CUDA version (nvidia-cuda-runtime), or set CUDA_HOME to a CUDA toolkit")
+    try:
+        found = find_cuda_headers(_torch_cuda_major())
+    except HeadersMissing as exc:
+        raise CudaHookUnavailable(str(exc)) from None
+    return found.include, list(found.extra), found.cudart
 
 
 def _check() -> None:
