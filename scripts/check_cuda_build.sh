@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compiles and links every line of torchmem's CUDA C++ against real CUDA
-# builds of torch, with the project's warnings as errors. No GPU needed.
+# builds of torch, with the project's warnings as errors, and runs the
+# allocator class as far as it runs without a GPU. No GPU needed.
 #
 #   1. tests/native/cuda_abi_check.cpp: csrc/cuda_runtime.hpp's hand-written
 #      CUDA declarations (csrc/cuda_* build without CUDA headers) against the
@@ -17,6 +18,10 @@
 #      triton's bundled copy (what a stock torch install has: torch does not
 #      install nvidia-cuda-crt; torchmem/sources/_cuda_headers.py), which must
 #      give the same bytes as with nvidia-cuda-crt.
+#   6. tests/native/cuda_class_check.cpp: the allocator class of (2) run
+#      without a GPU through torch 2.11's own entry points over a fake table
+#      of torchmem's (statistics fields, snapshot, cacheInfo, refusals,
+#      registration for torch.cuda and torch.accelerator).
 #
 # The torch wheel (~530 MB), the CUDA runtime / crt wheels it depends on and
 # the triton wheel it pins (~190 MB) are fetched once with
@@ -219,6 +224,23 @@ if [ "$status" -eq 0 ]; then
   else
     echo "  FAILED  crt/ from triton gives another library than nvidia-cuda-crt's"
     status=1
+  fi
+  # 6. The class run on this machine (no GPU needed for what it checks).
+  # shellcheck disable=SC2046
+  run class-check-build "$CXX" "${BASE[@]}" $(torch_inc "$T211") -isystem "$CUDA_INC" \
+    -isystem "$CRT_INC" -I "$HOOK" tests/native/cuda_class_check.cpp -o "$OUT/cuda_class_check" \
+    "$PWD/$OUT/cuda_hook-2.11.so" -L "$T211/lib" -lc10 -lc10_cuda -L "$CUDA_LIB" "-l:$CUDART" \
+    -Wl,--no-undefined
+  collect
+  if [ "$status" -eq 0 ]; then
+    if LD_LIBRARY_PATH="$T211/lib:$CUDA_LIB:$PWD/$OUT" "$OUT/cuda_class_check" \
+        > "$OUT/class-check.log" 2>&1; then
+      sed 's/^/  /' "$OUT/class-check.log"
+    else
+      sed 's/^/    /' "$OUT/class-check.log"
+      echo "  FAILED  the allocator class run without a GPU"
+      status=1
+    fi
   fi
 fi
 
