@@ -21,7 +21,8 @@
 #   6. tests/native/cuda_class_check.cpp: the allocator class of (2) run
 #      without a GPU through torch 2.11's own entry points over a fake table
 #      of torchmem's (statistics fields, snapshot, cacheInfo, refusals,
-#      registration for torch.cuda and torch.accelerator).
+#      registration for torch.cuda and torch.accelerator; the trace tracker
+#      attached to it, forwarding entries).
 #
 # The torch wheel (~530 MB), the CUDA runtime / crt wheels it depends on and
 # the triton wheel it pins (~190 MB) are fetched once with

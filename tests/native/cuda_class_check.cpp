@@ -6,7 +6,9 @@
 // use), over a fake table of torchmem._native entry points with known
 // answers. It checks the translation the class adds: the statistics' fields,
 // the snapshot's segments and block states, cacheInfo, the refusals and
-// their messages, and the registration. Every path that needs a CUDA device
+// their messages, and the registration; and the trace tracker
+// (cuda_trace_tracker.cpp) attached to the class, forwarding the entries of
+// its frees. Every path that needs a CUDA device
 // (allocate, the end of a capture) is left to tests/gpu.
 //
 //   built and run by scripts/check_cuda_build.sh; exit 0 and "ok" lines.
@@ -24,6 +26,7 @@
 extern "C" int torchmem_cuda_hook_attach(const void* table);
 extern "C" int torchmem_cuda_allocator_install(char* err, size_t len);
 extern "C" int torchmem_cuda_allocator_active(void);
+extern "C" int torchmem_cuda_tracker_attach(char* err, size_t len);
 
 namespace {
 
@@ -44,6 +47,7 @@ struct Calls {
   double fraction = -1.0;
   int fraction_device = -2;
   std::vector<void*> freed;
+  std::vector<std::vector<uint64_t>> trace;  // action, device, address, size, stream
 } g_calls;
 std::string g_message;
 
@@ -111,7 +115,10 @@ TorchmemCudaHookApi make_table() {
   };
   t.last_message = &fake_last_message;
   t.backend_name = [] { return "fake"; };
-  t.trace_event = [](int, int, uint64_t, uint64_t, uint64_t) {};
+  t.trace_event = [](int action, int device, uint64_t address, uint64_t size, uint64_t stream) {
+    g_calls.trace.push_back({static_cast<uint64_t>(action), static_cast<uint64_t>(device),
+                             address, size, stream});
+  };
   t.stash_stack = [] {};
   t.pinned_alloc = [](void*, size_t) { return 0; };
   t.pinned_free = [](void*) {};
@@ -246,6 +253,19 @@ int main() {
   }
   CHECK(!mine->isHistoryEnabled());
   section("refusals (capture, peer access, MemPool, IPC, checkpoints)");
+
+  // -- the trace tracker (cuda_trace_tracker.cpp) attached to the class,
+  //    which tells trackers of its frees as torch's allocator would: each
+  //    entry reaches torchmem's table with its action named by torch's enum.
+  CHECK(torchmem_cuda_tracker_attach(err, sizeof err) == 0);
+  CHECK(torchmem_cuda_tracker_attach(err, sizeof err) == 0);  // once per process
+  g_calls.trace.clear();
+  CCA::raw_delete(reinterpret_cast<void*>(0x4000));
+  const std::vector<std::vector<uint64_t>> expected = {
+      {TORCHMEM_TRACE_FREE_COMPLETED, 0, 0x4000, 0, 0},
+      {TORCHMEM_TRACE_SEGMENT_FREE, 0, 0x4000, 0, 0}};
+  CHECK(g_calls.trace == expected);
+  section("trace tracker: attach, entries forwarded with torch's actions");
 
   if (g_failures) {
     std::fprintf(stderr, "cuda_class_check: %d checks failed\n", g_failures);
