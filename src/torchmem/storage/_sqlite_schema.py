@@ -35,6 +35,8 @@ from ._writer import (  # noqa: E402
     ROW_BYTES,
     SCHEMA,
     SCHEMA_VERSION,
+    check_path_length,
+    sqlite_uri,
 )
 
 assert EVENT_COLUMNS == tuple(n for n in EVENT_DTYPE.names if not n.startswith("_"))
@@ -122,6 +124,10 @@ def check_file(path: str) -> None:
         raise TraceFormatError(f"{path}: no such file")
     if os.path.isdir(path):
         raise TraceFormatError(f"{path}: is a directory, not a torchmem trace")
+    try:
+        check_path_length(path)
+    except ValueError as exc:
+        raise TraceFormatError(str(exc)) from None
     size = os.path.getsize(path)
     if size == 0:
         raise TraceFormatError(f"{path}: empty file, not a torchmem trace")
@@ -406,17 +412,46 @@ def _read_delta(con: sqlite3.Connection, since: dict[str, int],
     return d
 
 
-def connect(path: str, *, read_only: bool) -> sqlite3.Connection:
-    if read_only:
-        try:
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-            con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-            return con
-        except sqlite3.OperationalError:
-            # A trace left by a killed writer still has its -wal file, and
-            # recovering it needs write access to the -shm file.
-            pass
-    return sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+def connect(path: str) -> sqlite3.Connection:
+    """A read-only connection to the trace at ``path``; never creates or changes it.
+
+    A trace in rollback-journal mode (closed cleanly) or in WAL mode with its
+    ``-shm`` in place opens read-only anywhere. A WAL-mode file whose
+    ``-shm`` cannot be created (read-only directory or media) opens as
+    immutable when it has no write-ahead log left to apply; otherwise it
+    cannot be read there, and TraceFormatError says so.
+    """
+    try:
+        check_path_length(path)
+    except ValueError as exc:
+        raise TraceFormatError(str(exc)) from None
+    try:
+        return _open(sqlite_uri(path, mode="ro"))
+    except sqlite3.OperationalError as exc:
+        first = exc
+    wal = path + "-wal"
+    if os.path.exists(wal) and os.path.getsize(wal) > 0:
+        why = ("" if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
+               else " in a read-only directory")
+        raise TraceFormatError(
+            f"{path}: cannot read it here: its write-ahead log {wal} holds events not yet in "
+            f"the file, and SQLite must create {path}-shm to read it{why} (read-only storage; "
+            f"{one_line(first)}); copy the trace with its -wal to writable storage") from None
+    try:
+        # Nothing to apply from a WAL: the file alone is the whole trace.
+        return _open(sqlite_uri(path, mode="ro", immutable="1"))
+    except sqlite3.OperationalError:
+        raise TraceFormatError(f"{path}: cannot open trace ({one_line(first)})") from None
+
+
+def _open(uri: str) -> sqlite3.Connection:
+    con = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    try:
+        con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 class TraceReader:
@@ -426,7 +461,7 @@ class TraceReader:
         self.path = os.fspath(path)
         check_file(self.path)
         try:
-            self._con = connect(self.path, read_only=True)
+            self._con = connect(self.path)
         except (sqlite3.DatabaseError, ValueError) as exc:  # ValueError: undecodable schema text
             raise TraceFormatError(f"{self.path}: cannot open trace ({one_line(exc)})") \
                 from None

@@ -61,6 +61,7 @@ import sqlite3
 import struct
 import sys
 import time
+from urllib.parse import quote, urlencode
 
 if __package__:
     from . import _chunks
@@ -140,6 +141,32 @@ _PIECE_BYTES = _chunks.CHUNK_EVENTS * ROW_BYTES  # read E frames ~650 KB at a ti
 _ALLOWED_PRAGMAS = ("max_page_count", "cache_size")  # tests simulate a full disk
 
 
+#: The longest full path SQLite's unix VFS opens (its MAX_PATHNAME, 512,
+#: less room for a suffix; measured with SQLite 3.40): longer ones fail with
+#: "unable to open database file", so they are refused with that said.
+MAX_PATH_BYTES = 504
+
+
+def check_path_length(path: str) -> None:
+    """Raises ValueError when SQLite cannot open ``path`` for its length (symlinks
+    resolved, as SQLite resolves them)."""
+    n = len(os.fsencode(os.path.realpath(path)))
+    if n > MAX_PATH_BYTES:
+        raise ValueError(f"{path}: the path is {n} bytes long; SQLite opens paths of at most "
+                         f"{MAX_PATH_BYTES} bytes (symlinks resolved): move the trace higher up")
+
+
+def sqlite_uri(path: str, **params: str) -> str:
+    """A ``file:`` URI that names exactly ``path`` for ``sqlite3.connect(uri=True)``.
+
+    Every byte but ``/`` is percent-encoded, so ``#``, ``?``, ``%XX``, spaces,
+    newlines and non-ASCII names mean themselves; a name that starts with
+    ``file:`` or a dash is just a name. Relative paths are made absolute.
+    """
+    uri = "file://" + quote(os.fsencode(os.path.abspath(path)), safe="/")
+    return uri + ("?" + urlencode(params) if params else "")
+
+
 def _insert_sql(rows: int) -> str:
     one = "(" + ", ".join("?" * len(EVENT_COLUMNS)) + ")"
     return (f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES "
@@ -169,7 +196,14 @@ class TraceWriter:
         self._txn_start: float | None = None
         self._last_commit = time.monotonic()
         self.min_commit_gap_s = max(float(options.get("batch_interval_ms", 0)), 0.0) / 1000
-        self.con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            check_path_length(path)
+            self.con = sqlite3.connect(sqlite_uri(path, mode="rw"), uri=True,
+                                       isolation_level=None, check_same_thread=False)
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            self.con = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            self._fail(exc)
+            return
         try:
             # An event chunk (<= 650 KB) is a BLOB spread over overflow
             # pages; their WAL frames dominate the writer's cost (PAGE_SIZE).
@@ -365,11 +399,19 @@ class TraceWriter:
             self._fail(exc)
 
     def close(self, checkpoint: bool) -> None:
-        """Commits; with ``checkpoint`` folds the WAL into the file (one self-contained file)."""
+        """Commits; with ``checkpoint`` folds the WAL into the file and leaves it in
+        rollback-journal mode: one self-contained file, which opens read-only
+        without creating ``-shm`` (read-only media, directories and files)."""
         self.commit()
         try:
             if checkpoint and self.error is None:
                 self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                try:
+                    # Needs the only connection: with a reader attached the file
+                    # stays in WAL mode (still complete; readers then need -shm).
+                    self.con.execute("PRAGMA journal_mode=DELETE").fetchall()
+                except sqlite3.OperationalError:
+                    pass
             self.con.close()
         except (sqlite3.Error, OSError) as exc:
             self._fail(exc)

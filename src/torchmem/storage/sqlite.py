@@ -129,6 +129,7 @@ class SQLiteStorage:
                  batch_interval_ms: float = 0.0, _pragmas: dict | None = None,
                  _in_process: bool = False) -> None:
         self.path = os.fspath(path)
+        _writer.check_path_length(self.path)
         schema.create_private_file(self.path, overwrite)
         options = {"batch_interval_ms": float(batch_interval_ms), "pragmas": _pragmas or {}}
         self._metadata: dict[str, Any] = {}
@@ -361,6 +362,11 @@ class SQLiteStorage:
             return
         self.closed = True
         _live.discard(self)
+        with self._read_lock:
+            # Before the writer's last step, which needs the only connection.
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
         with self._cond:
             self._closing = True
             if not self._dead:
@@ -373,10 +379,6 @@ class SQLiteStorage:
         if wait is None:
             wait = self._close_backlog <= CLOSE_WAIT_BACKLOG
         self._stop_io(kill=not done, wait=wait)
-        with self._read_lock:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
 
     def wait(self, timeout: float | None = None) -> bool:
         """After ``close``: blocks until the writer has expanded every event and exited."""
@@ -489,7 +491,7 @@ class SQLiteStorage:
 
     def _reader_con(self) -> sqlite3.Connection:
         if self._reader is None:
-            self._reader = _connect(self.path, read_only=True)
+            self._reader = _connect(self.path)
         return self._reader
 
     def _fail(self, reason: str) -> None:
