@@ -24,6 +24,7 @@ __all__ = [
     "Snapshot",
     "DeviceMemory",
     "NvmlUnavailable",
+    "AnomalyReport",
 ]
 
 
@@ -194,6 +195,17 @@ class Leak(NamedTuple):
     address: int
     size_bytes: int
     stack_trace: StackTrace | None
+
+
+class AnomalyReport(dict):
+    """``profiler.anomalies``: ``{"counts": {kind: n}, "total": n, "examples": [...]}``.
+
+    A plain dict; calling it (``profiler.anomalies()``) returns the same, for
+    code that reads it like the other queries.
+    """
+
+    def __call__(self) -> "AnomalyReport":
+        return self
 
 
 @dataclass(frozen=True)

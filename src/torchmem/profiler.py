@@ -41,6 +41,7 @@ from ._snapshots import AutoSnapshotter
 from ._stacks import LiveStacks, SavedStacks
 from .trace import TraceDelta, marker_details
 from ._types import (
+    AnomalyReport,
     Counters,
     GCRecord,
     Leak,
@@ -132,6 +133,9 @@ class MemoryProfiler(_recorder.Recorder):
         self._gc_total_ns = 0
         self._snapshots: list[Snapshot] = []
         self._saved_ooms: list[OomEvent] | None = None  # a loaded trace's
+        # A loaded trace's anomalies (counts, examples): bad input the live
+        # recorder counted leaves no event, so a replay cannot count it again.
+        self._saved_anomalies: tuple[dict[str, int], list[dict[str, Any]]] | None = None
         self._native_sources: set[str] = set()  # see attach_native_source
         self._batch_sources: list[Callable[[], Any]] = []
         self.storage = storage
@@ -443,11 +447,18 @@ class MemoryProfiler(_recorder.Recorder):
         self._reset_peak(type_id, _ALL_DEVICES if device is None else device)
 
     @property
-    def anomalies(self) -> dict[str, Any]:
-        """Counts of bad input by kind, and the last few examples of each."""
+    def anomalies(self) -> AnomalyReport:
+        """Counts of bad input by kind, and the last few examples of each:
+        ``{"counts": {kind: n}, "total": n, "examples": [...]}`` (also callable).
+        A loaded trace answers what the live profiler had counted."""
         counts = self._anomaly_counts()
-        return {"counts": counts, "total": sum(counts.values()),
-                "examples": self._anomaly_examples()}
+        examples = self._anomaly_examples()
+        if self._saved_anomalies is not None:
+            saved, saved_examples = self._saved_anomalies
+            for kind, n in saved.items():
+                counts[kind] = counts.get(kind, 0) + n
+            examples = saved_examples + examples
+        return AnomalyReport(counts=counts, total=sum(counts.values()), examples=examples)
 
     # -- events ----------------------------------------------------------------
     def _read_rows(self, start_seq: int, end_seq: int) -> np.ndarray:
@@ -703,6 +714,9 @@ class MemoryProfiler(_recorder.Recorder):
                 snapshots_start=cursors.get("snapshots", 0),
                 anomalies=self._anomaly_counts(),
             )
+            total = sum(delta.anomalies.values())
+            if total != cursors.get("anomalies", 0):
+                delta.anomaly_examples = self._anomaly_examples()
             ooms = self.oom_events
             delta.ooms_start = cursors.get("ooms", 0)
             delta.ooms = ooms[delta.ooms_start:]
@@ -718,7 +732,7 @@ class MemoryProfiler(_recorder.Recorder):
             cursors.update(seq=end, frames=delta.frames_start + len(delta.frames),
                            nodes=delta.nodes_start + len(delta.stack_nodes),
                            gc=len(self._gc_records), snapshots=len(self._snapshots),
-                           ooms=len(ooms),
+                           ooms=len(ooms), anomalies=total,
                            contexts=delta.contexts_start + len(delta.contexts),
                            marks=delta.marks_start + len(delta.marks))
         return delta
@@ -784,4 +798,6 @@ class MemoryProfiler(_recorder.Recorder):
         self._snapshots.extend(delta.snapshots)
         del self._saved_ooms[delta.ooms_start:]
         self._saved_ooms.extend(ooms)
+        if delta.anomalies or delta.anomaly_examples:  # the trace's totals so far
+            self._saved_anomalies = (dict(delta.anomalies), list(delta.anomaly_examples))
         self._replay(np.ascontiguousarray(events).tobytes())

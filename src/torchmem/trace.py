@@ -48,6 +48,9 @@ class TraceDelta:
     ooms: list[dict[str, Any]] = field(default_factory=list)
     ooms_start: int = 0
     anomalies: dict[str, int] = field(default_factory=dict)
+    #: The recorder's last examples of each kind (``profiler.anomalies["examples"]``),
+    #: there only when the counts changed since the previous delta.
+    anomaly_examples: list[dict[str, Any]] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (len(self.events) or self.frames or len(self.stack_nodes)

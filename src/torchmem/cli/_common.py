@@ -74,6 +74,14 @@ def print_summary(profilers: Sequence[tuple[str, Any]], out: Any = None) -> None
     if by_type:
         print("live at end by type: " + ", ".join(f"{t} {format_bytes(v, 1)}"
                                                   for t, v in sorted(by_type.items())), file=out)
+    counts: dict[str, int] = {}
+    for _, p in profilers:
+        for kind, n in p.anomalies["counts"].items():
+            counts[kind] = counts.get(kind, 0) + n
+    if any(counts.values()):
+        print("anomalies: " + ", ".join(f"{k} {n:,}" for k, n in counts.items() if n)
+              + " (bad frees or allocations the recorder counted; see docs/bad-input.md)",
+              file=out)
 
 
 def trace_label(path: str, prof: Any) -> str:

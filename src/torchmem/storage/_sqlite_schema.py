@@ -94,6 +94,21 @@ def _devices_from_json(text: str | None) -> Any:
     return value
 
 
+def _json_or(text: Any, default: Any) -> Any:
+    """``text`` decoded as JSON, or ``default`` when it is missing or not JSON
+    (``from_trace`` then counts and skips what has the wrong shape)."""
+    if text is None:
+        return default
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError):
+        return _UNREADABLE
+
+
+#: Stands for side-record JSON that does not parse (never a valid record).
+_UNREADABLE = object()
+
+
 def oom_row(index: int, oom: dict) -> tuple:
     extra = {k: v for k, v in oom.items() if k not in OOM_COLUMNS}
     return (index, *(oom.get(c) for c in OOM_COLUMNS), to_json(extra) if extra else None)
@@ -409,6 +424,8 @@ def _read_delta(con: sqlite3.Connection, since: dict[str, int],
             oom.update(json.loads(row[-1]))
         d.ooms.append(oom)
     d.anomalies = dict(con.execute("SELECT kind, count FROM anomalies"))
+    row = con.execute("SELECT value FROM metadata WHERE key = 'anomaly_examples'").fetchone()
+    d.anomaly_examples = _json_or(row[0] if row else None, [])
     return d
 
 

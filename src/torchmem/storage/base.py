@@ -136,6 +136,8 @@ def merge_deltas(deltas: Iterable[TraceDelta]) -> TraceDelta:
         ooms.extend(d.ooms)
         if d.anomalies:
             out.anomalies = dict(d.anomalies)
+        if d.anomaly_examples:
+            out.anomaly_examples = list(d.anomaly_examples)
     out.events = np.concatenate(events) if events else empty_events()
     out.frames = frames
     out.stack_nodes = (np.concatenate(nodes) if nodes

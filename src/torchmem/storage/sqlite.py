@@ -65,6 +65,9 @@ def _writer_command(path: str, options: dict) -> list[str]:
 def _side_payload(d: TraceDelta, n_types: int, meta: list | None = None) -> bytes | None:
     """The side records of ``d`` as one JSON frame payload (None when there are none)."""
     side: dict[str, Any] = {}
+    meta = list(meta or [])
+    if d.anomaly_examples:  # a metadata row: the anomalies table holds counts only
+        meta.append(("anomaly_examples", schema.to_json(d.anomaly_examples)))
     if meta:
         side["meta"] = meta
     if len(d.type_names) > n_types:
