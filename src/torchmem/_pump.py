@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 import socket
@@ -153,8 +154,36 @@ class SinkPump:
             return 0
         return profiler.next_seq - self._cursors.get("seq", 0)
 
-    def flush(self) -> None:
-        """Delivers everything recorded so far (synchronously)."""
+    #: Seconds ``flush(commit=True)`` waits for the storage to commit.
+    commit_timeout_s = 60.0
+
+    def flush(self, commit: bool = False) -> None:
+        """Delivers everything recorded so far (synchronously); with ``commit``,
+        also waits until the storage has stored it (``storage.flush()``)."""
+        self._hand_over()
+        if commit and self.storage is not None and hasattr(self.storage, "flush"):
+            self._commit()
+
+    def _commit(self) -> None:
+        flush = self.storage.flush
+        try:
+            takes_timeout = "timeout" in inspect.signature(flush).parameters
+        except (TypeError, ValueError):
+            takes_timeout = False
+        try:
+            done = flush(timeout=self.commit_timeout_s) if takes_timeout else flush()
+        except Exception as exc:
+            done = False
+            why = repr(exc)
+        else:
+            why = f"not stored within {self.commit_timeout_s:.0f} s"
+        if done is False and "commit" not in self._failed:
+            self._failed.add("commit")
+            where = getattr(self.storage, "path", None) or type(self.storage).__name__
+            print(f"torchmem: flush: the events recorded so far are not all committed to "
+                  f"{where} ({why}); they stay in memory", file=sys.stderr)
+
+    def _hand_over(self) -> None:
         profiler = self._profiler()
         if profiler is None:
             return

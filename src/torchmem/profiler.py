@@ -678,9 +678,12 @@ class MemoryProfiler(_recorder.Recorder):
 
     # -- lifecycle -------------------------------------------------------------
     def flush(self) -> None:
-        """Hands every event recorded so far to the storage and publisher."""
+        """Hands every event recorded so far to the storage and publisher, and
+        returns once the storage has committed them: another process (or
+        ``torchmem.load``) then reads every one. A storage that cannot commit
+        (a stalled or failed writer) is waited for a bounded time, with a warning."""
         if self._pump is not None:
-            self._pump.flush()
+            self._pump.flush(commit=True)
 
     def close(self) -> None:
         """Stops background threads and flushes and closes the sinks."""
