@@ -209,7 +209,10 @@ int RecorderHandle::type_id_of(PyObject* name) {
   Py_ssize_t n = 0;
   const char* text = PyUnicode_AsUTF8AndSize(name, &n);
   if (!text) return -1;
-  if (n == 0 || n > 64) {
+  // The limit is in characters (code points), as the message says; the
+  // UTF-8 bytes of 64 of them are at most 256.
+  Py_ssize_t chars = PyUnicode_GetLength(name);
+  if (chars == 0 || chars > 64) {
     PyErr_Format(PyExc_ValueError, "allocation_type must be 1 to 64 characters, got %R",
                  name);
     return -1;

@@ -32,6 +32,7 @@ well under a minute).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -385,12 +386,18 @@ class ProfilerMachine(RuleBasedStateMachine):
         k = data.draw(st.integers(0, len(rows) - 1))
         ts = int(rows["timestamp_ns"][k])
         got = self.p.get_allocations_since(ts / 1e9)
-        cut = int(round(ts / 1e9 * 1e9))
+        # Float seconds: every event whose own float timestamp is at least the
+        # float just below t (so the event at ts is always in).
+        lowest = math.nextafter(ts / 1e9, -math.inf)
         want = [i for i, r in enumerate(rows.tolist())
-                if r[1] >= cut and self.m.events[i][0] in (ALLOC, REALLOC)]
+                if r[1] / 1e9 >= lowest and self.m.events[i][0] in (ALLOC, REALLOC)]
         assert [(e.address, e.size_bytes, e.timestamp_ns) for e in got] == \
             [(self.m.events[i][1], self.m.events[i][2], int(rows["timestamp_ns"][i]))
              for i in want]
+        exact = self.p.get_allocations_since(since_ns=ts)
+        assert [e.timestamp_ns for e in exact] == [
+            r[1] for i, r in enumerate(rows.tolist())
+            if r[1] >= ts and self.m.events[i][0] in (ALLOC, REALLOC)]
 
     @rule(min_age_steps=st.integers(0, 4))
     def leaks(self, min_age_steps):

@@ -38,6 +38,7 @@ from ._settings import (
     DEFAULT_TRACE_DIR,
     HOST_CHOICES,
     LIVE_SETTINGS,
+    check_settings as _check_settings,
     defaults as _defaults,
     rank as _rank,
     run_metadata as _run_metadata,
@@ -214,6 +215,7 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
         if unknown:
             raise TypeError(f"enable() got unknown settings: {', '.join(sorted(unknown))}")
         opts.update(settings)
+        _check_settings(opts)
         if opts["host"] not in HOST_CHOICES:
             raise ValueError(f"enable(host=...) must be one of {HOST_CHOICES[1:]}, "
                              f"got {opts['host']!r}")
@@ -251,7 +253,7 @@ def _apply_live_settings(s: _Session, settings: dict[str, Any]) -> None:
             setattr(s.profiler, name, value)
             s.settings[name] = value
         elif name == "summary":
-            s.settings["summary"] = bool(value)
+            s.settings["summary"] = _check_settings_one("summary", value)
         elif name not in s.settings:
             raise TypeError(f"enable() got an unknown setting: {name}")
         elif s.settings[name] != value:
@@ -259,6 +261,12 @@ def _apply_live_settings(s: _Session, settings: dict[str, Any]) -> None:
     if fixed:
         warnings.warn(f"torchmem is already enabled; {', '.join(sorted(fixed))} cannot change "
                       "while it runs (ignored)", RuntimeWarning, stacklevel=3)
+
+
+def _check_settings_one(name: str, value: Any) -> Any:
+    one = {name: value}
+    _check_settings(one)
+    return one[name]
 
 
 def _stop_sources(s: _Session) -> None:

@@ -7,8 +7,10 @@ import sys
 import warnings
 from typing import Any
 
-__all__ = ["DEFAULT_TRACE_DIR", "HOST_CHOICES", "LIVE_SETTINGS", "defaults", "rank", "run_metadata",
-           "trace_dir", "world_size"]
+from ._checks import check_bool, check_interval_ms, check_nonneg_int
+
+__all__ = ["DEFAULT_TRACE_DIR", "HOST_CHOICES", "LIVE_SETTINGS", "check_settings", "defaults",
+           "rank", "run_metadata", "trace_dir", "world_size"]
 
 DEFAULT_TRACE_DIR = "torchmem-traces"
 #: Settings that can change on a running profiler (enable() applies them again).
@@ -78,6 +80,28 @@ def defaults() -> dict[str, Any]:
         "oom_report": True,
         "summary": _env_flag("TORCHMEM_SUMMARY", True),
     }
+
+
+_BOOL_SETTINGS = ("capture_stack_traces", "auto_snapshot", "trace", "gc", "auto_step",
+                  "oom_report", "summary")
+
+
+def check_settings(settings: dict[str, Any]) -> None:
+    """Raises TypeError / ValueError naming the first bad setting, as the profiler's
+    constructor and setters would (before enable() creates anything)."""
+    for name in _BOOL_SETTINGS:
+        if name in settings:
+            settings[name] = check_bool(settings[name], name)
+    if "snapshot_interval_ms" in settings:
+        check_interval_ms(settings["snapshot_interval_ms"], "snapshot_interval_ms")
+    if "retention_events" in settings:
+        check_nonneg_int(settings["retention_events"], "retention_events")
+    depth = settings.get("max_stack_trace_depth", 10)
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 128:
+        raise ValueError(f"max_stack_trace_depth must be an int in 1..128, got {depth!r}")
+    directory = settings.get("trace_dir")
+    if directory is not None and not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"trace_dir must be a path (str) or None, not {type(directory).__name__}")
 
 
 def _env_host() -> Any:

@@ -16,6 +16,8 @@ import time
 import weakref
 from typing import Any
 
+from ._checks import check_interval_ms
+
 __all__ = ["AutoSnapshotter"]
 
 _running: weakref.WeakSet[AutoSnapshotter] = weakref.WeakSet()
@@ -63,16 +65,24 @@ class AutoSnapshotter:
     """
 
     def __init__(self, profiler: Any, interval_ms: int | float) -> None:
-        if not interval_ms > 0:
-            raise ValueError(f"interval_ms must be > 0, got {interval_ms!r}")
+        self._interval_ms = check_interval_ms(interval_ms, "interval_ms")
         self._profiler = weakref.ref(profiler)
-        self.interval_ms = interval_ms
         self.count = 0
         self.errors = 0
         self.last_error: BaseException | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def interval_ms(self) -> int | float:
+        """Milliseconds between snapshots: finite, > 0, at most a day (a nan made
+        the thread spin, inf killed it)."""
+        return self._interval_ms
+
+    @interval_ms.setter
+    def interval_ms(self, ms: int | float) -> None:
+        self._interval_ms = check_interval_ms(ms, "interval_ms")
 
     @property
     def running(self) -> bool:

@@ -26,6 +26,15 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from . import _recorder
+from ._checks import (
+    SettingTypeError,
+    check_bool,
+    check_device,
+    check_interval_ms,
+    check_nonneg_int,
+    check_seconds,
+    epoch_ns,
+)
 from ._events import (
     ALLOCATING_KINDS,
     check_event_rows,
@@ -61,20 +70,8 @@ _NO_COUNTERS = Counters()
 NATIVE_SOURCES = ("gpu", "cpu")
 
 
-def _as_epoch_ns(t: datetime.datetime | float | int) -> int:
-    if isinstance(t, datetime.datetime):
-        return int(round(t.timestamp() * 1e9))
-    if isinstance(t, (int, float)) and not isinstance(t, bool):
-        return int(round(t * 1e9))
-    raise TypeError(f"t must be a datetime or epoch seconds, not {type(t).__name__}")
-
-
 def _check_nonneg_int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+    return check_nonneg_int(value, name)
 
 
 class MemoryProfiler(_recorder.Recorder):
@@ -123,6 +120,7 @@ class MemoryProfiler(_recorder.Recorder):
         flush_interval_ms: int = 200,
     ) -> None:
         super().__init__(_check_nonneg_int(retention_events, "retention_events"))
+        flush_interval_ms = check_interval_ms(flush_interval_ms, "flush_interval_ms")
         self._lock = threading.RLock()
         self._stacks: LiveStacks | SavedStacks = LiveStacks()
         self._contexts: LiveContexts | SavedContexts = LiveContexts()
@@ -144,7 +142,7 @@ class MemoryProfiler(_recorder.Recorder):
         self.capture_stack_traces = capture_stack_traces
         self._snapshot_interval_ms = 1000
         self.snapshot_interval_ms = snapshot_interval_ms
-        self._auto_snapshot = bool(auto_snapshot)
+        self._auto_snapshot = check_bool(auto_snapshot, "auto_snapshot")
         self._snapshotter = None
         self._pump = None
         if storage is not None or publisher is not None:
@@ -177,7 +175,7 @@ class MemoryProfiler(_recorder.Recorder):
 
     @capture_stack_traces.setter
     def capture_stack_traces(self, on: bool) -> None:
-        self._capture_stacks = bool(on)
+        self._capture_stacks = check_bool(on, "capture_stack_traces")
         self._sync_hook_settings()
 
     @property
@@ -187,7 +185,10 @@ class MemoryProfiler(_recorder.Recorder):
 
     @max_stack_trace_depth.setter
     def max_stack_trace_depth(self, depth: int) -> None:
-        if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 128:
+        if not isinstance(depth, int) or isinstance(depth, bool):
+            raise SettingTypeError(f"max_stack_trace_depth must be an int in 1..128, "
+                                   f"got {depth!r}")
+        if not 1 <= depth <= 128:
             raise ValueError(f"max_stack_trace_depth must be an int in 1..128, got {depth!r}")
         self._max_depth = depth
         self._sync_hook_settings()
@@ -199,8 +200,7 @@ class MemoryProfiler(_recorder.Recorder):
 
     @snapshot_interval_ms.setter
     def snapshot_interval_ms(self, ms: int) -> None:
-        if not isinstance(ms, (int, float)) or isinstance(ms, bool) or ms <= 0:
-            raise ValueError(f"snapshot_interval_ms must be > 0, got {ms!r}")
+        ms = check_interval_ms(ms, "snapshot_interval_ms")
         self._snapshot_interval_ms = ms
         if getattr(self, "_snapshotter", None) is not None:
             self._snapshotter.interval_ms = ms
@@ -212,7 +212,7 @@ class MemoryProfiler(_recorder.Recorder):
 
     @auto_snapshot.setter
     def auto_snapshot(self, on: bool) -> None:
-        self._auto_snapshot = bool(on)
+        self._auto_snapshot = check_bool(on, "auto_snapshot")
         self._sync_snapshotter()
 
     def _sync_snapshotter(self) -> None:
@@ -385,6 +385,7 @@ class MemoryProfiler(_recorder.Recorder):
                  device: int | None = None) -> Counters:
         """The exact counters of one slice: an allocation type (None: all types)
         on a device (None: all devices; -1: host memory). O(1)."""
+        device = check_device(device)
         type_id = None
         if allocation_type is not None:
             names = self._type_names()
@@ -424,6 +425,7 @@ class MemoryProfiler(_recorder.Recorder):
 
     def get_statistics_for_device(self, device: int | None) -> MemoryStatistics:
         """Totals for one device (-1 = host memory; None = all devices, as get_statistics)."""
+        device = check_device(device)
         if device is None:
             return self.get_statistics()
         names = self._type_names()
@@ -438,6 +440,7 @@ class MemoryProfiler(_recorder.Recorder):
     def reset_peak(self, allocation_type: str | None = None, device: int | None = None) -> None:
         """Sets peak := current for the matching counters: an allocation type
         (None: all) on a device (None: all devices; -1: host memory only)."""
+        device = check_device(device)
         type_id = -1
         if allocation_type is not None:
             names = self._type_names()
@@ -485,7 +488,8 @@ class MemoryProfiler(_recorder.Recorder):
         start = self._first_retained_seq() if start_seq is None else max(
             _check_nonneg_int(start_seq, "start_seq"), self._first_retained_seq())
         if since_ns is not None:
-            start = max(start, self._first_seq_at_or_after_time(int(since_ns)))
+            since_ns = epoch_ns(since_ns=since_ns)
+            start = max(start, self._first_seq_at_or_after_time(since_ns))
         end = _NO_END if end_seq is None else _check_nonneg_int(end_seq, "end_seq")
         if end <= start:
             return empty_events()
@@ -524,9 +528,18 @@ class MemoryProfiler(_recorder.Recorder):
         """Events of steps ``start_step..end_step`` (inclusive), in order."""
         return self.to_memory_events(self.get_event_rows(start_step, end_step))
 
-    def get_allocations_since(self, t: datetime.datetime | float | int) -> list[MemoryEvent]:
-        """Allocation and reallocation events at or after ``t`` (datetime or epoch seconds)."""
-        ts = _as_epoch_ns(t)
+    def get_allocations_since(self, t: datetime.datetime | float | int | None = None, *,
+                              since_ns: int | None = None) -> list[MemoryEvent]:
+        """Allocation and reallocation events at or after ``t`` (a datetime, or epoch
+        seconds as an int or float), or at or after ``since_ns`` (integer ns since
+        the epoch, the ``timestamp_ns`` scale: exact).
+
+        A float holds epoch seconds to about 0.24 us: an event whose own float
+        timestamp (``timestamp_ns / 1e9``) is ``t`` is always found, and so are
+        those up to one float step before it; a datetime (microseconds) finds
+        events from 1 us before it. See ``torchmem._checks.epoch_ns``.
+        """
+        ts = epoch_ns(t, since_ns)
         first = self._first_retained_seq()
         a = self._first_seq_at_or_after_time(ts)
         rows = self._read_rows(a, _NO_END)
@@ -662,13 +675,14 @@ class MemoryProfiler(_recorder.Recorder):
         ``include_model_state`` (what attribution knows them to be; see
         ``breakdown``).
         """
-        if not isinstance(min_age_seconds, (int, float)) or min_age_seconds < 0:
-            raise ValueError(f"min_age_seconds must be >= 0, got {min_age_seconds!r}")
-        _check_nonneg_int(min_age_steps, "min_age_steps")
+        min_age_seconds = check_seconds(min_age_seconds, "min_age_seconds")
+        min_age_steps = _check_nonneg_int(min_age_steps, "min_age_steps")
         live = self.live_allocations()
-        cutoff_ns = time.time_ns() - int(min_age_seconds * 1e9)
+        # Clamped to int64: a cutoff before any time or step is "nothing is that old".
+        cutoff_ns = max(time.time_ns() - int(min_age_seconds * 1e9), -2**63)
+        last_step = max(self.current_step - min_age_steps, -2**63)
         keep = (live["timestamp_ns"] <= cutoff_ns) & (
-            live["step"].astype(np.int64) <= self.current_step - min_age_steps)
+            live["step"].astype(np.int64) <= last_step)
         live = live[keep]
         if not include_model_state and len(live) and MemoryProfiler.queries is not None:
             live = live[~MemoryProfiler.queries.model_state(self, live)]

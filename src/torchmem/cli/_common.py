@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any, Sequence
 
 from ..storage import load
 from ..units import format_bytes
 
-__all__ = ["EXIT_BAD_TRACE", "CliError", "load_trace", "print_summary", "print_table",
-           "trace_label"]
+__all__ = ["EXIT_BAD_TRACE", "CliError", "load_trace", "non_negative_int", "print_summary",
+           "print_table", "trace_label"]
 
 #: Exit status of a user error (a bad trace, a bad argument): one line on stderr.
 EXIT_BAD_TRACE = 2
@@ -17,6 +18,17 @@ EXIT_BAD_TRACE = 2
 
 class CliError(Exception):
     """A user error reported as one line, exit status 2."""
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0 (argparse then reports anything else as a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def load_trace(path: str) -> Any:

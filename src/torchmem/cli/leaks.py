@@ -9,7 +9,7 @@ from ..analysis.epoch import epoch_records
 from ..analysis.epoch_records import format_record
 from ..analysis.sites import site_name
 from ..units import format_bytes
-from ._common import load_trace
+from ._common import load_trace, non_negative_int
 
 
 class LeaksCommand:
@@ -19,8 +19,10 @@ class LeaksCommand:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("trace", metavar="TRACE")
-        parser.add_argument("--top", type=int, default=20)
-        parser.add_argument("--min-age-steps", type=int, default=0)
+        parser.add_argument("--top", type=non_negative_int, default=20,
+                            help="how many to show (default 20)")
+        parser.add_argument("--min-age-steps", type=non_negative_int, default=0,
+                            help="only allocations at least this many steps old (default 0)")
 
     def run(self, args: argparse.Namespace) -> int:
         prof = load_trace(args.trace)
