@@ -15,7 +15,7 @@ from fractions import Fraction
 from typing import Any
 
 __all__ = ["SettingTypeError", "check_bool", "check_device", "check_interval_ms",
-           "check_nonneg_int", "check_seconds", "epoch_ns", "MAX_INTERVAL_MS"]
+           "check_nonneg_int", "check_seconds", "check_stack_depth", "epoch_ns", "MAX_INTERVAL_MS"]
 
 #: The longest snapshot or flush interval: one day (a longer one is a unit mistake,
 #: and waits past ``threading.TIMEOUT_MAX`` overflow).
@@ -58,6 +58,15 @@ def check_interval_ms(value: Any, name: str) -> float | int:
         raise ValueError(f"{name} must be > 0 and at most {MAX_INTERVAL_MS} ms (one day), "
                          f"got {value!r}")
     return int(value) if _is_int(value) else float(value)
+
+
+def check_stack_depth(value: Any, name: str = "max_stack_trace_depth") -> int:
+    """Frames kept per stack: an int in 1..128."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SettingTypeError(f"{name} must be an int in 1..128, got {value!r}")
+    if not 1 <= value <= 128:
+        raise ValueError(f"{name} must be an int in 1..128, got {value!r}")
+    return value
 
 
 def check_nonneg_int(value: Any, name: str, maximum: int = _UINT64_MAX) -> int:

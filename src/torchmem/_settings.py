@@ -7,7 +7,7 @@ import sys
 import warnings
 from typing import Any
 
-from ._checks import check_bool, check_interval_ms, check_nonneg_int
+from ._checks import check_bool, check_interval_ms, check_nonneg_int, check_stack_depth
 
 __all__ = ["DEFAULT_TRACE_DIR", "HOST_CHOICES", "LIVE_SETTINGS", "check_settings", "defaults",
            "rank", "run_metadata", "trace_dir", "world_size"]
@@ -96,9 +96,8 @@ def check_settings(settings: dict[str, Any]) -> None:
         check_interval_ms(settings["snapshot_interval_ms"], "snapshot_interval_ms")
     if "retention_events" in settings:
         check_nonneg_int(settings["retention_events"], "retention_events")
-    depth = settings.get("max_stack_trace_depth", 10)
-    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 128:
-        raise ValueError(f"max_stack_trace_depth must be an int in 1..128, got {depth!r}")
+    if "max_stack_trace_depth" in settings:
+        check_stack_depth(settings["max_stack_trace_depth"])
     directory = settings.get("trace_dir")
     if directory is not None and not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"trace_dir must be a path (str) or None, not {type(directory).__name__}")

@@ -27,12 +27,12 @@ import numpy as np
 
 from . import _recorder
 from ._checks import (
-    SettingTypeError,
     check_bool,
     check_device,
     check_interval_ms,
     check_nonneg_int,
     check_seconds,
+    check_stack_depth,
     epoch_ns,
 )
 from ._events import (
@@ -185,12 +185,7 @@ class MemoryProfiler(_recorder.Recorder):
 
     @max_stack_trace_depth.setter
     def max_stack_trace_depth(self, depth: int) -> None:
-        if not isinstance(depth, int) or isinstance(depth, bool):
-            raise SettingTypeError(f"max_stack_trace_depth must be an int in 1..128, "
-                                   f"got {depth!r}")
-        if not 1 <= depth <= 128:
-            raise ValueError(f"max_stack_trace_depth must be an int in 1..128, got {depth!r}")
-        self._max_depth = depth
+        self._max_depth = check_stack_depth(depth)
         self._sync_hook_settings()
 
     @property
