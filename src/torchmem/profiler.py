@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import threading
 import time
+import warnings
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -46,6 +47,13 @@ from ._events import (
     to_memory_events,
 )
 from ._contexts import LiveContexts, MarkLog, SavedContexts
+from ._records import (
+    SIDE_RECORD_KINDS,
+    anomaly_example_ok,
+    gc_record_ok,
+    oom_ok,
+    snapshot_ok,
+)
 from ._snapshots import AutoSnapshotter
 from ._stacks import LiveStacks, SavedStacks
 from .trace import TraceDelta, marker_details
@@ -134,6 +142,10 @@ class MemoryProfiler(_recorder.Recorder):
         # A loaded trace's anomalies (counts, examples): bad input the live
         # recorder counted leaves no event, so a replay cannot count it again.
         self._saved_anomalies: tuple[dict[str, int], list[dict[str, Any]]] | None = None
+        #: A loaded trace's malformed side records that were skipped, by kind
+        #: ("snapshots", "GC records", ...): what ``from_trace`` warned about.
+        self.skipped_side_records: dict[str, int] = {}
+        self._side_maps: dict[str, list[int]] = {}  # a loaded trace's: see _keep
         self._native_sources: set[str] = set()  # see attach_native_source
         self._batch_sources: list[Callable[[], Any]] = []
         self.storage = storage
@@ -750,14 +762,19 @@ class MemoryProfiler(_recorder.Recorder):
         return delta
 
     @classmethod
-    def from_trace(cls, delta: Any, *, retention_events: int | None = None) -> "MemoryProfiler":
+    def from_trace(cls, delta: Any, source: str | None = None, *,
+                   retention_events: int | None = None) -> "MemoryProfiler":
         """A read-only profiler over a saved trace (one TraceDelta holding it all).
 
         ``retention_events`` (default: all of ``delta``'s events) is how many
         events it keeps in memory; ``extend_from_trace`` adds the rest of a
         trace that is still being written. Raises ValueError or TypeError
-        (one line) for content no recorder could have written; the storage
-        loaders turn it into TraceFormatError.
+        (one line) for content no recorder could have written in the events
+        or the stack table; the storage loaders turn it into TraceFormatError.
+        Side records of the wrong shape (``torchmem._records``) are skipped,
+        counted in ``skipped_side_records`` and named in one RuntimeWarning
+        (``source``: the file, for the message); their marker events then
+        have no details.
         """
         retention = retention_events if retention_events is not None else len(delta.events)
         prof = cls(retention_events=max(retention, 1), auto_snapshot=False)
@@ -765,16 +782,18 @@ class MemoryProfiler(_recorder.Recorder):
         prof._stacks = SavedStacks()
         prof._contexts = SavedContexts()
         prof._saved_ooms = []
-        prof.extend_from_trace(delta)
+        prof.extend_from_trace(delta, source)
         return prof
 
-    def extend_from_trace(self, delta: Any) -> None:
+    def extend_from_trace(self, delta: Any, source: str | None = None) -> None:
         """Adds the next part of a saved trace to a profiler made by ``from_trace``.
 
         ``delta`` holds the events that follow the ones replayed so far and
         the side records (types, frames, stack nodes, contexts, attribution
-        marks, GC records, snapshots, OOMs) from their start indices on, as a trace reader gives them
-        (``torchmem.storage.follow.TraceFollower``).
+        marks, GC records, snapshots, OOMs) from their start indices on, as a
+        trace reader gives them (``torchmem.storage.follow.TraceFollower``).
+        Malformed side records are skipped as ``from_trace`` says (one warning
+        when more are).
         """
         if not isinstance(self._stacks, SavedStacks):
             raise TypeError("extend_from_trace needs a profiler made by from_trace")
@@ -782,14 +801,6 @@ class MemoryProfiler(_recorder.Recorder):
         check_event_rows(events, len(delta.type_names))
         for name in delta.type_names:
             self._type_id(name)
-        gc_records = list(delta.gc_records)
-        for rec in gc_records:
-            # A pause of more than a day or a generation Python does not have
-            # is corruption, and would overflow timedelta later.
-            if rec.generation not in (0, 1, 2) or not 0 <= rec.duration_ns < 86_400 * 10**9:
-                raise ValueError(f"impossible GC record (generation {rec.generation!r}, "
-                                 f"duration {rec.duration_ns!r} ns)")
-        ooms = [OomEvent.from_dict(o) for o in delta.ooms]
         self._stacks.extend(delta.frames, delta.frames_start, delta.stack_nodes,
                             delta.nodes_start)
         self._contexts.extend(delta.contexts, delta.contexts_start)
@@ -799,17 +810,82 @@ class MemoryProfiler(_recorder.Recorder):
             raise ValueError(f"marks from index {delta.marks_start} follow {held} marks")
         self._marks.extend([(int(q), int(a), str(c), int(x))
                             for q, a, c, x in delta.marks[held - delta.marks_start:]])
-        del self._gc_records[delta.gc_start:]
-        self._gc_records.extend(gc_records)
+        events = np.array(events, copy=True)  # marker indices may be renumbered below
+        sides = self._side_maps
+        self._gc_records = _keep(sides, self._gc_records, delta.gc_start, delta.gc_records,
+                                 gc_record_ok, events, int(MemoryEventType.GC_END), "GC records")
         self._gc_count_by_generation = {}
         for rec in self._gc_records:
             self._gc_count_by_generation[rec.generation] = (
                 self._gc_count_by_generation.get(rec.generation, 0) + 1)
         self._gc_total_ns = sum(rec.duration_ns for rec in self._gc_records)
-        del self._snapshots[delta.snapshots_start:]
-        self._snapshots.extend(delta.snapshots)
-        del self._saved_ooms[delta.ooms_start:]
-        self._saved_ooms.extend(ooms)
+        self._snapshots = _keep(sides, self._snapshots, delta.snapshots_start, delta.snapshots,
+                                snapshot_ok, events, int(MemoryEventType.SNAPSHOT), "snapshots")
+        self._saved_ooms = _keep(sides, self._saved_ooms, delta.ooms_start,
+                                 [_oom_or_none(o) for o in delta.ooms], oom_ok, events,
+                                 int(MemoryEventType.OUT_OF_MEMORY), "OOM records")
+        skipped = {name: maps.count(-1) for name, maps in sides.items() if -1 in maps}
         if delta.anomalies or delta.anomaly_examples:  # the trace's totals so far
-            self._saved_anomalies = (dict(delta.anomalies), list(delta.anomaly_examples))
+            counts = delta.anomalies if isinstance(delta.anomalies, dict) else {}
+            good = {k: n for k, n in counts.items()
+                    if isinstance(k, str) and type(n) is int and n >= 0}
+            examples = delta.anomaly_examples
+            if not isinstance(examples, list):
+                examples, skipped["anomaly examples"] = [], 1
+            kept = [e for e in examples if anomaly_example_ok(e)]
+            for kind, n in (("anomaly counts", len(counts) - len(good)),
+                            ("anomaly examples", len(examples) - len(kept))):
+                if n:
+                    skipped[kind] = skipped.get(kind, 0) + n
+            self._saved_anomalies = (good, kept)
+        else:
+            for kind in ("anomaly counts", "anomaly examples"):
+                if kind in self.skipped_side_records:
+                    skipped[kind] = self.skipped_side_records[kind]
+        if sum(skipped.values()) > sum(self.skipped_side_records.values()):
+            said = ", ".join(f"{kind}: {skipped[kind]}" for kind in SIDE_RECORD_KINDS
+                             if kind in skipped)
+            warnings.warn(f"torchmem: {source or 'a trace'}: skipped malformed side records "
+                          f"({said}); everything else loaded (profiler.skipped_side_records)",
+                          RuntimeWarning, stacklevel=3)
+        self.skipped_side_records = skipped
         self._replay(np.ascontiguousarray(events).tobytes())
+
+
+def _oom_or_none(o: Any) -> OomEvent | None:
+    try:
+        return OomEvent.from_dict(o) if isinstance(o, (dict, OomEvent)) else None
+    except (TypeError, ValueError):  # an ``extra`` that is not a mapping
+        return None
+
+
+#: The index a marker event gets when its side record was skipped: past any list.
+_NO_RECORD = 2**62
+
+
+def _keep(sides: dict[str, list[int]], kept: list, start: int, records: list,
+          ok: Callable[[Any], bool], events: np.ndarray, kind: int, name: str) -> list:
+    """``kept`` (the records so far) with ``records`` (the trace's, from index
+    ``start``) put in from ``start`` on, those ``ok`` refuses left out. ``sides[name]``
+    maps each trace index to its place in the list (-1: skipped); the marker
+    events of ``kind`` are renumbered to those places (skipped ones to
+    ``_NO_RECORD``)."""
+    maps = sides.setdefault(name, [])
+    del maps[start:]
+    kept = kept[:sum(1 for m in maps if m >= 0)]
+    for r in records:
+        good = r is not None and ok(r)
+        maps.append(len(kept) if good else -1)
+        if good:
+            kept.append(r)
+    if len(kept) == len(maps):  # nothing skipped: every index is its own place
+        return kept
+    mapping = np.asarray(maps, np.int64)
+    mapping = np.where(mapping >= 0, mapping, _NO_RECORD).astype(np.uint64)
+    mask = events["kind"] == kind
+    old = events["address"][mask]
+    inside = old < len(mapping)
+    out = np.full(len(old), _NO_RECORD, np.uint64)
+    out[inside] = mapping[old[inside].astype(np.int64)]
+    events["address"][mask] = out
+    return kept

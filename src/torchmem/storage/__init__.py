@@ -39,7 +39,7 @@ def load(path: str | os.PathLike) -> Any:
         delta = reader.read_trace()
         meta = reader.metadata
     try:
-        profiler = MemoryProfiler.from_trace(delta)
+        profiler = MemoryProfiler.from_trace(delta, source=os.fspath(path))
     except (ValueError, TypeError, IndexError, OverflowError, AttributeError) as exc:
         raise TraceFormatError(f"{os.fspath(path)}: corrupt trace ({' '.join(str(exc).split())})") \
             from None

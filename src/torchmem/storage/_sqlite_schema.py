@@ -79,34 +79,75 @@ def snapshot_row(index: int, s: Snapshot) -> tuple:
             to_json(s.devices))
 
 
+_DEVICE_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceMemory))
+
+
 def _devices_from_json(text: str | None) -> Any:
-    value = json.loads(text) if text else None
+    value = _json_or(text, None) if text else None
     if isinstance(value, list):
-        try:
-            return [DeviceMemory(**d) if isinstance(d, dict) else d for d in value]
-        except Exception:  # an older/newer field set: keep the plain dicts
-            return value
+        # A newer trace's extra fields are dropped; a missing one leaves the
+        # plain dict, which from_trace then counts as malformed.
+        return [DeviceMemory(**{k: d[k] for k in _DEVICE_FIELDS})
+                if isinstance(d, dict) and all(k in d for k in _DEVICE_FIELDS) else d
+                for d in value]
     if isinstance(value, str) and value.startswith("unavailable: "):
-        try:
-            return NvmlUnavailable(value[len("unavailable: "):])
-        except Exception:
-            return value
+        return NvmlUnavailable(value[len("unavailable: "):])
     return value
 
 
+def _int_keys(value: Any) -> Any:
+    """``{"0": n}`` (JSON keys are strings) as ``{0: n}``; anything else as it is."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        return {int(k): v for k, v in value.items()}
+    except (TypeError, ValueError):
+        return value
+
+
+def _by_index(rows: list[tuple], build: Any, start: int = 0) -> list[Any]:
+    """Side records placed at their index (column 0), so marker events, which hold
+    that index, still find them: a missing or unbuildable row is None (counted
+    and skipped by ``MemoryProfiler.from_trace``), an index that no run
+    could have written (negative, far past the row count) is None at the end.
+    ``start``: the first index read (the list holds the records from it on)."""
+    out: list[Any] = []
+    late = 0
+    for row in rows:
+        index = row[0] - start if type(row[0]) is int else None
+        if type(index) is not int or index < len(out) or index > len(rows) * 2 + 16:
+            late += 1
+            continue
+        out.extend([None] * (index - len(out)))
+        try:
+            out.append(build(*row[1:]))
+        except (TypeError, ValueError, AttributeError):
+            out.append(None)
+    return out + [None] * late
+
+
 def _json_or(text: Any, default: Any) -> Any:
-    """``text`` decoded as JSON, or ``default`` when it is missing or not JSON
-    (``from_trace`` then counts and skips what has the wrong shape)."""
+    """``text`` decoded as JSON; ``default`` when it is missing, ``_UNREADABLE`` when
+    it is not JSON (``from_trace`` counts and skips what has the wrong shape)."""
     if text is None:
         return default
     try:
         return json.loads(text)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return _UNREADABLE
 
 
 #: Stands for side-record JSON that does not parse (never a valid record).
 _UNREADABLE = object()
+
+
+def _oom_from_row(*row: Any) -> dict | None:
+    oom = dict(zip(OOM_COLUMNS, row[:-1]))
+    extra = _json_or(row[-1], {}) if row[-1] else {}
+    if not isinstance(extra, dict):
+        return None  # from_trace counts it
+    oom.update(extra)
+    return oom
 
 
 def oom_row(index: int, oom: dict) -> tuple:
@@ -172,7 +213,10 @@ def read_metadata(con: sqlite3.Connection, path: str) -> dict[str, Any]:
         if "metadata" not in tables or "events" not in tables:
             raise TraceFormatError(f"{path}: not a torchmem trace (an SQLite file without "
                                    f"torchmem tables)")
-        meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM metadata")}
+        # anomaly_examples is a side record kept in this table (read_delta reads
+        # it, and skips it when malformed), not run metadata.
+        meta = {k: json.loads(v) for k, v in con.execute(
+            "SELECT key, value FROM metadata WHERE key != 'anomaly_examples'")}
     except sqlite3.DatabaseError as exc:
         raise TraceFormatError(f"{path}: corrupt trace ({one_line(exc)})") from None
     except (ValueError, TypeError) as exc:  # TypeError: a NULL or BLOB value
@@ -401,28 +445,26 @@ def _read_delta(con: sqlite3.Connection, since: dict[str, int],
         d.marks = [(int(a), int(b), str(c), int(e)) for a, b, c, e in con.execute(
             "SELECT seq, address, category, context_id FROM marks WHERE mark_index >= ? "
             "AND seq <= ? ORDER BY mark_index", (d.marks_start, upto))]
+    # Side records are built as they are, whatever their values: from_trace
+    # keeps the well-formed ones (torchmem._records) and counts the rest.
     d.gc_start = since.get("gc", 0)
-    d.gc_records = [GCRecord(*r) for r in con.execute(
-        f"SELECT {', '.join(GC_COLUMNS)} FROM gc_records WHERE gc_index >= ? ORDER BY gc_index",
-        (d.gc_start,))]
+    d.gc_records = _by_index(con.execute(
+        f"SELECT gc_index, {', '.join(GC_COLUMNS)} FROM gc_records WHERE gc_index >= ? "
+        "ORDER BY gc_index", (d.gc_start,)).fetchall(), GCRecord, d.gc_start)
     d.snapshots_start = since.get("snapshots", 0)
-    d.snapshots = [
-        Snapshot(timestamp_ns=ts, step=step, current_usage_bytes=cur, peak_usage_bytes=peak,
-                 usage_by_type=json.loads(by_type),
-                 usage_by_device={int(k): v for k, v in json.loads(by_dev).items()},
-                 devices=_devices_from_json(devices))
-        for ts, step, cur, peak, by_type, by_dev, devices in con.execute(
-            "SELECT timestamp_ns, step, current_usage_bytes, peak_usage_bytes, usage_by_type, "
-            "usage_by_device, devices FROM snapshots WHERE snapshot_index >= ? "
-            "ORDER BY snapshot_index", (d.snapshots_start,))]
+    d.snapshots = _by_index(con.execute(
+        "SELECT snapshot_index, timestamp_ns, step, current_usage_bytes, peak_usage_bytes, "
+        "usage_by_type, usage_by_device, devices FROM snapshots WHERE snapshot_index >= ? "
+        "ORDER BY snapshot_index", (d.snapshots_start,)).fetchall(),
+        lambda ts, step, cur, peak, by_type, by_dev, devices: Snapshot(
+            timestamp_ns=ts, step=step, current_usage_bytes=cur, peak_usage_bytes=peak,
+            usage_by_type=_json_or(by_type, None),
+            usage_by_device=_int_keys(_json_or(by_dev, None)),
+            devices=_devices_from_json(devices)), d.snapshots_start)
     d.ooms_start = since.get("ooms", 0)
-    d.ooms = []
-    for row in con.execute(f"SELECT {', '.join(OOM_COLUMNS)}, extra FROM ooms "
-                           "WHERE oom_index >= ? ORDER BY oom_index", (d.ooms_start,)):
-        oom = dict(zip(OOM_COLUMNS, row[:-1]))
-        if row[-1]:
-            oom.update(json.loads(row[-1]))
-        d.ooms.append(oom)
+    d.ooms = _by_index(con.execute(
+        f"SELECT oom_index, {', '.join(OOM_COLUMNS)}, extra FROM ooms WHERE oom_index >= ? "
+        "ORDER BY oom_index", (d.ooms_start,)).fetchall(), _oom_from_row, d.ooms_start)
     d.anomalies = dict(con.execute("SELECT kind, count FROM anomalies"))
     row = con.execute("SELECT value FROM metadata WHERE key = 'anomaly_examples'").fetchone()
     d.anomaly_examples = _json_or(row[0] if row else None, [])
