@@ -20,7 +20,7 @@ import sys
 from typing import Protocol, Sequence
 
 from ..storage.base import TraceFormatError
-from ._common import EXIT_BAD_TRACE, CliError, print_summary
+from ._common import EXIT_BAD_TRACE, EXIT_INTERRUPTED, CliError, print_summary
 from .diff import DiffCommand
 from .export import ExportCommand
 from .leaks import LeaksCommand
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"torchmem: error: {exc}", file=sys.stderr)
         return EXIT_BAD_TRACE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

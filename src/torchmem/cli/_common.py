@@ -9,11 +9,13 @@ from typing import Any, Sequence
 from ..storage import load
 from ..units import format_bytes
 
-__all__ = ["EXIT_BAD_TRACE", "CliError", "load_trace", "non_negative_int", "print_summary",
+__all__ = ["EXIT_BAD_TRACE", "EXIT_INTERRUPTED", "CliError", "load_trace", "non_negative_int", "print_summary",
            "print_table", "trace_label"]
 
 #: Exit status of a user error (a bad trace, a bad argument): one line on stderr.
 EXIT_BAD_TRACE = 2
+#: Exit status after Ctrl-C: what a shell reports for a process SIGINT ended (128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 class CliError(Exception):

@@ -10,7 +10,7 @@ import types
 
 from .._session import disable, enable
 from ..storage import SQLiteStorage
-from ._common import CliError, print_summary
+from ._common import EXIT_INTERRUPTED, CliError, print_summary
 
 
 class RunCommand:
@@ -60,6 +60,7 @@ class RunCommand:
         module.__file__ = script
         module.__builtins__ = __builtins__
         status = 0
+        interrupted = False
         try:
             with open(script, "rb") as f:
                 code = compile(f.read(), script, "exec")
@@ -70,6 +71,11 @@ class RunCommand:
             status = code if isinstance(code, int) else (0 if code is None else 1)
             if code is not None and not isinstance(code, int):
                 print(code, file=sys.stderr)
+        except KeyboardInterrupt:
+            # Ctrl-C: the traceback Python prints, the trace closed and summarised,
+            # then the status a shell gives a process killed by SIGINT (130).
+            traceback.print_exc()
+            interrupted = True
         except BaseException:  # the script's own error: report it, keep the trace
             traceback.print_exc()
             status = 1
@@ -87,4 +93,4 @@ class RunCommand:
         if getattr(storage, "write_error", None):
             print(f"torchmem: warning: the trace is incomplete ({storage.write_error})",
                   file=sys.stderr)
-        return status
+        return EXIT_INTERRUPTED if interrupted else status
