@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 
+from . import _storage_resize
+
 __all__ = ["HostTracker", "tensors_in_gc"]
 
 _Tensor = torch.Tensor
@@ -224,6 +226,8 @@ class HostTracker:
         reg = self._reg
         reg.active += 1
         _KEEP_ALIVE[id(reg)] = reg
+        # Storage resizes are not ops (FSDP frees with resize_(0)): watched apart.
+        _storage_resize.watch(id(reg), self._storage_resized)
         return self
 
     def stop(self) -> None:
@@ -245,6 +249,7 @@ class HostTracker:
         reg.active -= 1
         if not reg.live and not reg.active:
             _KEEP_ALIVE.pop(id(reg), None)
+            _storage_resize.unwatch(id(reg))
 
     def __enter__(self) -> HostTracker:
         return self.start()
@@ -274,6 +279,7 @@ class HostTracker:
         rid = id(reg)
         keep_alive = _KEEP_ALIVE
         external = self.track_external
+        unwatch = _storage_resize.unwatch
         Tensor, Parameter, OpOverload = _Tensor, _Parameter, _OpOverload
 
         def on_dead(rec: _Rec) -> None:
@@ -284,6 +290,7 @@ class HostTracker:
                     live_pop(rec.key, None)
                     if not live and not reg.active:
                         keep_alive.pop(rid, None)
+                        unwatch(rid)
                 n = rec.nbytes
                 if n:
                     rec.nbytes = 0
@@ -303,6 +310,9 @@ class HostTracker:
                 tracker._pinned_possible = _pinned_memory_possible()
             kind = ("Pinned" if is_pinned is not None and tracker._pinned_possible
                     and is_pinned(t) else "CPU")
+            add(s, key, n, kind)
+
+        def add(s: Any, key: int, n: int, kind: str) -> None:
             rec = _Rec(s, on_dead)
             rec.key = key
             rec.ptr = s.data_ptr()
@@ -327,6 +337,21 @@ class HostTracker:
                 free(old_ptr, old_n)
             else:
                 realloc(old_ptr, ptr, n)
+
+        def storage_resized(s: Any) -> None:
+            # After UntypedStorage.resize_ (any thread): a known storage changed
+            # size or moved; an unknown one that now holds memory is new.
+            if not prof.is_enabled:
+                return
+            key = id(s)
+            rec = live_get(key)
+            if rec is not None:
+                resized(rec, s, s.data_ptr())
+            elif reg.active and s.device.type == "cpu":
+                n = s.nbytes()
+                if n and (external or s.resizable()):
+                    pinned = tracker._is_pinned is not None and s.is_pinned()
+                    add(s, key, n, "Pinned" if pinned else "CPU")
 
         def see(t: Any, check: bool) -> None:
             try:
@@ -421,6 +446,8 @@ class HostTracker:
             return out
 
         self._see = see
+        self._storage_resized = storage_resized
         _skip_dynamo(dispatch.__code__, see.__code__, register.__code__, resized.__code__,
-                     on_dead.__code__, may_resize.__code__)
+                     on_dead.__code__, may_resize.__code__, add.__code__,
+                     storage_resized.__code__, _storage_resize._tracked_resize_.__code__)
         return dispatch
