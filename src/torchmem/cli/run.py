@@ -9,7 +9,7 @@ import traceback
 import types
 
 from .._session import disable, enable
-from ..storage import SQLiteStorage
+from ..storage import SQLiteStorage, TraceLockedError
 from ._common import EXIT_INTERRUPTED, CliError, print_summary
 
 
@@ -43,6 +43,8 @@ class RunCommand:
             return run_live(args, output)
         try:
             storage = SQLiteStorage(output, overwrite=args.overwrite)
+        except TraceLockedError as exc:
+            raise CliError(str(exc)) from None
         except FileExistsError:
             raise CliError(f"{output} exists; use --overwrite or another -o") from None
         except OSError as exc:

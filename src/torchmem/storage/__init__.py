@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from ..profiler import MemoryProfiler
-from .base import StorageBackend, TraceFormatError, merge_deltas
+from .base import StorageBackend, TraceFormatError, TraceLockedError, merge_deltas
 from .memory import InMemoryStorage
 from .sqlite import SQLiteStorage, TraceReader
 
@@ -19,6 +19,7 @@ __all__ = [
     "SQLiteStorage",
     "StorageBackend",
     "TraceFormatError",
+    "TraceLockedError",
     "TraceReader",
     "load",
     "merge_deltas",

@@ -23,7 +23,7 @@ from .._events import EVENT_DTYPE, STACK_NODE_DTYPE, empty_events
 from .._types import DeviceMemory, GCRecord, NvmlUnavailable, Snapshot
 from ..trace import TraceDelta
 from . import _chunks
-from .base import TraceFormatError
+from .base import TraceFormatError, TraceLockedError
 
 # The writer process imports nothing from torchmem, so the schema lives in
 # _writer.py; this module checks it against the binary layouts.
@@ -155,23 +155,94 @@ def oom_row(index: int, oom: dict) -> tuple:
     return (index, *(oom.get(c) for c in OOM_COLUMNS), to_json(extra) if extra else None)
 
 
-def create_private_file(path: str, overwrite: bool) -> None:
-    """Creates ``path`` empty with mode 0600 before SQLite opens it.
+def create_private_file(path: str, overwrite: bool, own_fd: int | None = None) -> int:
+    """Creates ``path`` empty with mode 0600 before SQLite opens it, and returns a
+    descriptor of it holding an exclusive ``flock``: the writer's lock.
 
     Traces hold source paths and function names, so only the owner may
-    read them; SQLite gives its -wal and -shm files the same mode.
+    read them; SQLite gives its -wal and -shm files the same mode. The lock
+    (a BSD lock, which SQLite's own POSIX locks do not see) lives as long as
+    a descriptor of it is open: this one, and the writer child's copy of it.
+    A trace whose lock another writer holds is never replaced, whatever
+    ``overwrite`` says (TraceLockedError). ``own_fd``: the caller already
+    holds the lock on ``path`` (it starts again after a failed writer start).
     """
-    if os.path.exists(path):
+    if own_fd is not None:
+        _remove_sidecars(path)
+        os.ftruncate(own_fd, 0)
+        return own_fd
+    if os.path.lexists(path):
+        _refuse_if_locked(path, overwrite)
         if not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            try:
-                os.remove(path + suffix)
-            except FileNotFoundError:
-                pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.close(fd)
-    os.chmod(path, 0o600)  # whatever the umask was
+        os.remove(path)
+        _remove_sidecars(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.chmod(path, 0o600)  # whatever the umask was
+        if not _try_lock(fd):
+            raise TraceLockedError(f"{path}: created and at once locked by another writer")
+        # Another process may have replaced the name between create and lock.
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+            raise TraceLockedError(f"{path}: replaced by another writer while being created")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _remove_sidecars(path: str) -> None:
+    for suffix in ("-wal", "-shm", "-journal"):
+        try:
+            os.remove(path + suffix)
+        except FileNotFoundError:
+            pass
+
+
+def _try_lock(fd: int) -> bool:
+    """An exclusive flock without waiting: False when another holds it. Where the
+    filesystem has no flock the trace goes unlocked (True)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # ENOLCK, EOPNOTSUPP: no locks here
+        return True
+    return True
+
+
+def _refuse_if_locked(path: str, overwrite: bool) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return  # a dangling link, a file we cannot read: nothing holds a lock we could test
+    try:
+        if _try_lock(fd):
+            return
+    finally:
+        os.close(fd)  # releases a lock we took: it only tested
+    pid = _writer_pid(path)
+    who = f" (pid {pid})" if pid else ""
+    raise TraceLockedError(
+        f"{path} is being written by another process{who}; torchmem will not "
+        f"{'replace' if overwrite else 'share'} a trace while its writer runs "
+        f"(overwrite or not): wait for it to finish, or write to another file")
+
+
+def _writer_pid(path: str) -> int | None:
+    """The pid the trace's metadata names (the training process), if readable."""
+    try:
+        con = sqlite3.connect(sqlite_uri(path, mode="ro"), uri=True)
+        try:
+            row = con.execute("SELECT value FROM metadata WHERE key = 'pid'").fetchone()
+        finally:
+            con.close()
+        value = json.loads(row[0]) if row else None
+        return value if type(value) is int else None
+    except (sqlite3.Error, ValueError, TypeError):
+        return None
 
 
 def check_file(path: str) -> None:

@@ -167,6 +167,14 @@ def sqlite_uri(path: str, **params: str) -> str:
     return uri + ("?" + urlencode(params) if params else "")
 
 
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _insert_sql(rows: int) -> str:
     one = "(" + ", ".join("?" * len(EVENT_COLUMNS)) + ")"
     return (f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES "
@@ -204,6 +212,7 @@ class TraceWriter:
             self.con = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             self._fail(exc)
             return
+        self.path, self._file_id = path, _file_id(path)
         try:
             # An event chunk (<= 650 KB) is a BLOB spread over overflow
             # pages; their WAL frames dominate the writer's cost (PAGE_SIZE).
@@ -245,6 +254,11 @@ class TraceWriter:
 
     def commit(self) -> None:
         if self._txn_start is None or self.error is not None:
+            return
+        if _file_id(self.path) != self._file_id:  # one stat per commit: ~1 us
+            # SQLite would go on writing into a file no one can open again.
+            self._fail(RuntimeError("the trace file was deleted or replaced by another "
+                                    "process while being written"))
             return
         try:
             if self._steps:

@@ -15,13 +15,23 @@ import numpy as np
 from .._events import EVENT_DTYPE, STACK_NODE_DTYPE, empty_events
 from ..trace import TraceDelta
 
-__all__ = ["StorageBackend", "TraceFormatError", "merge_deltas", "select_events"]
+__all__ = ["StorageBackend", "TraceFormatError", "TraceLockedError", "merge_deltas",
+           "select_events"]
 
 
 class TraceFormatError(Exception):
     """A file is missing, not a torchmem trace, corrupt or truncated.
 
     ``str(error)`` is one line naming the file and what is wrong with it.
+    """
+
+
+class TraceLockedError(FileExistsError):
+    """A trace file is being written by another writer (in this process or another),
+    so it cannot be written, or replaced (``overwrite=True``), now.
+
+    A FileExistsError, so code that caught "the file exists" still does;
+    ``str(error)`` names the file and, when known, the writer's pid.
     """
 
 

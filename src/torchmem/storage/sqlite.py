@@ -133,7 +133,9 @@ class SQLiteStorage:
                  _in_process: bool = False) -> None:
         self.path = os.fspath(path)
         _writer.check_path_length(self.path)
-        schema.create_private_file(self.path, overwrite)
+        # The writer's lock (schema.create_private_file): held by this
+        # descriptor and the writer child's copy of it, released when both close.
+        self._lock_fd: int | None = schema.create_private_file(self.path, overwrite)
         options = {"batch_interval_ms": float(batch_interval_ms), "pragmas": _pragmas or {}}
         self._metadata: dict[str, Any] = {}
         self._cond = threading.Condition()
@@ -168,7 +170,7 @@ class SQLiteStorage:
             self._start_thread(options)
         elif why is not None:
             # A child that started but never answered may have made the schema.
-            schema.create_private_file(self.path, True)
+            schema.create_private_file(self.path, True, own_fd=self._lock_fd)
             self._warn(f"torchmem: cannot start the SQLite writer process ({why}); the trace "
                        f"{self.path} is written by a thread in this process instead")
             self._start_thread(options)
@@ -198,9 +200,11 @@ class SQLiteStorage:
         try:
             # A new session: the child may outlive the training process while
             # it expands the trace, and must not get the terminal's signals.
+            # The child inherits the lock: the trace stays locked while it
+            # expands the trace after this process has gone.
             self._proc = subprocess.Popen(_writer_command(self.path, options), stdin=data_r,
                                           stdout=reply_w, close_fds=True,
-                                          start_new_session=True)
+                                          pass_fds=(self._lock_fd,), start_new_session=True)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             for fd in (data_r, data_w, reply_r, reply_w):
                 os.close(fd)
@@ -237,6 +241,7 @@ class SQLiteStorage:
             finally:
                 os.close(data_r)
                 os.close(reply_w)
+                self._unlock()  # the writer has finished with the file
 
         self.in_process = True
         self._thread = threading.Thread(target=run, name="torchmem-sqlite", daemon=True)
@@ -382,6 +387,8 @@ class SQLiteStorage:
         if wait is None:
             wait = self._close_backlog <= CLOSE_WAIT_BACKLOG
         self._stop_io(kill=not done, wait=wait)
+        if self._thread is None:
+            self._unlock()  # the child holds its own copy until it exits
 
     def wait(self, timeout: float | None = None) -> bool:
         """After ``close``: blocks until the writer has expanded every event and exited."""
@@ -492,6 +499,14 @@ class SQLiteStorage:
             self._thread.join(timeout=CLOSE_TIMEOUT_S)
         self._replies.join(timeout=10)
 
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def _reader_con(self) -> sqlite3.Connection:
         if self._reader is None:
             self._reader = _connect(self.path)
@@ -517,7 +532,8 @@ class SQLiteStorage:
         # the writer would never see EOF after the training process dies.
         self.closed = True
         self._dead = True
-        for fd in (getattr(self, "_data_fd", None), getattr(self, "_reply_fd", None)):
+        for fd in (getattr(self, "_data_fd", None), getattr(self, "_reply_fd", None),
+                   getattr(self, "_lock_fd", None)):
             if fd is not None:
                 try:
                     os.close(fd)
