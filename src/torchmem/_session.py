@@ -71,6 +71,38 @@ def _sinks_at_exit() -> None:
 
 _lock = threading.RLock()
 _session: "_Session | None" = None
+# A forked child's copy of its parent's session: it records nowhere (the
+# trace's writer and the pump belong to the parent), so the child is not
+# profiled until it calls enable(), which stops these sources first.
+_inherited: "list[_Session]" = []
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _session
+    _lock = threading.RLock()  # another thread of the parent may have held it
+    if _session is not None:
+        _inherited.append(_session)
+        _session = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _retire_inherited() -> None:
+    """Stops what a forked child inherited from its parent's session (its hooks
+    would record the child's memory into the parent's copy of the profiler)."""
+    while _inherited:
+        s = _inherited.pop()
+        s.finished = True
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _stop_sources(s)
+                s.profiler.close()
+        except Exception as exc:
+            print(f"torchmem: stopping the parent's profiler in pid {os.getpid()} failed: "
+                  f"{exc!r}", file=sys.stderr)
 
 
 class _Session:
@@ -194,6 +226,12 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
     call applies the settings that can change while running
     (capture_stack_traces, max_stack_trace_depth, snapshot_interval_ms,
     auto_snapshot) and ignores the others with a warning.
+
+    In a forked child (a multiprocessing or DataLoader worker) the parent's
+    profiler is not the child's: until the child calls enable() itself,
+    ``is_enabled()`` is False and ``get_profiler()`` / ``trace_path()`` None;
+    enable() there starts the child's own profiler and trace
+    (``torchmem-STAMP-CHILDPID.db``).
     """
     global _session
     if capture_stack_traces is not None:
@@ -210,6 +248,8 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
                 _start_sources(s)
                 s.active = True
             return s.profiler
+        forked = bool(_inherited)
+        _retire_inherited()
         opts = _defaults()
         unknown = set(settings) - set(opts)
         if unknown:
@@ -240,10 +280,30 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
         s = _Session(prof, opts)
         s.trace_path, s.rank = path, rank
         _session = s
+        if forked:
+            _child_gpu_source(opts)
         _start_sources(s)
         s.active = True
         atexit.register(_at_exit)
+        if forked and "multiprocessing" in sys.modules:
+            # A multiprocessing child ends with os._exit: no atexit handlers,
+            # but its finalizers run (before the queues' own, priority 0).
+            from multiprocessing.util import Finalize
+
+            Finalize(None, _at_exit, exitpriority=100)
         return prof
+
+
+def _child_gpu_source(opts: dict[str, Any]) -> None:
+    """A child forked after its parent initialised CUDA cannot use it (torch says
+    so at the first CUDA call): no GPU source there."""
+    torch = sys.modules.get("torch")
+    bad_fork = getattr(getattr(torch, "cuda", None), "_is_in_bad_fork", None)
+    try:
+        if bad_fork is not None and bad_fork():
+            opts["gpu_source"] = "none"
+    except Exception:
+        pass
 
 
 def _apply_live_settings(s: _Session, settings: dict[str, Any]) -> None:
