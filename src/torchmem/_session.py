@@ -129,11 +129,20 @@ def _make_storage(settings: dict[str, Any], rank: int | None) -> tuple[Any, str 
     if not settings["trace"]:
         return None, None
     directory = _trace_dir(settings)
-    os.makedirs(directory, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     suffix = f"-rank{rank}" if rank is not None else ""
     path = os.path.abspath(os.path.join(directory, f"torchmem-{stamp}-{os.getpid()}{suffix}.db"))
-    storage = SQLiteStorage(path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        storage = SQLiteStorage(path)
+    except OSError as exc:
+        # The training run goes on whatever the trace directory is: one warning.
+        where = ("trace_dir" if settings.get("trace_dir") else
+                 "TORCHMEM_DIR" if os.environ.get("TORCHMEM_DIR") else "the default")
+        warnings.warn(f"torchmem: cannot write a trace in {directory} ({where}: "
+                      f"{exc.strerror or exc}); profiling in memory only, without a trace file",
+                      RuntimeWarning, stacklevel=4)
+        return None, None
     storage.open(_run_metadata(settings, rank))
     return storage, path
 

@@ -4,11 +4,14 @@ The profiler's pump calls ``publish_delta`` every flush interval with what
 is new. The publisher never reads the profiler: each delta carries the type
 names, the new stack-table entries and side records, which the publisher
 keeps (``_TraceView``) to turn rows into MemoryEvents. That conversion and the
-calls to subscribers happen on the publisher's own daemon thread, behind a
-bounded queue: when a
-subscriber is too slow the queue fills and new batches are dropped (counted
-in ``dropped_batches`` and reported once on stderr) instead of blocking the
-caller. A subscriber that raises is reported on stderr and unsubscribed.
+calls to subscribers happen off the caller's thread: each subscriber has its
+own daemon thread behind its own bounded queue (a batch is converted once,
+by the first of them to need it), so a subscriber that never returns holds
+up only itself. When a subscriber is too slow its queue fills and new
+batches are dropped for it (counted in ``dropped_batches`` and reported
+once on stderr) instead of blocking the caller. A subscriber that raises is
+reported on stderr and unsubscribed. ``close`` waits for the queues once,
+for at most its timeout, and names each subscriber that did not return.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import collections
 import itertools
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Callable, Iterable
 
@@ -41,6 +45,11 @@ class Subscription:
         self.callback = callback
         self.event_types = kinds
         self.delivered_events = 0
+        self.dropped_batches = 0
+        self._queue: collections.deque = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._busy = False  # inside the callback (or converting its batch)
+        self._reported_drop = False
 
     def unsubscribe(self) -> None:
         """Stops delivery to this subscriber (idempotent)."""
@@ -87,13 +96,38 @@ class _TraceView:
         return tuple(c[context_id]) if context_id < len(c) else ("", "other")
 
 
+class _Batch:
+    """One batch for every subscriber: rows (with the view that resolves them) or
+    ready-made events; converted once, by the first subscriber thread to need it."""
+
+    __slots__ = ("view", "payload", "_events", "_lock")
+
+    def __init__(self, view: _TraceView | None, payload: Any) -> None:
+        self.view, self.payload = view, payload
+        self._events: list[MemoryEvent] | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.payload)
+
+    def events(self) -> tuple[list[MemoryEvent], bool]:
+        """The events, and whether this call converted them."""
+        with self._lock:
+            if self._events is not None:
+                return self._events, False
+            self._events = (self.payload if self.view is None
+                            else self.view.events(self.payload))
+            self.payload = self.payload if self.view is None else None
+            return self._events, True
+
+
 class EventPublisher:
     """Delivers every recorded event to subscribed callbacks, in batches.
 
     Args:
-        max_queue_batches: batches waiting for delivery before new ones are
-            dropped (each batch is one flush interval of events, 200 ms by
-            default).
+        max_queue_batches: batches waiting for delivery to one subscriber
+            before new ones are dropped for it (each batch is one flush
+            interval of events, 200 ms by default).
         max_batch_events: a flush with more events is split into batches of
             at most this many (bounds the memory one batch of objects takes).
     """
@@ -106,14 +140,11 @@ class EventPublisher:
         self._subs: dict[int, Subscription] = {}
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
-        self._queue: collections.deque = collections.deque()
-        self._busy = False
         self._closed = False
+        #: Batches (and their events) dropped, once for each subscriber that missed them.
         self.dropped_batches = 0
         self.dropped_events = 0
-        self.published_batches = 0
-        self._reported_drop = False
-        self._thread: threading.Thread | None = None
+        self.published_batches = 0  # batches turned into MemoryEvents
         self._view = _TraceView()
 
     # -- subscribers -----------------------------------------------------------
@@ -175,56 +206,61 @@ class EventPublisher:
             if not self._subs:
                 return
         for start in range(0, len(events), self.max_batch_events):
-            self._enqueue((self._view, events[start:start + self.max_batch_events].copy()))
+            self._enqueue(_Batch(self._view, events[start:start + self.max_batch_events].copy()))
 
     def publish(self, events: list[MemoryEvent]) -> None:
         """Queues ready-made MemoryEvents (for sources outside a profiler)."""
         if events and not self._closed:
-            self._enqueue((None, list(events)))
+            self._enqueue(_Batch(None, list(events)))
 
-    def _enqueue(self, item: tuple) -> None:
+    def _enqueue(self, batch: _Batch) -> None:
+        too_slow = []
         with self._cond:
-            if len(self._queue) >= self.max_queue_batches:
-                self.dropped_batches += 1
-                self.dropped_events += len(item[1])
-                report = not self._reported_drop
-                self._reported_drop = True
-            else:
-                self._queue.append(item)
-                report = False
-                self._ensure_thread()
-                self._cond.notify_all()
-        if report:
-            print(f"torchmem: a subscriber is too slow; dropping event batches "
+            for sub in self._subs.values():
+                if len(sub._queue) >= self.max_queue_batches:
+                    sub.dropped_batches += 1
+                    self.dropped_batches += 1
+                    self.dropped_events += len(batch)
+                    if not sub._reported_drop:
+                        sub._reported_drop = True
+                        too_slow.append(sub)
+                    continue
+                sub._queue.append(batch)
+                if sub._thread is None:
+                    sub._thread = threading.Thread(target=self._run, args=(sub,), daemon=True,
+                                                   name=f"torchmem-subscriber-{sub.id}")
+                    sub._thread.start()
+            self._cond.notify_all()
+        for sub in too_slow:
+            print(f"torchmem: subscriber {sub!r} is too slow; dropping event batches for it "
                   f"(queue of {self.max_queue_batches} full; see dropped_batches)",
                   file=sys.stderr)
 
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="torchmem-publisher",
-                                            daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
+    def _run(self, sub: Subscription) -> None:
+        """One subscriber's delivery thread."""
         while True:
             with self._cond:
-                self._busy = False
+                sub._busy = False
                 self._cond.notify_all()
-                self._cond.wait_for(lambda: self._queue or self._closed)
-                if not self._queue:
+                self._cond.wait_for(lambda: sub._queue or self._closed
+                                    or sub.id not in self._subs)
+                if not sub._queue or sub.id not in self._subs:
+                    sub._queue.clear()
+                    sub._thread = None
+                    self._cond.notify_all()
                     return
-                view, payload = self._queue.popleft()
-                self._busy = True
-                subs = list(self._subs.values())
+                batch = sub._queue.popleft()
+                sub._busy = True
             try:
-                events = payload if view is None else view.events(payload)
+                events, converted = batch.events()
             except Exception as exc:  # a bad batch must not end delivery
                 print(f"torchmem: could not convert events for subscribers: {exc!r}",
                       file=sys.stderr)
                 continue
-            self.published_batches += 1
-            for sub in subs:
-                self._deliver(sub, events)
+            if converted:
+                with self._cond:
+                    self.published_batches += 1
+            self._deliver(sub, events)
 
     def _deliver(self, sub: Subscription, events: list[MemoryEvent]) -> None:
         if sub.event_types is not None:
@@ -240,16 +276,32 @@ class EventPublisher:
                   f"{traceback.format_exc()}", file=sys.stderr)
 
     # -- lifecycle -----------------------------------------------------------------
+    def _pending(self) -> list[Subscription]:
+        """Subscribers with batches queued or in delivery (under ``_cond``)."""
+        return [s for s in self._subs.values() if s._queue or s._busy]
+
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Blocks until every queued batch has been delivered; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+            return self._cond.wait_for(lambda: not self._pending(), timeout)
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Delivers what is queued, then stops the thread; later publishes are ignored."""
+        """Delivers what is queued (waiting at most ``timeout`` seconds in all), then
+        stops the threads; later publishes are ignored. A subscriber that has not
+        returned by then is named on stderr and not waited for."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         self.flush(timeout)
         with self._cond:
+            stuck = [(s, len(s._queue) + s._busy) for s in self._pending()]
+            threads = [s._thread for s in self._subs.values() if s._thread is not None]
             self._closed = True
             self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        for sub, n in stuck:
+            print(f"torchmem: subscriber {sub!r} did not return within {timeout:g} s; "
+                  f"{n} batch(es) not delivered to it, and exit does not wait for it",
+                  file=sys.stderr)
+        stuck_threads = {s._thread for s, _ in stuck}
+        for t in threads:
+            if t in stuck_threads or t is threading.current_thread():
+                continue
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
