@@ -120,12 +120,48 @@ class SinkPump:
             if open_ is not None:
                 self._deliver("storage", open_, run_metadata(profiler, interval_ms))
         profiler.set_consumer_seq(0)
+        self._consumed = 0  # the consumer seq last set: every sink has the events before it
         self._stopped = False
         _live_pumps.add(self)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="torchmem-sinks", daemon=True)
         self._thread.start()
+        if self._direct and hasattr(self.storage, "abandon"):
+            threading.Thread(target=self._watch, name="torchmem-sinks-watch",
+                             daemon=True).start()
+
+    #: Events the recorder may hold for a storage that takes them from the
+    #: recorder (SQLiteStorage) but has stopped taking them (a stalled disk, a
+    #: stopped writer): 43 bytes each in the ring, so 4M events are ~180 MB.
+    #: Past it, once the storage has taken nothing for ``stall_s`` (or past
+    #: four times it whatever the storage does: a writer too slow for the
+    #: run), the storage is given up (its trace keeps what it committed),
+    #: with one warning, and the ring goes back to its retention.
+    max_held_events = 4 << 20
+    stall_s = 2.0
+    #: How often (seconds) the watchdog looks at what is held.
+    watch_s = 0.5
+
+    def _watch(self) -> None:
+        """The pump's thread waits in the storage's pipe write while the writer is
+        stalled, so another thread bounds what the recorder holds meanwhile."""
+        taken, since = self._consumed, time.monotonic()
+        while not self._stop.wait(self.watch_s):
+            profiler = self._profiler()
+            if profiler is None or self.storage is None:
+                return
+            if self._consumed != taken:
+                taken, since = self._consumed, time.monotonic()
+            held = profiler.next_seq - self._consumed
+            stalled = time.monotonic() - since >= self.stall_s
+            if held > self.max_held_events and (stalled or held > 4 * self.max_held_events):
+                self._deliver("storage", self.storage.abandon,
+                              f"the writer has taken no events for "
+                              f"{time.monotonic() - since:.0f} s while {held:,} events "
+                              f"({held * 43 / 1e6:.0f} MB) waited for it in memory, past "
+                              f"the bound of {self.max_held_events:,}")
+                return
 
     #: Hand over early once this many events are pending: the recorder's rows
     #: are copied out under the GIL, and one large read costs ~5x more per
@@ -204,6 +240,7 @@ class SinkPump:
             elif self.storage is not None:
                 self._deliver("storage", self.storage.append, delta)
             profiler.set_consumer_seq(self._cursors["seq"])
+            self._consumed = self._cursors["seq"]
 
     def _deliver(self, name: str, fn: Any, *args: Any) -> None:
         try:

@@ -128,6 +128,13 @@ COMMIT_INTERVAL_S = 0.1
 PAGE_SIZE = 65536
 #: WAL size (bytes) at which SQLite checkpoints on its own during a stream.
 WAL_CHECKPOINT_BYTES = 1 << 30
+# SQLite's own checkpoints cannot restart the WAL while a reader's snapshot
+# uses it, so with readers attached it grows past WAL_CHECKPOINT_BYTES (3.9 GB
+# seen). Past WAL_LIMIT_BYTES the writer truncates it itself after each
+# commit, waiting up to WAL_WAIT_MS for readers each time (and saying so once);
+# meanwhile events wait in the pipe, then in the recorder, up to its bound.
+WAL_LIMIT_BYTES = 2 * WAL_CHECKPOINT_BYTES
+WAL_WAIT_MS = 1000
 #: Seconds without a frame before the writer expands chunks into rows.
 EXPAND_QUIET_S = 0.05
 #: While a run streams, the share of the time the writer spends expanding
@@ -204,6 +211,8 @@ class TraceWriter:
         self._txn_start: float | None = None
         self._last_commit = time.monotonic()
         self.min_commit_gap_s = max(float(options.get("batch_interval_ms", 0)), 0.0) / 1000
+        self.wal_limit_bytes = int(options.get("wal_limit_bytes") or WAL_LIMIT_BYTES)
+        self.warning: str | None = None  # said once to the profiler (serve)
         try:
             check_path_length(path)
             self.con = sqlite3.connect(sqlite_uri(path, mode="rw"), uri=True,
@@ -273,10 +282,30 @@ class TraceWriter:
             self._fail(exc)
             return
         self._txn_start = None
+        self._bound_wal()
         self._last_commit = time.monotonic()
         self.written += self._pending
         self.backlog += self._new_backlog - self._expanded
         self._pending = self._new_backlog = self._expanded = 0
+
+    def _bound_wal(self) -> None:
+        try:
+            size = os.stat(self.path + "-wal").st_size
+        except OSError:
+            return
+        if size <= self.wal_limit_bytes:
+            return
+        try:
+            self.con.execute(f"PRAGMA busy_timeout={WAL_WAIT_MS}")
+            busy = self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            self.con.execute("PRAGMA busy_timeout=0")
+        except sqlite3.Error:
+            busy = 1
+        if busy and self.warning is None:
+            self.warning = (f"its WAL ({self.path}-wal) has grown to {size / 2**20:,.0f} MiB, "
+                            f"past {self.wal_limit_bytes / 2**20:,.0f} MiB, because a reader "
+                            f"of the trace keeps SQLite from resetting it; the writer waits "
+                            f"for readers to finish, and events wait in memory meanwhile")
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -507,6 +536,9 @@ def serve(in_fd: int, out_fd: int, path: str, options: dict) -> TraceWriter | No
         if w.error is not None and not reported:
             reported = True
             _reply(out_fd, {"error": w.error, "written": w.written})
+        if w.warning:
+            _reply(out_fd, {"warning": w.warning, "written": w.written})
+            w.warning = ""  # said once
 
     # Chunks are expanded into rows only while the pipe is idle, one chunk
     # (~16 ms) at a time so a new frame waits little; the in-process thread

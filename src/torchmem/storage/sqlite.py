@@ -130,13 +130,14 @@ class SQLiteStorage:
 
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = False,
                  batch_interval_ms: float = 0.0, _pragmas: dict | None = None,
-                 _in_process: bool = False) -> None:
+                 _in_process: bool = False, _wal_limit_bytes: int | None = None) -> None:
         self.path = os.fspath(path)
         _writer.check_path_length(self.path)
         # The writer's lock (schema.create_private_file): held by this
         # descriptor and the writer child's copy of it, released when both close.
         self._lock_fd: int | None = schema.create_private_file(self.path, overwrite)
-        options = {"batch_interval_ms": float(batch_interval_ms), "pragmas": _pragmas or {}}
+        options = {"batch_interval_ms": float(batch_interval_ms), "pragmas": _pragmas or {},
+                   "wal_limit_bytes": _wal_limit_bytes}
         self._metadata: dict[str, Any] = {}
         self._cond = threading.Condition()
         self._outbox: collections.deque = collections.deque()
@@ -449,6 +450,8 @@ class SQLiteStorage:
                     continue
                 if msg.get("error"):
                     self._fail(msg["error"])
+                if msg.get("warning"):
+                    self._warn(f"torchmem: the trace {self.path}: {msg['warning']}")
                 with self._cond:
                     self.events_written = int(msg.get("written", self.events_written))
                     if "ready" in msg:
@@ -504,6 +507,19 @@ class SQLiteStorage:
         if fd is not None:
             try:
                 os.close(fd)
+            except OSError:
+                pass
+
+    def abandon(self, reason: str) -> None:
+        """Stops storing (the pump's watchdog calls it when the writer has stalled):
+        one warning naming the trace and ``reason``; the writer process is killed,
+        which ends a pipe write waiting on it. The file keeps every event committed
+        before, as after a crash; profiling goes on in memory."""
+        self._fail(f"given up: {reason}")
+        self._pipe_gone()
+        if self._proc is not None:
+            try:
+                self._proc.kill()
             except OSError:
                 pass
 
