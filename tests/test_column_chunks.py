@@ -201,6 +201,7 @@ def test_the_writer_refuses_a_bad_frame_and_reports_it(tmp_path, kind, length):
     data_r, data_w = os.pipe()
     reply_r, reply_w = os.pipe()
     result = {}
+    (tmp_path / "bad.db").touch()  # the writer opens the file its storage made, never creates one
     t = threading.Thread(target=lambda: result.update(w=_writer.serve(
         data_r, reply_w, str(tmp_path / "bad.db"), {})))
     t.start()

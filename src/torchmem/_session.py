@@ -20,6 +20,10 @@ machine it runs on:
 Calling it again returns the same profiler (applying the settings that can
 change while running); ``disable()`` stops recording and ``enable()``
 resumes it. Every function here is safe to call from any thread.
+
+Over 400 lines for a reason: this module is the one owner of the process's
+profiling state, and enable, disable, exit and a fork each change that state;
+split across modules, each would reach into the others' globals.
 """
 
 from __future__ import annotations
