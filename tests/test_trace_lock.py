@@ -49,11 +49,12 @@ def test_a_second_writer_in_the_same_process_is_refused(tmp_path):
 
 
 SLOW = textwrap.dedent("""
-    import time, torchmem
+    import os, sys, time, torchmem
     p = torchmem.get_profiler()
     p.track_allocation(0x10, 1000)
     print("ready", flush=True)
-    time.sleep(float(__import__("sys").argv[1]))
+    while not os.path.exists(sys.argv[1]):  # until the test has tried the second writers
+        time.sleep(0.01)
     p.track_allocation(0x20, 24)
 """)
 
@@ -63,7 +64,8 @@ def test_cli_overwrite_from_another_process_is_refused(tmp_path):
     (tmp_path / "other.py").write_text("print('other ran')\n")
     trace = str(tmp_path / "shared.db")
     first = subprocess.Popen([sys.executable, "-m", "torchmem", "run", "--no-stacks", "-o",
-                              trace, "slow.py", "3"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              trace, "slow.py", str(tmp_path / "go")], cwd=tmp_path,
+                             stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline().strip() == "ready"
@@ -75,6 +77,7 @@ def test_cli_overwrite_from_another_process_is_refused(tmp_path):
             assert "other ran" not in r.stdout
             assert "being written by another process" in r.stderr, r.stderr
             assert "Traceback" not in r.stderr
+        (tmp_path / "go").touch()
         out, err = first.communicate(timeout=120)
         assert first.returncode == 0, err
     finally:
