@@ -99,7 +99,7 @@ class TraceFollower:
             return None
         schema.check_file(self.path)
         try:
-            con = schema.connect(self.path, read_only=True)
+            con = schema.connect(self.path)
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master "
                                                 "WHERE type='table'")}
         except sqlite3.DatabaseError as exc:
