@@ -29,13 +29,15 @@ import numpy as np
 
 from ..profiler import MemoryProfiler
 from ..units import format_bytes
-from .categories import (CATEGORIES, NO_MODULE, Lifetimes, Segments, lifetimes, live_now,
+from .categories import (CATEGORIES, Lifetimes, Segments, lifetimes, live_now,
                          segments)
+from ._grouping import groups_at, keyed, labelled
 from .sites import site_name
 from .steps import StepMemory, StepSeries, step_memory
 
 __all__ = ["BY", "MODEL_STATE", "Peak", "PeakReport", "breakdown", "breakdown_at",
-           "context_of_event", "model_state", "overall_peak", "peak_report", "step_peaks"]
+           "context_of_event", "model_state", "overall_peak", "peak_report", "read_moments",
+           "step_peaks"]
 
 BY = ("category", "module", "phase", "site", "type", "device")
 
@@ -130,39 +132,12 @@ class _Moments:
 
     def groups(self, seq: int, by: str) -> dict[str, int]:
         """Live bytes right after event ``seq`` by ``by``, largest first."""
-        c = self.segments.at(seq)
+        seg = self.segments
+        live = (seg.start <= seq) & (seg.end > seq)
         if self.device is not None:
-            keep = self.lt.device[c.index] == self.device
-            c = type(c)(c.index[keep], c.category[keep], c.module_ctx[keep])
-        lt, idx = self.lt, c.index
-        sizes = lt.size[idx]
-        if by == "category":
-            keys = c.category
-            label = lambda k: CATEGORIES[k]  # noqa: E731
-        elif by == "module":
-            keys = c.module_ctx
-            label = lambda k: self.context(k)[0] or NO_MODULE  # noqa: E731
-        elif by == "phase":
-            keys = lt.alloc_ctx[idx].astype(np.int64)
-            label = lambda k: self.context(k)[1]  # noqa: E731
-        elif by == "site":
-            keys = lt.stack_id[idx].astype(np.int64)
-            label = self.site
-        elif by == "type":
-            keys = lt.type_id[idx].astype(np.int64)
-            label = self.profiler.type_name
-        else:
-            keys = lt.device[idx].astype(np.int64)
-            label = lambda d: "host" if d < 0 else f"cuda:{d}"  # noqa: E731
-        out: dict[str, int] = {}
-        if len(idx):
-            uniq, inverse = np.unique(keys, return_inverse=True)
-            sums = np.zeros(len(uniq), np.int64)
-            np.add.at(sums, inverse, sizes)
-            for k, v in zip(uniq.tolist(), sums.tolist()):
-                name = label(k)
-                out[name] = out.get(name, 0) + v  # stacks that differ inside torch: one line
-        return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+            live &= self.lt.device[seg.alloc] == self.device
+        keys, label = keyed(self, by)
+        return labelled(keys[live], self.lt.size[seg.alloc[live]], label)
 
     def context(self, ctx: int) -> tuple[str, str]:
         return self.contexts[ctx] if 0 <= ctx < len(self.contexts) else ("", "other")
@@ -173,6 +148,12 @@ class _Moments:
             label = self._sites[stack_id] = site_name(
                 self.profiler.resolve_stack(stack_id) if stack_id else None)
         return label
+
+
+def read_moments(profiler: Any) -> _Moments:
+    """The profiler's events read once, for several queries of a report (their
+    ``moments=`` argument: peak_report, and analysis.timeline's)."""
+    return _Moments(profiler)
 
 
 def breakdown(profiler: Any, by: str = "category", at: Any = "peak",
@@ -307,17 +288,29 @@ class PeakReport:
         return "\n".join(lines)
 
 
-def _peak(m: _Moments, seq: int, top: int, by_phase: dict[str, int] | None = None) -> Peak:
+def _peak(m: _Moments, seq: int, top: int, by_phase: dict[str, int] | None = None,
+          groups: dict[str, dict[str, int]] | None = None) -> Peak:
+    """The Peak at moment ``seq``; ``groups`` (by category, module, site) when already known."""
     rows, first = m.lt.rows, m.lt.first_seq
     i = seq - first
     row = rows[i] if 0 <= i < len(rows) else None
     module, phase = m.context(int(row["context_id"])) if row is not None else ("", "other")
+    g = groups or {by: m.groups(seq, by) for by in ("category", "module", "site")}
     cut = lambda d: dict(list(d.items())[:top])  # noqa: E731
     return Peak(seq=seq, step=int(row["step"]) if row is not None else 0,
                 timestamp_ns=int(row["timestamp_ns"]) if row is not None else 0,
                 phase=phase, module=module, bytes=m.usage_at(seq),
-                by_category=m.groups(seq, "category"), by_module=cut(m.groups(seq, "module")),
-                by_site=cut(m.groups(seq, "site")), by_phase=dict(by_phase or {}))
+                by_category=g["category"], by_module=cut(g["module"]),
+                by_site=cut(g["site"]), by_phase=dict(by_phase or {}))
+
+
+def _step_peak_reports(m: _Moments, top: int) -> list[Peak]:
+    """Every step's Peak, their breakdowns computed together (analysis._grouping)."""
+    steps = _step_records(m)
+    seqs = np.array([s.peak_seq for s in steps], np.int64)
+    g = {by: groups_at(m, seqs, by) for by in ("category", "module", "site")}
+    return [_peak(m, s.peak_seq, top, s.peak_by_phase, {by: g[by][i] for by in g})
+            for i, s in enumerate(steps)]
 
 
 def overall_peak(profiler: Any, top: int = 5, *, storage: bool = True) -> Peak | None:
@@ -333,18 +326,19 @@ def overall_peak(profiler: Any, top: int = 5, *, storage: bool = True) -> Peak |
     return _peak(m, seq, top)
 
 
-def peak_report(profiler: Any, top: int = 10) -> PeakReport:
+def peak_report(profiler: Any, top: int = 10, *, moments: Any = None) -> PeakReport:
     """The overall peak and each step's peak: when, how much, and the breakdown by
-    category (whole), by module and by site (the ``top`` largest)."""
+    category (whole), by module and by site (the ``top`` largest); ``moments``:
+    read_moments(profiler), shared with other queries."""
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
         raise ValueError(f"top must be an int >= 1, got {top!r}")
-    m = _Moments(profiler)
+    m = moments if moments is not None else _Moments(profiler)
     seq = profiler.peak_seq
     overall = None
     if seq is not None:
         m.check_held(seq)
         overall = _peak(m, seq, top)
-    steps = [_peak(m, s.peak_seq, top, s.peak_by_phase) for s in _step_records(m)]
+    steps = _step_peak_reports(m, top)
     return PeakReport(overall, steps)
 
 

@@ -4,6 +4,8 @@ module's bytes, and what was live at the peak by stack.
 All of it is exact at the moments it names (the same categories and modules
 as ``breakdown``); the timeline samples, per bucket of events, the moment of
 the bucket's highest live bytes, so no peak falls between two points.
+``moments`` (breakdown.read_moments) lets several of them share one reading
+of the events.
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ def _samples(m: _Moments, points: int) -> np.ndarray:
     return np.array(idx, np.int64)
 
 
-def category_timeline(profiler: Any, points: int = 400) -> CategoryTimeline:
+def category_timeline(profiler: Any, points: int = 400, *, moments: Any = None
+                      ) -> CategoryTimeline:
     """Live bytes by category at up to ``points`` moments across the events held."""
-    m = _Moments(profiler)
+    m = moments if moments is not None else _Moments(profiler)
     rows = m.lt.rows
     pick = _samples(m, points)
     seqs = rows["seq"][pick].astype(np.int64)
@@ -82,9 +85,9 @@ class ModuleRow:
     at_peak_by_category: dict[str, int] = field(default_factory=dict)
 
 
-def module_table(profiler: Any) -> list[ModuleRow]:
+def module_table(profiler: Any, *, moments: Any = None) -> list[ModuleRow]:
     """Every module that held bytes, largest at the overall peak first."""
-    m = _Moments(profiler)
+    m = moments if moments is not None else _Moments(profiler)
     seg = m.segments
     if not len(seg.alloc):
         return []
@@ -136,11 +139,11 @@ class StackNode:
     children: list[StackNode] = field(default_factory=list)
 
 
-def peak_stacks(profiler: Any, at: Any = "peak") -> StackNode:
+def peak_stacks(profiler: Any, at: Any = "peak", *, moments: Any = None) -> StackNode:
     """The live bytes at ``at`` (as in breakdown) as a tree of stacks, outermost
     frame first (the root holds everything; allocations without a stack are a
     child with no frame)."""
-    m = _Moments(profiler)
+    m = moments if moments is not None else _Moments(profiler)
     seq = m.seq_of(at)
     root = StackNode(None)
     if seq is None:
@@ -178,10 +181,10 @@ def _sort(node: StackNode) -> None:
         _sort(child)
 
 
-def allocation_categories(profiler: Any) -> dict[int, str]:
+def allocation_categories(profiler: Any, *, moments: Any = None) -> dict[int, str]:
     """The category of each allocation when it was made: seq of its ALLOCATION or
     REALLOCATION event -> category name (memory_viz colours allocations by it)."""
-    m = _Moments(profiler)
+    m = moments if moments is not None else _Moments(profiler)
     seg = m.segments
     alloc_seq = m.lt.alloc_seq[seg.alloc]
     first = (seg.start == alloc_seq) & (alloc_seq >= 0)
