@@ -1,8 +1,12 @@
-"""A self-contained HTML report: one file, no scripts, no network, every string escaped.
+"""A self-contained HTML report: one file, no network, every string escaped.
 
-Sections: run summary, memory over time by allocation type with training
-steps marked (inline SVG), top allocation sites, potential leaks, GC pauses,
-snapshots with NVML device totals, out-of-memory errors, run metadata.
+Sections: memory over time (every allocation a band, the bytes by category,
+the steps: click one for its peak's breakdown; zoom and pan; hover for
+sizes, lifetimes and stacks: export._interactive, drawn by Bokeh with its
+JavaScript inline), the peak's breakdown, the table by module, what was live
+at the peak by stack (a flame graph), top allocation sites, potential leaks,
+GC pauses, snapshots with NVML device totals, out-of-memory errors, the run
+summary and metadata.
 """
 
 from __future__ import annotations
@@ -18,10 +22,9 @@ import numpy as np
 from ..analysis.epoch import epoch_records
 from ..analysis.epoch_records import METADATA_KEY as EPOCH_KEY, int_field
 from ..analysis.sites import bytes_by_site_name, site_name
-from ._common import ALLOC, REALLOC, Progress, all_events, signed_sizes
+from ._common import ALLOC, REALLOC, Progress, all_events
 from ..units import format_bytes
-from ._attribution_html import attribution_sections
-from ._svg import line_chart
+from ._attribution_html import module_table_html, peak_html
 
 __all__ = ["to_html", "export_html"]
 
@@ -68,22 +71,6 @@ def _stack_html(profiler: Any, stack_id: int) -> tuple[str, str]:
 
 def _time(ns: int) -> str:
     return datetime.datetime.fromtimestamp(ns / 1e9).isoformat(sep=" ", timespec="milliseconds")
-
-
-def _chart(profiler: Any, events: np.ndarray) -> str:
-    if not len(events):
-        return '<p class="muted">No allocation events.</p>' + line_chart([], [])
-    t0 = int(events["timestamp_ns"][0])
-    t = (events["timestamp_ns"].astype(np.int64) - t0) / 1e9
-    total = events["total_allocated"].astype(np.int64) - events["total_freed"].astype(np.int64)
-    series = [("total", t, total)]
-    delta = signed_sizes(events)
-    for type_id in np.unique(events["type_id"][delta != 0]).tolist():
-        mask = events["type_id"] == type_id
-        series.append((profiler.type_name(type_id), t[mask], np.cumsum(delta[mask])))
-    steps = events["step"]
-    first = np.flatnonzero(np.r_[True, steps[1:] != steps[:-1]])[1:]
-    return line_chart(series, t[first].tolist())
 
 
 def _sites(profiler: Any, events: np.ndarray, top: int) -> str:
@@ -204,9 +191,16 @@ def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
     events = all_events(profiler)
     stats = profiler.get_statistics()
     meta = dict(getattr(profiler, "trace_metadata", None) or {})
-    steps = [0, 6]
+    steps = [0, 8]
     if progress:
         progress(1, steps[1])
+    # Bokeh is imported when a report is written, not with torchmem.
+    from ._interactive import interactive_views, read_report_data
+
+    data = read_report_data(profiler, top=top)
+    if progress:
+        progress(2, steps[1])
+    head, views = interactive_views(profiler, data)
     summary = _table(["Total allocated", "Total freed", "Current", "Peak", "Allocations", "Frees",
                       "Average size", "GC count", "GC time"],
                      [(format_bytes(stats.total_allocated_bytes, 1), format_bytes(stats.total_freed_bytes, 1),
@@ -217,15 +211,16 @@ def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
                      numeric=set(range(9)))
     by_type = _table(["Type", "Current"], [(k, format_bytes(v, 1)) for k, v in
                                            sorted(stats.usage_by_type.items())], numeric={1})
-    sections = [("Memory over time by type", _chart(profiler, events)
-                 + '<p class="muted">Dashed lines: training step starts.</p>')]
-    sections += attribution_sections(profiler, top)
+    sections = [("Memory over time", views["timeline"]),
+                ("Peak", peak_html(data.report)),
+                ("Modules", module_table_html(data.modules, top=top)),
+                ("What was live at the peak, by stack", views["flame"])]
     for i, (name, fn) in enumerate([
             ("Top allocation sites", lambda: _sites(profiler, events, top)),
             ("Potential leaks", lambda: _leaks(profiler, top)),
             ("GC pauses", lambda: _gc(profiler, top)),
             ("Snapshots", lambda: _snapshots(profiler, top)),
-            ("Out-of-memory errors", lambda: _ooms(profiler))], start=2):
+            ("Out-of-memory errors", lambda: _ooms(profiler))], start=3):
         sections.append((name, fn()))
         if progress:
             progress(min(i, steps[1]), steps[1])
@@ -236,7 +231,7 @@ def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
     body = "".join(f"<h2>{_e(name)}</h2>{html}" for name, html in sections)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width">'
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+            f"<title>{_e(title)}</title><style>{_CSS}</style>{head}</head><body>"
             f"<h1>{_e(title)}</h1><p class=\"muted\">{len(events):,} events; peak "
             f"{_e(format_bytes(stats.peak_usage_bytes, 1))}; generated "
             f"{_e(_time(int(datetime.datetime.now().timestamp() * 1e9)))}</p>{body}</body></html>")
