@@ -1,10 +1,12 @@
-"""The HTML report in headless Chromium: drawn offline, hover shows a band's
-size, lifetime and stack and a flame frame's stack, a click on a step shows
-its peak's breakdown, wheel and drag zoom and pan the shared time axis."""
+"""The HTML report of a training run with attribution: its sections, and in
+headless Chromium: drawn offline, hover shows a band's size, lifetime and
+stack and a flame frame's stack, a click on a step shows its peak's
+breakdown, wheel and drag zoom and pan the shared time axis."""
 
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from torchmem.units import format_bytes
 from _attribution_helpers import MLP, attributed, batches, train
 from _browser import CHROMIUM, NO_CHROMIUM, chromium, open_report
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 
 
 def count_color(png: bytes, hex_color: str, tolerance: int = 12) -> int:
@@ -40,6 +42,25 @@ def run(tmp_path_factory):
         yield prof, path, prof.peak_report(top=5), lifetimes(prof)
 
 
+def test_the_report_has_the_attribution_sections(run):
+    _, path, peak, _ = run
+    html = path.read_text()
+    for title in ("Memory over time", "Peak", "Modules", "What was live at the peak, by stack"):
+        assert f"<h2>{title}</h2>" in html
+    for name in ("bands-figure", "category-figure", "steps-figure", "flame-figure"):
+        assert f'"name":"{name}"' in html
+    assert 'id="module-table"' in html and "<code>MLP.fc1</code>" in html
+    headline = re.search(r'<p id="peak-headline"><b>(.*?)</b>', html).group(1)
+    assert headline.startswith("peak ") and " at step 0, optimizer" in headline
+    assert headline == peak.overall.headline().replace("&", "&amp;")
+    # The hover texts hold the stacks: the training helper's own lines are there.
+    assert re.search(r"_attribution_helpers\.py:\d+", html.split("</head>")[0])
+    # The steps' breakdowns: the peak step's shown, every step's headline in the data.
+    assert html.count('class="step-headline"') == 1
+    for step in peak.steps:
+        assert step.headline().replace("&", "&amp;") in html
+
+
 @pytest.fixture(scope="module")
 def browser():
     with chromium() as b:
@@ -52,6 +73,7 @@ def report(browser, run):
         yield r
 
 
+@needs_chromium
 def test_drawn_offline_without_errors(browser, run, report, tmp_path):
     assert report.refused == [] and report.errors == [] and report.dialogs == []
     shot = report.page.screenshot(full_page=True)
@@ -69,6 +91,7 @@ def test_drawn_offline_without_errors(browser, run, report, tmp_path):
     assert all(count_color(shot, CATEGORY_COLORS[n]) == 0 for n in counts)
 
 
+@needs_chromium
 def test_hover_a_band_shows_its_size_lifetime_and_stack(run, report):
     prof, _, _, lt = run
     bands = report.data("bands-data")
@@ -91,6 +114,7 @@ def test_hover_a_band_shows_its_size_lifetime_and_stack(run, report):
     assert " to " in text and ("ms)" in text or "still live" in text)  # its lifetime
 
 
+@needs_chromium
 def test_hover_a_flame_frame_shows_its_stack(run, report):
     flame = report.data("flame-data")
     # The widest frame of the deepest row wider than 5%: its stack is a whole path.
@@ -106,6 +130,7 @@ def test_hover_a_flame_frame_shows_its_stack(run, report):
     assert "of the peak's live bytes" in text
 
 
+@needs_chromium
 def test_click_a_step_shows_its_peak_breakdown(run, report):
     _, _, peaks, _ = run
     steps = report.data("steps-data")
@@ -121,6 +146,7 @@ def test_click_a_step_shows_its_peak_breakdown(run, report):
     assert all(m in cells for m in want.by_module)
 
 
+@needs_chromium
 def test_wheel_zooms_and_drag_pans_every_timeline(report):
     start, end = report.x_range("bands-figure")
     x, y = report.point("bands-figure", (start + end) / 2, 0)

@@ -162,9 +162,17 @@ def _stack_text(profiler: Any, stack_id: int, cache: dict[int, tuple[str, str]]
     return hit
 
 
+def _shade(hex_color: str, lighter: int) -> str:
+    """``hex_color``, or with ``lighter`` 18% of the way to white."""
+    if not lighter:
+        return hex_color
+    rgb = [int(hex_color[i:i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(c + (255 - c) * 0.18):02x}" for c in rgb)
+
+
 def _bands_figure(profiler: Any, data: ReportData, x_range: Any) -> Any:
     lt, tl = data.lifetimes, data.timeline
-    bands = layout_bands(lt.alloc_seq, lt.free_seq, lt.size, tl.seq, tl.total())
+    bands = layout_bands(lt.alloc_seq, lt.free_seq, lt.size, tl.seq, tl.total(), max_bands=1000)
     cache: dict[int, tuple[str, str]] = {}
     cols: dict[str, list[Any]] = {k: [] for k in ("xs", "ys", "color", "size", "what",
                                                   "lifetime", "site", "stack")}
@@ -175,7 +183,9 @@ def _bands_figure(profiler: Any, data: ReportData, x_range: Any) -> Any:
         device = int(lt.device[i])
         cols["xs"].append(bands.xs[b].astype(np.float32))
         cols["ys"].append(bands.ys[b].astype(np.float32))
-        cols["color"].append(CATEGORY_COLORS.get(cat, REST_COLOR))
+        # Neighbours of one category told apart by shade (no outline: thin bands
+        # would be all outline).
+        cols["color"].append(_shade(CATEGORY_COLORS.get(cat, REST_COLOR), b % 2))
         cols["size"].append(format_bytes(int(lt.size[i]), 1))
         cols["what"].append(f"{cat}, {profiler.type_name(int(lt.type_id[i]))} on "
                             + ("host" if device < 0 else f"cuda:{device}"))
@@ -185,12 +195,13 @@ def _bands_figure(profiler: Any, data: ReportData, x_range: Any) -> Any:
     fig = _figure(f"Every allocation as a band ({len(bands.index):,} drawn; "
                   f"{bands.rest_count:,} smaller ones together in grey on top)", 340, x_range)
     r = fig.patches("xs", "ys", source=ColumnDataSource(cols, name="bands-data"), fill_color="color",
-                    line_color="white", line_width=0.3, name="bands")
+                    line_color=None, name="bands")
     lookup = CustomJSHover(args={"stacks": list(stacks)}, code="return stacks[value]")
     fig.add_tools(HoverTool(renderers=[r], point_policy="follow_mouse", tooltips=(
         '<div class="tm-tip" style="max-width:640px"><b>@size</b> &middot; @what<br>'
-        '@lifetime<br><code>@site</code><pre style="font-size:11px;margin:4px 0 0">'
-        "@stack{custom}</pre></div>"), formatters={"@stack": lookup}))
+        '@lifetime<br><code>@site</code><pre style="font-size:11px;margin:4px 0 0;'
+        'white-space:pre-wrap;word-break:break-all">@stack{custom}</pre></div>'),
+        formatters={"@stack": lookup}))
     if len(bands.rest_x):
         x = bands.rest_x.astype(np.float32)
         rest = fig.varea(x=x, y1=bands.rest_bottom.astype(np.float32),
@@ -324,7 +335,8 @@ def _flame_figure(root: StackNode, min_fraction: float = 0.001, max_depth: int =
              text_font_size="11px", text_baseline="top")
     fig.add_tools(HoverTool(renderers=[r], tooltips=(
         '<div class="tm-flame-tip" style="max-width:640px"><b>@frame</b><br>@bytes'
-        '<pre style="font-size:11px;margin:4px 0 0">@stack</pre></div>')))
+        '<pre style="font-size:11px;margin:4px 0 0;white-space:pre-wrap;word-break:break-all">'
+        "@stack</pre></div>")))
     return fig
 
 
