@@ -201,6 +201,8 @@ def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
     if progress:
         progress(2, steps[1])
     head, views = interactive_views(profiler, data)
+    if progress:
+        progress(3, steps[1])
     summary = _table(["Total allocated", "Total freed", "Current", "Peak", "Allocations", "Frees",
                       "Average size", "GC count", "GC time"],
                      [(format_bytes(stats.total_allocated_bytes, 1), format_bytes(stats.total_freed_bytes, 1),
@@ -220,7 +222,7 @@ def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
             ("Potential leaks", lambda: _leaks(profiler, top)),
             ("GC pauses", lambda: _gc(profiler, top)),
             ("Snapshots", lambda: _snapshots(profiler, top)),
-            ("Out-of-memory errors", lambda: _ooms(profiler))], start=3):
+            ("Out-of-memory errors", lambda: _ooms(profiler))], start=4):
         sections.append((name, fn()))
         if progress:
             progress(min(i, steps[1]), steps[1])
