@@ -104,3 +104,18 @@ def test_possible_leaks_in_the_summary_leave_out_model_state():
             kept.append(torch.ones(64))  # the leak: one tensor per step
         sites = growing_sites(prof)
     assert [(nbytes, count) for _, nbytes, count in sites] == [(4 * 64 * 4, 4)]
+
+
+def test_step_category_breakdowns_equal_breakdown_at_each_step():
+    from torchmem.analysis.breakdown import step_category_breakdowns
+    from _attribution_helpers import MLP, attributed, batches, train
+
+    with attributed() as p:
+        train(MLP, lambda ps: torch.optim.Adam(ps, lr=1e-3), batches((8, 16), 4, n=5), p)
+        steps = sorted({int(s) for s in p.read_rows()["step"]})
+        one_pass = step_category_breakdowns(p)
+        assert sorted(one_pass) == steps
+        for s in steps:
+            assert one_pass[s] == p.breakdown(by="category", at=s)
+            assert list(one_pass[s]) == list(p.breakdown(by="category", at=s))
+        assert sum(one_pass[0].values()) > 0

@@ -77,25 +77,22 @@ def test_export_writes_every_step_of_every_tag(trace, tmp_path, capsys):
     assert all(len(points) == len(expected) for points in got.values())
 
 
-def test_category_tags_when_the_profiler_attributes_memory(trace, tmp_path, monkeypatch):
+def test_category_tags_are_breakdown_at_each_step(trace, tmp_path):
+    # The export computes every step's breakdown in one pass; the values are
+    # breakdown(by="category", at=step)'s, every category at every step.
     require("tensorboard")
+    from torchmem.analysis.steps import step_categories
     from torchmem.export import export_tensorboard
 
     prof = torchmem.load(trace)
-    asked = []
-
-    def breakdown(by, at):  # the shape of MemoryProfiler.breakdown (issue 18)
-        asked.append((by, at))
-        return {"parameter": 1056, "activation": 100 + at, "other": 0}
-
-    monkeypatch.setattr(prof, "breakdown", breakdown, raising=False)
     export_tensorboard(prof, tmp_path / "tb")
     got = _scalars(tmp_path / "tb")
     n = len(got["torchmem/peak_bytes"])
-    assert asked == [("category", s) for s in range(n)]
-    assert got["torchmem/category_bytes/parameter"] == [(s, 1056.0) for s in range(n)]
-    assert got["torchmem/category_bytes/activation"] == [(s, 100.0 + s) for s in range(n)]
-    assert got["torchmem/category_bytes/other"] == [(s, 0.0) for s in range(n)]
+    want = {s: step_categories(prof, s) for s in range(n)}
+    assert any(v for w in want.values() for v in w.values())
+    for name in want[0]:
+        assert got[f"torchmem/category_bytes/{name}"] == [(s, float(want[s][name]))
+                                                          for s in range(n)], name
 
 
 def test_export_without_tensorboard_is_one_line(trace, tmp_path, monkeypatch, capsys):

@@ -179,3 +179,11 @@ def test_a_followed_trace_carries_contexts_and_marks(tmp_path):
     assert len(replay.attribution_marks()) == len(prof.attribution_marks())
     for (by, at), breakdown in want.items():
         assert replay.breakdown(by, at) == breakdown, (by, at)
+    # One pass over the followed trace gives breakdown(at=step) of every step.
+    from torchmem.analysis.breakdown import step_category_breakdowns
+
+    one_pass = step_category_breakdowns(replay)
+    assert set(one_pass) == {int(s) for s in replay.event_rows_from(0)["step"]}
+    for step, by_category in one_pass.items():
+        assert by_category == replay.breakdown("category", step), step
+    assert one_pass[0] == want[("category", 0)] and one_pass[2] == want[("category", 2)]

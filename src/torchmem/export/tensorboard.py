@@ -27,7 +27,9 @@ import os
 import re
 from typing import Any
 
-from ..analysis.steps import StepMemory, step_categories, step_memory
+from ..analysis.breakdown import step_category_breakdowns
+from ..analysis.categories import CATEGORIES
+from ..analysis.steps import StepMemory, step_memory
 from ._common import Progress
 
 __all__ = ["PREFIX", "export_tensorboard", "pair_label", "step_scalars", "summary_writer",
@@ -86,9 +88,16 @@ def export_tensorboard(profiler: Any, path: str | os.PathLike, progress: Progres
     profiler.flush()
     last = max(profiler.current_step, 1)
     writer = summary_writer(path)
+    # Every step's breakdown in one pass (one breakdown per step re-read the run each time).
+    by_step = (step_category_breakdowns(profiler)
+               if getattr(profiler, "breakdown", None) is not None else None)
     try:
         for rec in step_memory(profiler):
-            write_step(writer, rec, step_categories(profiler, rec.step))
+            cats = None
+            if by_step is not None:
+                cats = dict.fromkeys(CATEGORIES, 0)
+                cats.update(by_step.get(rec.step, {}))
+            write_step(writer, rec, cats)
             if progress is not None:
                 progress(min(rec.step, last), last)
     finally:
