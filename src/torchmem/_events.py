@@ -9,7 +9,7 @@ views them without a per-row copy.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, overload
 
 import numpy as np
 
@@ -134,3 +134,95 @@ def to_memory_events(
             )
         )
     return out
+
+
+def stack_key_of(rows: np.ndarray) -> np.ndarray:
+    """One uint64 per event or live row: stack id, type id and device packed
+    together (``torchmem.analysis.sites.site_keys``, the one definition of a
+    site, is this; it lives here so that the profiler can group rows too)."""
+    return ((rows["stack_id"].astype(np.uint64) << np.uint64(32))
+            | (rows["type_id"].astype(np.uint64) << np.uint64(16))
+            | ((rows["device"].astype(np.int64) + 1).astype(np.uint64) & np.uint64(0xFFFF)))
+
+
+def sum_by_key(keys: np.ndarray, sizes: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct keys ascending, bytes, counts) of ``sizes`` grouped by ``keys``,
+    as arrays: no Python object per row. Byte sums are exact below 2**53
+    bytes (8 PiB: float64 sums, far above any device)."""
+    if not len(keys):
+        return (np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.int64))
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    nbytes = np.bincount(inverse, weights=sizes.astype(np.float64), minlength=len(uniq))
+    return uniq, nbytes.astype(np.uint64), np.bincount(inverse, minlength=len(uniq)).astype(np.int64)
+
+
+def merge_key_sums(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One (keys, bytes, counts) from several ``sum_by_key`` results (batches)."""
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return sum_by_key(np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+    uniq, inverse = np.unique(np.concatenate([p[0] for p in parts]), return_inverse=True)
+    nbytes = np.zeros(len(uniq), np.uint64)
+    np.add.at(nbytes, inverse, np.concatenate([p[1] for p in parts]))
+    counts = np.zeros(len(uniq), np.int64)
+    np.add.at(counts, inverse, np.concatenate([p[2] for p in parts]))
+    return uniq, nbytes, counts
+
+
+def allocation_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``sum_by_key`` of the allocating events (allocations, reallocations) of ``rows``."""
+    allocs = rows[np.isin(rows["kind"], ALLOCATING_KINDS)]
+    return sum_by_key(stack_key_of(allocs), allocs["size"])
+
+
+class EventList(Sequence[MemoryEvent]):
+    """The answer of an event query: MemoryEvents over EVENT_DTYPE rows, each
+    made only when it is read (``rows`` stays a numpy array; iterating makes
+    the objects a batch at a time, slicing gives another EventList).
+
+    Compares equal to a list (or EventList) of the same events, in order.
+    """
+
+    _BATCH = 4096
+
+    def __init__(self, rows: np.ndarray, make: Callable[[np.ndarray], list[MemoryEvent]]
+                 ) -> None:
+        self.rows = rows
+        self._make = make
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, i: int) -> MemoryEvent: ...
+    @overload
+    def __getitem__(self, i: slice) -> "EventList": ...
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return EventList(self.rows[i], self._make)
+        n = len(self.rows)
+        j = i.__index__()
+        if j < 0:
+            j += n
+        if not 0 <= j < n:
+            raise IndexError("event index out of range")
+        return self._make(self.rows[j:j + 1])[0]
+
+    def __iter__(self) -> Iterator[MemoryEvent]:
+        for start in range(0, len(self.rows), self._BATCH):
+            yield from self._make(self.rows[start:start + self._BATCH])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (list, tuple, EventList)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # like list: mutable rows, no hash
+
+    def __repr__(self) -> str:
+        if len(self) <= 4:
+            return f"EventList({list(self)!r})"
+        return f"EventList(<{len(self):,} events>)"

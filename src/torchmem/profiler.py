@@ -5,7 +5,8 @@ recorder's private methods (``tests/test_layers.py`` checks it), so every
 read of the recorder lives here, behind the public read API the rest of
 torchmem uses (``read_rows``, ``live_allocations``, ``counters``,
 ``counters_by_type_and_device``, ``type_names``, ``resolve_stack``, the seq
-bounds, and the sink hand-over). What does not touch the recorder lives
+bounds, and the sink hand-over), and ``SavedTraceProfiler``, the loaded
+trace whose pass over the events is that same native replay. What does not touch the recorder lives
 elsewhere: value types in ``_types``, layouts in ``_events``, stacks in
 ``_stacks``, the sink thread in ``_pump``, the snapshot timer in
 ``_snapshots``.
@@ -22,7 +23,7 @@ import datetime
 import threading
 import time
 import warnings
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 
@@ -39,11 +40,14 @@ from ._checks import (
 from ._events import (
     ALLOCATING_KINDS,
     check_event_rows,
+    EventList,
     LIVE_DTYPE,
     STACK_NODE_DTYPE,
     TYPE_NONE,
     empty_events,
     events_from_bytes,
+    allocation_sums,
+    merge_key_sums,
     to_memory_events,
 )
 from ._contexts import LiveContexts, MarkLog, SavedContexts
@@ -531,15 +535,16 @@ class MemoryProfiler(_recorder.Recorder):
                 rows = np.concatenate([old, rows])
         return rows
 
-    def get_events(self, start_step: int = 0, end_step: int | None = None) -> list[MemoryEvent]:
-        """Events of steps ``start_step..end_step`` (inclusive), in order."""
-        return self.to_memory_events(self.get_event_rows(start_step, end_step))
+    def get_events(self, start_step: int = 0, end_step: int | None = None) -> EventList:
+        """Events of steps ``start_step..end_step`` (inclusive), in order: a sequence
+        of MemoryEvent over the rows (``.rows``), each object made when read."""
+        return EventList(self.get_event_rows(start_step, end_step), self.to_memory_events)
 
     def get_allocations_since(self, t: datetime.datetime | float | int | None = None, *,
-                              since_ns: int | None = None) -> list[MemoryEvent]:
+                              since_ns: int | None = None) -> EventList:
         """Allocation and reallocation events at or after ``t`` (a datetime, or epoch
         seconds as an int or float), or at or after ``since_ns`` (integer ns since
-        the epoch, the ``timestamp_ns`` scale: exact).
+        the epoch, the ``timestamp_ns`` scale: exact), as ``get_events`` gives them.
 
         A float holds epoch seconds to about 0.24 us: an event whose own float
         timestamp (``timestamp_ns / 1e9``) is ``t`` is always found, and so are
@@ -555,7 +560,21 @@ class MemoryProfiler(_recorder.Recorder):
             if len(old):
                 rows = np.concatenate([old, rows])
         rows = rows[np.isin(rows["kind"], ALLOCATING_KINDS)]
-        return self.to_memory_events(rows)
+        return EventList(rows, self.to_memory_events)
+
+    def allocation_totals_by_stack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Allocation and reallocation events grouped by site key
+        (``analysis.sites.site_keys``): arrays (keys ascending, bytes, counts)
+        over the events kept in memory (a loaded trace: all of its events)."""
+        return allocation_sums(self.read_rows())
+
+    def iter_event_rows(self, batch: int = 1 << 16) -> Iterator[np.ndarray]:
+        """Every event the profiler can answer for (storage included), by seq,
+        as EVENT_DTYPE arrays of at most ``batch`` rows (exports stream them)."""
+        self.flush()
+        rows = self.get_event_rows(0, None)
+        for start in range(0, len(rows), batch):
+            yield rows[start:start + batch]
 
     def to_memory_events(self, rows: np.ndarray) -> list[MemoryEvent]:
         """MemoryEvent objects for EVENT_DTYPE rows."""
@@ -671,17 +690,12 @@ class MemoryProfiler(_recorder.Recorder):
         names = self._type_names()
         return names[type_id] if type_id < len(names) and type_id != TYPE_NONE else ""
 
-    def detect_potential_leaks(self, min_age_seconds: float = 0.0,
-                               min_age_steps: int = 0, *,
-                               include_model_state: bool = False) -> list[Leak]:
-        """Live allocations at least this old, largest first.
-
-        Age is wall-clock seconds since the allocation and training steps
-        since it (both filters apply). Parameters, buffers, gradients and
-        optimizer state, alive by design, are left out unless
-        ``include_model_state`` (what attribution knows them to be; see
-        ``breakdown``).
-        """
+    def potential_leak_rows(self, min_age_seconds: float = 0.0,
+                            min_age_steps: int = 0, *,
+                            include_model_state: bool = False) -> np.ndarray:
+        """The live allocations ``detect_potential_leaks`` reports, as LIVE_DTYPE
+        rows in its order (largest first, then oldest): counts and byte totals
+        without a Python object per allocation."""
         min_age_seconds = check_seconds(min_age_seconds, "min_age_seconds")
         min_age_steps = _check_nonneg_int(min_age_steps, "min_age_steps")
         live = self.live_allocations()
@@ -693,9 +707,29 @@ class MemoryProfiler(_recorder.Recorder):
         live = live[keep]
         if not include_model_state and len(live) and MemoryProfiler.queries is not None:
             live = live[~MemoryProfiler.queries.model_state(self, live)]
-        order = np.lexsort((live["seq"], -live["size"].astype(np.int64)))
+        return live[np.lexsort((live["seq"], -live["size"].astype(np.int64)))]
+
+    def detect_potential_leaks(self, min_age_seconds: float = 0.0,
+                               min_age_steps: int = 0, top: int | None = None, *,
+                               include_model_state: bool = False) -> list[Leak]:
+        """Live allocations at least this old, largest first (the first ``top``
+        of them; None: all).
+
+        Age is wall-clock seconds since the allocation and training steps
+        since it (both filters apply). Parameters, buffers, gradients and
+        optimizer state, alive by design, are left out unless
+        ``include_model_state`` (what attribution knows them to be; see
+        ``breakdown``). Only the Leak objects returned are made
+        (``potential_leak_rows`` gives all of them as an array).
+        """
+        if top is not None:
+            _check_nonneg_int(top, "top")
+        rows = self.potential_leak_rows(min_age_seconds, min_age_steps,
+                                        include_model_state=include_model_state)
+        if top is not None:
+            rows = rows[:top]
         return [Leak(int(r["address"]), int(r["size"]), self.resolve_stack(int(r["stack_id"])))
-                for r in live[order]]
+                for r in rows]
 
     # -- lifecycle -------------------------------------------------------------
     def flush(self) -> None:
@@ -851,6 +885,22 @@ class MemoryProfiler(_recorder.Recorder):
         self.skipped_side_records = skipped
         self._replay(np.ascontiguousarray(events).tobytes())
 
+    @classmethod
+    def from_saved(cls, side: Any, events: Any,
+                   source: str | None = None) -> "SavedTraceProfiler":
+        """A read-only profiler over a saved trace whose events stay where they
+        are (``torchmem.load``): ``side`` is the trace without its events (a
+        TraceDelta), ``events`` reads them (``storage.SavedEvents``: ``read``,
+        ``batches``, ``end_seq``, ``fail``, ``close``)."""
+        prof = SavedTraceProfiler(retention_events=_SAVED_RETENTION, auto_snapshot=False)
+        prof.disable()
+        prof._stacks = SavedStacks()
+        prof._contexts = SavedContexts()
+        prof._saved_ooms = []
+        prof.extend_from_trace(side, source=source)  # the side records; no event yet
+        prof._saved = events
+        return prof
+
 
 def _oom_or_none(o: Any) -> OomEvent | None:
     try:
@@ -889,3 +939,184 @@ def _keep(sides: dict[str, list[int]], kept: list, start: int, records: list,
     out[inside] = mapping[old[inside].astype(np.int64)]
     events["address"][mask] = out
     return kept
+
+
+#: A loaded trace's ring: the pass replays every event through it, and only
+#: the last chunk stays (queries read the file).
+_SAVED_RETENTION = 1 << 13
+
+
+class SavedTraceProfiler(MemoryProfiler):
+    """What ``torchmem.load`` returns: a read-only MemoryProfiler whose events
+    stay in the trace file.
+
+    Event queries read the rows they need from the file. The run's totals
+    (statistics, counters, live allocations, the current step, anomalies,
+    allocation totals by site) come from one pass over every event, made by
+    the first query that needs them: the native replay ``from_trace`` makes,
+    fed a batch at a time, so memory is bounded by the live allocations, not
+    the events. The answers are those of ``from_trace`` over the same trace.
+    """
+
+    _saved: Any = None
+    _passed = False
+    _in_pass = False
+    _pass_error: BaseException | None = None
+    _site_totals: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def _pass(self) -> None:
+        if self._passed:
+            return
+        for _ in self._replaying():
+            pass
+
+    def _replaying(self) -> Iterator[np.ndarray]:
+        # The pass, yielding each batch once it is replayed; a consumer that
+        # stops early still leaves the pass complete.
+        with self._lock:
+            if self._pass_error is not None:
+                raise self._pass_error
+            if self._passed:
+                return
+            if self._in_pass:  # a query from inside iter_event_rows' loop
+                raise RuntimeError("the trace's events are being read (iter_event_rows); "
+                                   "ask for totals after the loop")
+            self._in_pass = True
+            try:
+                n_types = len(self._type_names())
+                sums, last, stopped = [], -1, False
+                try:
+                    for rows in self._saved.batches():
+                        check_event_rows(rows, n_types)
+                        if int(rows["seq"][0]) <= last:
+                            raise ValueError("event seq numbers are not increasing")
+                        last = int(rows["seq"][-1])
+                        self._replay(np.ascontiguousarray(rows).tobytes())
+                        self._set_consumer_seq(self._next_seq())  # the ring keeps one chunk
+                        sums.append(allocation_sums(rows))
+                        if not stopped:
+                            try:
+                                yield rows
+                            except GeneratorExit:
+                                stopped = True
+                except (ValueError, TypeError, IndexError, OverflowError) as exc:
+                    self._saved.fail(exc)
+                self._site_totals = merge_key_sums(sums)
+            except BaseException as exc:
+                # A replay stopped half way cannot be resumed: every later
+                # query gives the same error.
+                self._pass_error = exc
+                raise
+            finally:
+                self._in_pass = False
+            self._passed = True
+
+    def iter_event_rows(self, batch: int = 1 << 16) -> Iterator[np.ndarray]:
+        """Every event of the trace, by seq, a batch at a time (read from the
+        file; the first iteration is also the profiler's pass)."""
+        if not self._passed:
+            yield from self._replaying()
+            return
+        n_types = len(self._type_names())
+        for rows in self._saved.batches(batch):
+            try:
+                check_event_rows(rows, n_types)
+            except ValueError as exc:
+                self._saved.fail(exc)
+            yield rows
+
+    def _read(self, **query: Any) -> np.ndarray:
+        rows = self._saved.read(**query)
+        try:
+            check_event_rows(rows, len(self._type_names()))
+        except ValueError as exc:
+            self._saved.fail(exc)
+        return rows
+
+    # -- what needs the pass ---------------------------------------------------
+    @property
+    def current_step(self) -> int:
+        """The last step of the trace."""
+        self._pass()
+        return self._get_step()
+
+    @property
+    def anomalies(self) -> dict[str, Any]:
+        """Counts of bad input by kind found replaying the trace, with examples."""
+        self._pass()
+        return MemoryProfiler.anomalies.fget(self)  # type: ignore[attr-defined]
+
+    def get_statistics(self) -> MemoryStatistics:
+        self._pass()
+        return super().get_statistics()
+
+    def counters(self, allocation_type: str | None = None,
+                 device: int | None = None) -> Counters:
+        self._pass()
+        return super().counters(allocation_type, device)
+
+    def counters_by_type_and_device(self) -> dict[tuple[str, int], Counters]:
+        self._pass()
+        return super().counters_by_type_and_device()
+
+    def get_statistics_for_type(self, allocation_type: str) -> MemoryStatistics:
+        self._pass()
+        return super().get_statistics_for_type(allocation_type)
+
+    def get_statistics_for_device(self, device: int | None) -> MemoryStatistics:
+        self._pass()
+        return super().get_statistics_for_device(device)
+
+    def reset_peak(self, allocation_type: str | None = None, device: int | None = None) -> None:
+        self._pass()
+        super().reset_peak(allocation_type, device)
+
+    def live_allocations(self) -> np.ndarray:
+        self._pass()
+        return super().live_allocations()
+
+    def allocation_totals_by_stack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every allocation of the trace grouped by site key: (keys, bytes, counts)."""
+        self._pass()
+        assert self._site_totals is not None
+        return self._site_totals
+
+    # -- events: read from the file ----------------------------------------------
+    @property
+    def next_seq(self) -> int:
+        """One past the trace's last seq (= its event count)."""
+        return int(self._saved.end_seq)
+
+    @property
+    def first_retained_seq(self) -> int:
+        """0: every event of the trace can be read."""
+        return 0
+
+    def read_rows(self, start_seq: int | None = None, end_seq: int | None = None, *,
+                  since_ns: int | None = None) -> np.ndarray:
+        """Events of the trace as an EVENT_DTYPE array: seqs ``[start_seq,
+        end_seq)`` (default: all), from time ``since_ns`` on when given."""
+        start = 0 if start_seq is None else _check_nonneg_int(start_seq, "start_seq")
+        end = None if end_seq is None else _check_nonneg_int(end_seq, "end_seq")
+        return self._read(from_seq=start, before_seq=end,
+                          since_ns=None if since_ns is None else int(since_ns))
+
+    def get_event_rows(self, start_step: int = 0, end_step: int | None = None) -> np.ndarray:
+        start_step = _check_nonneg_int(start_step, "start_step")
+        if end_step is not None:
+            _check_nonneg_int(end_step, "end_step")
+            if end_step < start_step:
+                return empty_events()
+        return self._read(start_step=start_step, end_step=end_step)
+
+    def get_allocations_since(self, t: datetime.datetime | float | int | None = None, *,
+                              since_ns: int | None = None) -> EventList:
+        ts = epoch_ns(t, since_ns)
+        rows = self._read(since_ns=ts)
+        return EventList(rows[np.isin(rows["kind"], ALLOCATING_KINDS)], self.to_memory_events)
+
+    def close(self) -> None:
+        """Releases the trace file (queries that need it fail afterwards)."""
+        super().close()
+        if self._saved is not None:
+            self._saved.close()

@@ -18,13 +18,16 @@ layers of one ``model(x)`` call) are one site in every report.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
 
+from .._events import stack_key_of, sum_by_key
 from .._types import StackTrace
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "bytes_by_site_name",
     "device_label",
     "group_by_site",
+    "group_stack_sums",
     "is_library_frame",
     "merge_by_label",
     "site_keys",
@@ -55,12 +59,18 @@ _torch_dir: str | None = None
 def _torch_prefix() -> str:
     global _torch_dir
     if _torch_dir is None:
-        try:
-            import torch
-
-            _torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
-        except Exception:  # pragma: no cover - torch is a dependency
-            _torch_dir = os.sep + "nonexistent" + os.sep
+        # Where torch is installed, without importing it (a second or more
+        # for a report on a saved trace that never needs torch itself).
+        torch = sys.modules.get("torch")
+        origin = getattr(torch, "__file__", None)
+        if origin is None:
+            try:
+                spec = importlib.util.find_spec("torch")
+                origin = spec.origin if spec is not None else None
+            except (ImportError, ValueError):  # pragma: no cover - torch is a dependency
+                origin = None
+        _torch_dir = (os.path.dirname(os.path.abspath(origin)) + os.sep if origin
+                      else os.sep + "nonexistent" + os.sep)
     return _torch_dir
 
 
@@ -141,11 +151,9 @@ class SiteUsage:
 
 
 def _stack_keys(rows: np.ndarray) -> np.ndarray:
-    # One uint64 per row: stack id, type id and device packed together, so
-    # one np.unique finds the distinct stacks.
-    return ((rows["stack_id"].astype(np.uint64) << np.uint64(32))
-            | (rows["type_id"].astype(np.uint64) << np.uint64(16))
-            | ((rows["device"].astype(np.int64) + 1).astype(np.uint64) & np.uint64(0xFFFF)))
+    # One uint64 per row: stack id, type id and device packed together
+    # (``_events.stack_key_of``), so one np.unique finds the distinct stacks.
+    return stack_key_of(rows)
 
 
 def _unpack_key(key: int) -> tuple[int, int, int]:
@@ -162,16 +170,22 @@ def _sites_of(profiler: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     # The rows' site keys, and per distinct stack its row positions' inverse
     # index and its Site, so group_by_site can name each line by one stack.
     uniq, inverse = np.unique(_stack_keys(rows), return_inverse=True)
+    ids, stack_sites = _name_stacks(profiler, uniq)
+    return ids[inverse.reshape(-1)], inverse.reshape(-1), stack_sites
+
+
+def _name_stacks(profiler: Any, stack_keys: np.ndarray) -> tuple[np.ndarray, list[Site]]:
+    # The site key and the Site of each distinct stack key.
     stack_sites: list[Site] = []
-    ids = np.empty(len(uniq), dtype=np.uint64)
-    for i, key in enumerate(uniq.tolist()):
+    ids = np.empty(len(stack_keys), dtype=np.uint64)
+    for i, key in enumerate(stack_keys.tolist()):
         stack_id, type_id, device = _unpack_key(key)
         site = Site(stack_id, profiler.type_name(type_id), device,
                     profiler.resolve_stack(stack_id) if stack_id else None)
         stack_sites.append(site)
         ident = (site.frame, site.allocation_type, device)
         ids[i] = _site_ids.setdefault(ident, len(_site_ids))
-    return ids[inverse.reshape(-1)], inverse.reshape(-1), stack_sites
+    return ids, stack_sites
 
 
 def site_keys(profiler: Any, rows: np.ndarray) -> np.ndarray:
@@ -194,23 +208,31 @@ def group_by_site(profiler: Any, rows: np.ndarray | None = None) -> dict[int, Si
         rows = profiler.live_allocations()
     if not len(rows):
         return {}
-    keys, stack_of_row, stack_sites = _sites_of(profiler, rows)
-    sizes = rows["size"].astype(np.float64)
-    # Exact byte sums: float64 is exact below 2**53 bytes (8 PiB), far above any device.
-    stack_bytes = np.bincount(stack_of_row, weights=sizes, minlength=len(stack_sites))
-    stack_key = np.zeros(len(stack_sites), dtype=np.uint64)
-    stack_key[stack_of_row] = keys
+    return group_stack_sums(profiler, *sum_by_key(_stack_keys(rows), rows["size"]))
+
+
+def group_stack_sums(profiler: Any, stack_keys: np.ndarray, stack_bytes: np.ndarray,
+                     stack_counts: np.ndarray) -> dict[int, SiteUsage]:
+    """Per-stack sums grouped by site as ``group_by_site`` groups rows: from
+    arrays (distinct stack keys ascending, bytes, counts), as ``sum_by_key``
+    or a profiler's ``allocation_totals_by_stack`` give them; one object per
+    stack and per site, none per allocation."""
+    if not len(stack_keys):
+        return {}
+    keys, stack_sites = _name_stacks(profiler, stack_keys)
     uniq, inverse = np.unique(keys, return_inverse=True)
-    site_bytes = np.bincount(inverse, weights=sizes, minlength=len(uniq))
-    counts = np.bincount(inverse, minlength=len(uniq))
+    # Exact byte sums: float64 is exact below 2**53 bytes (8 PiB), far above any device.
+    site_bytes = np.bincount(inverse, weights=stack_bytes.astype(np.float64), minlength=len(uniq))
+    counts = np.bincount(inverse, weights=stack_counts.astype(np.float64), minlength=len(uniq))
     best: dict[int, int] = {}  # site key -> its stack holding the most bytes
-    for i, key in enumerate(stack_key.tolist()):
+    nbytes = stack_bytes.tolist()
+    for i, key in enumerate(keys.tolist()):
         j = best.get(key)
-        if j is None or (stack_bytes[i], -stack_sites[i].stack_id) > (
-                stack_bytes[j], -stack_sites[j].stack_id):
+        if j is None or (nbytes[i], -stack_sites[i].stack_id) > (
+                nbytes[j], -stack_sites[j].stack_id):
             best[key] = i
-    return {key: SiteUsage(stack_sites[best[key]], int(nbytes), int(count))
-            for key, nbytes, count in zip(uniq.tolist(), site_bytes.tolist(), counts.tolist())}
+    return {key: SiteUsage(stack_sites[best[key]], int(b), int(c))
+            for key, b, c in zip(uniq.tolist(), site_bytes.tolist(), counts.tolist())}
 
 
 def top_sites(usage: dict[int, SiteUsage], n: int = 10) -> list[SiteUsage]:
@@ -230,13 +252,17 @@ def merge_by_label(usages: Iterable[SiteUsage]) -> list[tuple[str, int, int]]:
     return sorted(((k, v[0], v[1]) for k, v in merged.items()), key=lambda x: (-x[1], x[0]))
 
 
-def bytes_by_site_name(profiler: Any, rows: np.ndarray | None = None
+def bytes_by_site_name(profiler: Any, rows: np.ndarray | None = None, *,
+                       totals: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
                        ) -> dict[str, tuple[int, int, int]]:
     """``{site_name: (bytes, count, stack_id)}`` over ``rows`` (default: the live
-    allocations), every type and device together; ``stack_id`` is one stack
-    of the site (the largest), for showing it."""
+    allocations) or per-stack ``totals`` (``group_stack_sums``' arrays), every
+    type and device together; ``stack_id`` is one stack of the site (the
+    largest), for showing it."""
+    usage = (group_stack_sums(profiler, *totals) if totals is not None
+             else group_by_site(profiler, rows))
     out: dict[str, tuple[int, int, int]] = {}
-    for u in top_sites(group_by_site(profiler, rows), n=1 << 62):
+    for u in top_sites(usage, n=1 << 62):
         name = u.site.name
         old = out.get(name)
         out[name] = (u.bytes, u.count, u.site.stack_id) if old is None else (

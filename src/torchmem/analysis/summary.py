@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .._events import ALLOCATING_KINDS
 from .breakdown import model_state
-from .sites import Site, group_by_site, site_keys, top_sites
+from .sites import Site, group_by_site, group_stack_sums, site_keys, top_sites
 
 __all__ = ["allocation_sites", "growing_sites"]
 
@@ -25,10 +24,10 @@ def _group_rows(profiler: Any, rows: np.ndarray) -> list[tuple[Site, int, int]]:
 
 
 def allocation_sites(profiler: Any, n: int = 5) -> list[tuple[Site, int, int]]:
-    """Top ``n`` sites by bytes allocated over the events kept in memory: (site, bytes, count)."""
-    rows = profiler.read_rows()
-    rows = rows[np.isin(rows["kind"], ALLOCATING_KINDS)]
-    return _group_rows(profiler, rows)[:n]
+    """Top ``n`` sites by bytes allocated over the events kept in memory (a loaded
+    trace: all of them): (site, bytes, count)."""
+    usage = group_stack_sums(profiler, *profiler.allocation_totals_by_stack())
+    return [(u.site, u.bytes, u.count) for u in top_sites(usage, n=n)]
 
 
 def growing_sites(profiler: Any, min_steps: int = 3) -> list[tuple[Site, int, int]]:

@@ -52,7 +52,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: Any)
 def _summary_row(name: str, prof: Any) -> list[Any]:
     s = prof.get_statistics()
     live = prof.live_allocations()
-    return [name, f"{len(prof.get_event_rows()):,}", format_bytes(s.total_allocated_bytes, 1),
+    return [name, f"{prof.next_seq:,}", format_bytes(s.total_allocated_bytes, 1),
             format_bytes(s.peak_usage_bytes, 1), format_bytes(s.current_usage_bytes, 1),
             f"{s.allocation_count:,}", f"{s.deallocation_count:,}", f"{len(live):,}",
             f"{s.gc_count} / {s.total_gc_time_ns / 1e6:.1f} ms",
@@ -70,7 +70,7 @@ def print_summary(profilers: Sequence[tuple[str, Any]], out: Any = None) -> None
     if len(profilers) > 1:
         stats = [p.get_statistics() for _, p in profilers]
         rows.append([
-            "all (merged)", f"{sum(len(p.get_event_rows()) for _, p in profilers):,}",
+            "all (merged)", f"{sum(p.next_seq for _, p in profilers):,}",
             format_bytes(sum(s.total_allocated_bytes for s in stats), 1),
             f"{format_bytes(sum(s.peak_usage_bytes for s in stats), 1)} (sum of peaks)",
             format_bytes(sum(s.current_usage_bytes for s in stats), 1),

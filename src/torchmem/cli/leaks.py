@@ -26,10 +26,13 @@ class LeaksCommand:
 
     def run(self, args: argparse.Namespace) -> int:
         prof = load_trace(args.trace)
-        leaks = prof.detect_potential_leaks(min_age_steps=args.min_age_steps)
-        total = sum(leak.size_bytes for leak in leaks)
-        print(f"{len(leaks):,} allocations live at the end ({format_bytes(total, 1)}), "
+        rows = prof.potential_leak_rows(min_age_steps=args.min_age_steps)
+        total = int(rows["size"].sum(dtype="uint64"))
+        print(f"{len(rows):,} allocations live at the end ({format_bytes(total, 1)}), "
               f"at least {args.min_age_steps} steps old; largest first:")
+        # Leak objects only for those printed (a negative --top slices as before).
+        leaks = prof.detect_potential_leaks(min_age_steps=args.min_age_steps,
+                                            top=args.top if args.top >= 0 else None)
         for leak in leaks[:args.top]:
             print(f"\n{format_bytes(leak.size_bytes, 1)} at 0x{leak.address:x}  "
                   f"{site_name(leak.stack_trace)}")

@@ -1,4 +1,5 @@
-"""What the exporters share: reading a profiler's whole trace, event kinds, progress."""
+"""What the exporters share: event kinds, signed sizes, progress (they read a
+profiler's events with ``MemoryProfiler.iter_event_rows``, a batch at a time)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-import numpy as np
 
 from .._types import MemoryEventType
 from ..analysis.steps import signed_sizes  # noqa: F401  (the exporters' one definition)
@@ -21,12 +21,6 @@ SNAPSHOT = int(MemoryEventType.SNAPSHOT)
 GC_START = int(MemoryEventType.GC_START)
 GC_END = int(MemoryEventType.GC_END)
 OOM = int(MemoryEventType.OUT_OF_MEMORY)
-
-
-def all_events(profiler: Any) -> np.ndarray:
-    """Every event the profiler can still answer for (storage included), by seq."""
-    profiler.flush()
-    return profiler.get_event_rows(0, None)
 
 
 def chunks(n: int, progress: Progress, parts: int = 200):

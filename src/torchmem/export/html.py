@@ -22,7 +22,8 @@ import numpy as np
 from ..analysis.epoch import epoch_records
 from ..analysis.epoch_records import METADATA_KEY as EPOCH_KEY, int_field
 from ..analysis.sites import bytes_by_site_name, site_name
-from ._common import ALLOC, REALLOC, Progress, all_events
+from ._common import Progress
+from ._timeline import Timeline
 from ..units import format_bytes
 from ._attribution_html import module_table_html, peak_html
 
@@ -73,11 +74,10 @@ def _time(ns: int) -> str:
     return datetime.datetime.fromtimestamp(ns / 1e9).isoformat(sep=" ", timespec="milliseconds")
 
 
-def _sites(profiler: Any, events: np.ndarray, top: int) -> str:
-    allocs = events[np.isin(events["kind"], (ALLOC, REALLOC))]
-    if not len(allocs):
+def _sites(profiler: Any, timeline: Timeline, top: int) -> str:
+    if not len(timeline.site_sums[0]):
         return _table([], [])
-    by_site = bytes_by_site_name(profiler, allocs)
+    by_site = bytes_by_site_name(profiler, totals=timeline.site_sums)
     live = bytes_by_site_name(profiler)
     rows = sorted(by_site.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]
     return _table(["Site (your line)", "Allocated", "Allocations", "Live at end"],
@@ -121,15 +121,16 @@ def _epoch_checks(profiler: Any) -> str:
 
 def _leaks(profiler: Any, top: int) -> str:
     epochs = _epoch_checks(profiler)
-    leaks = profiler.detect_potential_leaks()
-    total = sum(leak.size_bytes for leak in leaks)
+    live = profiler.potential_leak_rows()
+    total = int(live["size"].sum(dtype=np.uint64))
+    leaks = profiler.detect_potential_leaks(top=top if top >= 0 else None)[:top]
     rows = [(f"0x{leak.address:x}", format_bytes(leak.size_bytes, 1),
              ("html", f"<code>{_e(site_name(leak.stack_trace))}</code>"),
              ("html", f"<pre>{_e(leak.stack_trace.format())}</pre>") if leak.stack_trace
              else ("html", '<span class="muted">no stack captured</span>'))
-            for leak in leaks[:top]]
-    intro = (f"<p>{len(leaks):,} allocations ({_e(format_bytes(total, 1))}) were still live at the "
-             f"end of the trace; the largest {min(top, len(leaks))}:</p>") if leaks else ""
+            for leak in leaks]
+    intro = (f"<p>{len(live):,} allocations ({_e(format_bytes(total, 1))}) were still live at the "
+             f"end of the trace; the largest {min(top, len(live))}:</p>") if len(live) else ""
     return epochs + intro + _table(["Address", "Size", "Site", "Stack"], rows, numeric={1})
 
 
@@ -188,7 +189,8 @@ def _ooms(profiler: Any) -> str:
 def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
             progress: Progress = None) -> str:
     """The report as one HTML string (see module doc); ``top`` rows per table."""
-    events = all_events(profiler)
+    profiler.flush()
+    timeline = Timeline.of(profiler)  # the one read of the events
     stats = profiler.get_statistics()
     meta = dict(getattr(profiler, "trace_metadata", None) or {})
     steps = [0, 8]
@@ -218,7 +220,7 @@ def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
                 ("Modules", module_table_html(data.modules, top=top)),
                 ("What was live at the peak, by stack", views["flame"])]
     for i, (name, fn) in enumerate([
-            ("Top allocation sites", lambda: _sites(profiler, events, top)),
+            ("Top allocation sites", lambda: _sites(profiler, timeline, top)),
             ("Potential leaks", lambda: _leaks(profiler, top)),
             ("GC pauses", lambda: _gc(profiler, top)),
             ("Snapshots", lambda: _snapshots(profiler, top)),
@@ -234,7 +236,7 @@ def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width">'
             f"<title>{_e(title)}</title><style>{_CSS}</style>{head}</head><body>"
-            f"<h1>{_e(title)}</h1><p class=\"muted\">{len(events):,} events; peak "
+            f"<h1>{_e(title)}</h1><p class=\"muted\">{timeline.n_events:,} events; peak "
             f"{_e(format_bytes(stats.peak_usage_bytes, 1))}; generated "
             f"{_e(_time(int(datetime.datetime.now().timestamp() * 1e9)))}</p>{body}</body></html>")
 

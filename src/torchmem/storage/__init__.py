@@ -12,6 +12,7 @@ from typing import Any
 from ..profiler import MemoryProfiler
 from .base import StorageBackend, TraceFormatError, TraceLockedError, merge_deltas
 from .memory import InMemoryStorage
+from ._saved import SavedEvents
 from .sqlite import SQLiteStorage, TraceReader
 
 __all__ = [
@@ -35,13 +36,26 @@ def load(path: str | os.PathLike) -> Any:
     run metadata as ``trace_metadata`` and the file as ``trace_path``.
     A missing, foreign, corrupt or truncated file raises TraceFormatError
     with a one-line message. Nothing in the file is ever unpickled.
+
+    Loading is lazy: it reads the metadata and the side tables (types,
+    stacks, GC, snapshots, OOMs), never the events. Event queries read the
+    range they need; the first query that needs the run's totals
+    (statistics, live allocations, allocation sites) makes one pass over
+    the events, in batches, in bounded memory. A corrupt event is then a
+    TraceFormatError raised by that query. ``close()`` releases the file.
     """
-    with TraceReader(path) as reader:
-        delta = reader.read_trace()
-        meta = reader.metadata
+    reader = TraceReader(path)
     try:
-        profiler = MemoryProfiler.from_trace(delta, source=os.fspath(path))
+        side = reader.read_side()
+        meta = reader.metadata
+        events = SavedEvents(reader)
+    except BaseException:
+        reader.close()
+        raise
+    try:
+        profiler = MemoryProfiler.from_saved(side, events, source=os.fspath(path))
     except (ValueError, TypeError, IndexError, OverflowError, AttributeError) as exc:
+        reader.close()
         raise TraceFormatError(f"{os.fspath(path)}: corrupt trace ({' '.join(str(exc).split())})") \
             from None
     profiler.trace_metadata = meta

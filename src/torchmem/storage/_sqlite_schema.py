@@ -49,6 +49,24 @@ assert GC_COLUMNS == tuple(f.name for f in dataclasses.fields(GCRecord))
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+#: Rows converted per batch: a Python tuple per row lives only this long.
+FETCH_BATCH = 1 << 15
+
+
+def fetch_events(cursor: sqlite3.Cursor) -> np.ndarray:
+    """EVENT_DTYPE array of every row of ``cursor`` (EVENT_COLUMNS order), converted
+    a batch at a time, so memory is the result plus one batch of tuples."""
+    parts = []
+    while True:
+        rows = cursor.fetchmany(FETCH_BATCH)
+        if not rows:
+            break
+        parts.append(rows_to_events(rows))
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else empty_events()
+
+
 def rows_to_events(rows: list[tuple]) -> np.ndarray:
     """EVENT_DTYPE array from rows selected in EVENT_COLUMNS order."""
     if not rows:
@@ -340,7 +358,8 @@ def seq_bounds(con: sqlite3.Connection, *, start_step: int | None = None,
 def query_events(con: sqlite3.Connection, *, before_seq: int | None = None,
                  start_step: int | None = None, end_step: int | None = None,
                  since_ns: int | None = None, start_seq: int | None = None) -> np.ndarray:
-    """Selected events as an EVENT_DTYPE array, by seq (a rowid range scan)."""
+    """Selected events as an EVENT_DTYPE array, by seq (a rowid range scan):
+    seqs from ``start_seq`` (inclusive) to ``before_seq`` (exclusive)."""
     bounds = seq_bounds(con, start_step=start_step, end_step=end_step, since_ns=since_ns)
     if bounds is None:
         return empty_events()
@@ -349,6 +368,8 @@ def query_events(con: sqlite3.Connection, *, before_seq: int | None = None,
         lo = max(lo, int(start_seq))
     if before_seq is not None:
         hi = min(hi, int(before_seq) - 1)
+    if lo > hi:
+        return empty_events()
     where, args = ["seq BETWEEN ? AND ?"], [lo, hi]
     if start_step is not None:
         where.append("step >= ?")
@@ -361,7 +382,7 @@ def query_events(con: sqlite3.Connection, *, before_seq: int | None = None,
         args.append(int(since_ns))
     sql = f"SELECT {_event_select(con)} FROM events WHERE {' AND '.join(where)}"
     with _snapshot(con):  # rows and chunks as of one commit: the writer moves events
-        rows = rows_to_events(con.execute(sql + " ORDER BY seq", args).fetchall())
+        rows = fetch_events(con.execute(sql + " ORDER BY seq", args))
         if "event_chunks" not in _tables(con):  # schema 1 and 2
             return rows
         chunks = chunk_events(con, lo, hi)
@@ -542,6 +563,40 @@ def _read_delta(con: sqlite3.Connection, since: dict[str, int],
     return d
 
 
+def end_seq(con: sqlite3.Connection) -> int:
+    """One past the last stored seq (rows and chunks), without reading the events."""
+    with _snapshot(con):
+        last = con.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+        ends = [int(last) + 1 if last is not None else 0]
+        if "event_chunks" in _tables(con):
+            end = con.execute("SELECT MAX(first_seq + n) FROM event_chunks").fetchone()[0]
+            if end is not None:
+                ends.append(int(end))
+    return max(ends)
+
+
+def first_seq_from(con: sqlite3.Connection, seq: int) -> int | None:
+    """The smallest stored seq >= ``seq`` (rows or chunks), None if there is none."""
+    seq = min(int(seq), 2**63 - 1)
+    with _snapshot(con):
+        found = [con.execute("SELECT MIN(seq) FROM events WHERE seq >= ?", (seq,)).fetchone()[0]]
+        if "event_chunks" in _tables(con):
+            found.append(con.execute("SELECT MIN(first_seq) FROM event_chunks WHERE "
+                                     "first_seq + n > ?", (seq,)).fetchone()[0])
+    found = [int(f) for f in found if f is not None]
+    return max(min(found), seq) if found else None
+
+
+def read_side(con: sqlite3.Connection) -> TraceDelta:
+    """Everything but the events (types, stacks, GC, snapshots, OOMs, anomalies)."""
+    with _snapshot(con):
+        d = _read_delta(con, {}, 0)
+        if "marks" in _tables(con):  # every mark: the events come later, by range
+            d.marks = [(int(a), int(b), str(c), int(e)) for a, b, c, e in con.execute(
+                "SELECT seq, address, category, context_id FROM marks ORDER BY mark_index")]
+        return d
+
+
 def connect(path: str) -> sqlite3.Connection:
     """A read-only connection to the trace at ``path``; never creates or changes it.
 
@@ -619,6 +674,24 @@ class TraceReader:
         """Stored events matching the filters (steps inclusive, time in epoch ns), by seq."""
         return self._guard(query_events, before_seq=before_seq, start_step=start_step,
                            end_step=end_step, since_ns=since_ns)
+
+    def read_seq_range(self, from_seq: int, before_seq: int, *, start_step: int | None = None,
+                       end_step: int | None = None, since_ns: int | None = None) -> np.ndarray:
+        """Stored events with ``from_seq <= seq < before_seq`` matching the filters, by seq."""
+        return self._guard(query_events, start_seq=from_seq, before_seq=before_seq,
+                           start_step=start_step, end_step=end_step, since_ns=since_ns)
+
+    def end_seq(self) -> int:
+        """One past the last stored seq (0 for a trace without events)."""
+        return self._guard(end_seq)
+
+    def first_seq_from(self, seq: int) -> int | None:
+        """The smallest stored seq >= ``seq``, None if there is none."""
+        return self._guard(first_seq_from, seq)
+
+    def read_side(self) -> TraceDelta:
+        """The trace without its events (those are read by range when asked)."""
+        return self._guard(read_side)
 
     def read_trace(self) -> TraceDelta:
         """The whole trace as one TraceDelta."""
