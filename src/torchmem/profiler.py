@@ -1075,6 +1075,16 @@ class SavedTraceProfiler(MemoryProfiler):
         self._pass()
         return super().live_allocations()
 
+    def live_seqs(self, addresses: list[int]) -> list[tuple[int, int]]:
+        self._pass()
+        return super().live_seqs(addresses)
+
+    @property
+    def peak_seq(self) -> int | None:
+        """The seq of the event after which the peak was first reached."""
+        self._pass()
+        return MemoryProfiler.peak_seq.fget(self)  # type: ignore[attr-defined]
+
     def allocation_totals_by_stack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every allocation of the trace grouped by site key: (keys, bytes, counts)."""
         self._pass()
@@ -1100,6 +1110,9 @@ class SavedTraceProfiler(MemoryProfiler):
         end = None if end_seq is None else _check_nonneg_int(end_seq, "end_seq")
         return self._read(from_seq=start, before_seq=end,
                           since_ns=None if since_ns is None else int(since_ns))
+
+    def event_rows_from(self, start_seq: int = 0) -> np.ndarray:
+        return self._read(from_seq=_check_nonneg_int(start_seq, "start_seq"))
 
     def get_event_rows(self, start_step: int = 0, end_step: int | None = None) -> np.ndarray:
         start_step = _check_nonneg_int(start_step, "start_step")
