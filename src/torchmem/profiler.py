@@ -928,8 +928,30 @@ def _keep(sides: dict[str, list[int]], kept: list, start: int, records: list,
         maps.append(len(kept) if good else -1)
         if good:
             kept.append(r)
-    if len(kept) == len(maps):  # nothing skipped: every index is its own place
-        return kept
+    if len(kept) != len(maps):  # something skipped: the markers move
+        _renumber(events, maps, kind)
+    return kept
+
+
+#: Marker event kinds and the side-record list each points into.
+_MARKERS = (("GC records", int(MemoryEventType.GC_END)),
+            ("snapshots", int(MemoryEventType.SNAPSHOT)),
+            ("OOM records", int(MemoryEventType.OUT_OF_MEMORY)))
+
+
+def _renumber_markers(events: np.ndarray, sides: dict[str, list[int]]) -> np.ndarray:
+    """``events`` with their marker indices moved to the kept records' places
+    (a copy, when any record was skipped; ``events`` itself otherwise)."""
+    moved = [(sides[name], kind) for name, kind in _MARKERS if -1 in sides.get(name, ())]
+    if not moved:
+        return events
+    events = np.array(events, copy=True)
+    for maps, kind in moved:
+        _renumber(events, maps, kind)
+    return events
+
+
+def _renumber(events: np.ndarray, maps: list[int], kind: int) -> None:
     mapping = np.asarray(maps, np.int64)
     mapping = np.where(mapping >= 0, mapping, _NO_RECORD).astype(np.uint64)
     mask = events["kind"] == kind
@@ -938,7 +960,6 @@ def _keep(sides: dict[str, list[int]], kept: list, start: int, records: list,
     out = np.full(len(old), _NO_RECORD, np.uint64)
     out[inside] = mapping[old[inside].astype(np.int64)]
     events["address"][mask] = out
-    return kept
 
 
 #: A loaded trace's ring: the pass replays every event through it, and only
@@ -988,6 +1009,7 @@ class SavedTraceProfiler(MemoryProfiler):
                 try:
                     for rows in self._saved.batches():
                         check_event_rows(rows, n_types)
+                        rows = _renumber_markers(rows, self._side_maps)
                         if int(rows["seq"][0]) <= last:
                             raise ValueError("event seq numbers are not increasing")
                         last = int(rows["seq"][-1])
@@ -1023,7 +1045,7 @@ class SavedTraceProfiler(MemoryProfiler):
                 check_event_rows(rows, n_types)
             except ValueError as exc:
                 self._saved.fail(exc)
-            yield rows
+            yield _renumber_markers(rows, self._side_maps)
 
     def _read(self, **query: Any) -> np.ndarray:
         rows = self._saved.read(**query)
@@ -1031,7 +1053,7 @@ class SavedTraceProfiler(MemoryProfiler):
             check_event_rows(rows, len(self._type_names()))
         except ValueError as exc:
             self._saved.fail(exc)
-        return rows
+        return _renumber_markers(rows, self._side_maps)
 
     # -- what needs the pass ---------------------------------------------------
     @property
