@@ -5,8 +5,13 @@ namespace torchmem {
 StackTable::StackTable() { nodes_.push_back(StackNode{0, 0}); }
 
 uint32_t StackTable::intern(const uint32_t* frames, size_t n) {
+  return intern_from(0, frames, n, nullptr);
+}
+
+uint32_t StackTable::intern_from(uint32_t parent, const uint32_t* frames, size_t n,
+                                 uint32_t* nodes) {
   std::lock_guard<std::mutex> lock(mu_);
-  uint32_t node = 0;
+  uint32_t node = parent;
   for (size_t i = 0; i < n; ++i) {
     uint64_t key = (static_cast<uint64_t>(node) << 32) | frames[i];
     auto it = children_.find(key);
@@ -16,6 +21,7 @@ uint32_t StackTable::intern(const uint32_t* frames, size_t n) {
       it = children_.emplace(key, id).first;
     }
     node = it->second;
+    if (nodes) nodes[i] = node;
   }
   return node;
 }

@@ -28,6 +28,9 @@ class StackTable {
 
   // Node id for `frames`, given outermost first. 0 for an empty stack.
   uint32_t intern(const uint32_t* frames, size_t n);
+  // The same from node `parent` on (`frames` continue the stack below it);
+  // writes the node of each level into `nodes` and returns the last one.
+  uint32_t intern_from(uint32_t parent, const uint32_t* frames, size_t n, uint32_t* nodes);
   // Frame id for a (code object, instruction offset) key; `make` supplies
   // the text the first time the key is seen and is called without the lock.
   template <typename Make>
