@@ -21,10 +21,12 @@ Protocol (stdin, parent -> child): frames ``HEADER`` (kind byte, payload
 length in bytes) + payload.
 - ``E``: event rows, raw EVENT_DTYPE bytes (80 bytes each, seq consecutive),
   stored as they come in ``event_chunks`` (one ``ROWS`` BLOB per piece of
-  <= 8K rows) and expanded into ``events`` rows while the pipe is idle and
-  at the end.
+  <= 8K rows) and expanded into ``events`` rows at the end.
 - ``K``: one ``COLUMNS`` chunk (``_chunks.py``) as the recorder sends it,
-  stored as it comes; expanded like ``E`` rows.
+  stored as it comes; expanded like ``E`` rows. By default nothing is
+  expanded while the run lasts (``expand_idle``: while the pipe is idle):
+  expansion costs ~2-3 us of CPU per event, which a training job that keeps
+  every core busy pays in step time (issue 12).
 - ``J``: side records as JSON (types, frames, stack nodes, contexts, marks,
   GC records, snapshots, OOMs, anomalies, metadata); sent before the events
   that use them.
@@ -135,12 +137,16 @@ WAL_CHECKPOINT_BYTES = 1 << 30
 # meanwhile events wait in the pipe, then in the recorder, up to its bound.
 WAL_LIMIT_BYTES = 2 * WAL_CHECKPOINT_BYTES
 WAL_WAIT_MS = 1000
-#: Seconds without a frame before the writer expands chunks into rows.
+#: With ``expand_idle`` (off by default): seconds without a frame before the
+#: writer expands chunks into rows while the run lasts, and the share of the
+#: time it then spends expanding (~2-3 us of CPU per event).
 EXPAND_QUIET_S = 0.05
-#: While a run streams, the share of the time the writer spends expanding
-#: (~3 us of CPU per event): the rest of the core stays free for the
-#: training process's threads; what is left is expanded after the run.
 EXPAND_DUTY = 0.25
+#: After the run, a child with more than this many events to expand does it
+#: at nice EXPAND_NICE: the parent does not wait for it (SQLiteStorage's
+#: CLOSE_WAIT_BACKLOG), and whatever runs next on the machine comes first.
+BACKGROUND_BACKLOG = 50_000
+EXPAND_NICE = 5
 #: Rows per multi-row INSERT: binding cost is per value, but each statement
 #: step has a fixed cost; 32 rows (416 values) measured ~35% less CPU than 1.
 _GROUP = 32
@@ -519,12 +525,14 @@ def _reply(fd: int, obj: dict) -> None:
         pass
 
 
-def serve(in_fd: int, out_fd: int, path: str, options: dict) -> TraceWriter | None:
+def serve(in_fd: int, out_fd: int, path: str, options: dict,
+          child: bool = False) -> TraceWriter | None:
     """Writes frames from ``in_fd`` into ``path`` until CLOSE (returns None) or EOF.
 
     On EOF the last transaction is committed and the writer is returned with
     its connection open: the child then exits without checkpointing, a
-    thread closes it.
+    thread closes it. ``child``: this is the writer process, which may
+    lower its own priority for the expansion after the run.
     """
     w = TraceWriter(path, options)
     _reply(out_fd, {"ready": 1, "pid": os.getpid(), "error": w.error})
@@ -540,14 +548,21 @@ def serve(in_fd: int, out_fd: int, path: str, options: dict) -> TraceWriter | No
             _reply(out_fd, {"warning": w.warning, "written": w.written})
             w.warning = ""  # said once
 
-    # Chunks are expanded into rows only while the pipe is idle, one chunk
-    # (~16 ms) at a time so a new frame waits little; the in-process thread
-    # never does it during the run (it would take the training thread's GIL).
-    # Expansion also waits until no frame came for EXPAND_QUIET_S: a training
-    # loop running flat out hands over every few ms, and expanding in those
-    # gaps would take the CPU core the training process needs. Even when
-    # idle, it expands at most EXPAND_DUTY of the time while the run lasts.
-    expand_idle = bool(options.get("expand_idle", True))
+    # By default chunks are expanded into rows only after the run: the
+    # pump hands over every 200 ms, so a quiet-pipe rule still expanded
+    # during most runs, and on a machine whose cores training keeps busy
+    # that took CPU from it (86-145 stalls of 3.5-9 ms per 4,000 small-MLP
+    # steps, issue 12). With expand_idle, chunks are expanded while the pipe
+    # is idle, one chunk (~16 ms) at a time, after EXPAND_QUIET_S without a
+    # frame, at most EXPAND_DUTY of the time; the in-process thread never
+    # does (it would take the training thread's GIL).
+    expand_idle = bool(options.get("expand_idle", False))
+
+    def finish() -> None:
+        if child and w.backlog > BACKGROUND_BACKLOG:
+            _lower_priority()
+        w.finish()
+
     last_frame = time.monotonic()
     next_expand = 0.0  # keeps expansion to EXPAND_DUTY of the time
     while True:
@@ -606,7 +621,7 @@ def serve(in_fd: int, out_fd: int, path: str, options: dict) -> TraceWriter | No
             check()
             _reply(out_fd, {"closed": 1, "written": w.written, "error": w.error,
                             "backlog": w.backlog})
-            w.finish()
+            finish()
             w.close(checkpoint=True)
             return None
         else:  # cannot resynchronise a byte stream: stop storing, keep answering EOF
@@ -617,8 +632,23 @@ def serve(in_fd: int, out_fd: int, path: str, options: dict) -> TraceWriter | No
             break
     w.commit()
     check()
-    w.finish()  # EOF: the profiler is gone; still leave a complete events table
+    finish()  # EOF: the profiler is gone; still leave a complete events table
     return w
+
+
+def _lower_priority() -> None:
+    """Nice EXPAND_NICE for this process and for its autogroup: where Linux
+    groups tasks by session (sched_autogroup), a nice value ranks a task only
+    within its group, and the writer has a session of its own."""
+    try:
+        os.nice(EXPAND_NICE)
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(EXPAND_NICE))
+    except OSError:
+        pass
 
 
 def main(argv: list[str]) -> int:
@@ -630,7 +660,7 @@ def main(argv: list[str]) -> int:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     path = argv[1]
     options = json.loads(argv[2]) if len(argv) > 2 else {}
-    if serve(0, 1, path, options) is None:
+    if serve(0, 1, path, options, child=True) is None:
         return 0
     # EOF without CLOSE: the profiler died. Everything it sent is committed;
     # exit without closing the connection, which would checkpoint while a

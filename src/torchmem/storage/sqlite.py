@@ -53,7 +53,7 @@ CLOSE_TIMEOUT_S = 300.0
 #: ``close()`` waits for the expansion of chunks into rows only when at most
 #: this many events are left (~0.1 s of writer time): a small trace is then
 #: final when close returns; a big one is finished by the child on its own.
-CLOSE_WAIT_BACKLOG = 50_000
+CLOSE_WAIT_BACKLOG = _writer.BACKGROUND_BACKLOG
 
 
 def _writer_command(path: str, options: dict) -> list[str]:
