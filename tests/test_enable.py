@@ -208,3 +208,29 @@ def test_the_entry_points_default_to_the_session_profiler(session):
     assert first.baseline and torchmem.epoch_results() == [first]
     text = format_summary()
     assert "MyType" in text and f"trace: {_session.trace_path()}" in text
+
+
+@pytest.mark.parametrize("settings, retention", [
+    ({}, 1 << 16),                              # a trace answers older queries: a small ring
+    ({"trace": False}, 1 << 20),                # memory is the only copy
+    ({"retention_events": 3 * 8192}, 3 * 8192),  # the setting wins (whole chunks)
+    ({"trace": False, "retention_events": 8192}, 8192),
+])
+def test_default_retention_depends_on_the_storage(session, settings, retention):
+    p = _session.enable(trace_dir=str(session), summary=False, auto_snapshot=False, **settings)
+    assert p._retention == retention
+
+
+def test_events_older_than_the_ring_come_back_from_the_trace(session):
+    p = _session.enable(trace_dir=str(session), summary=False, auto_snapshot=False,
+                        host=False, gc=False)
+    n = (1 << 16) + 3 * 8192  # past the ring by three chunks
+    for i in range(n // 2):
+        p.track_allocation(0x10000 + i * 64, 64)
+        p.track_deallocation(0x10000 + i * 64)
+    p.flush()
+    p.track_allocation(0x1, 1)  # the ring drops what the trace has, at the next chunk
+    assert p.first_retained_seq > 0
+    rows = p.get_event_rows()
+    assert len(rows) == n + 1
+    assert (rows["seq"] == list(range(n + 1))).all()

@@ -45,6 +45,7 @@ from ._settings import (
     check_settings as _check_settings,
     defaults as _defaults,
     rank as _rank,
+    retention_events as _retention_events,
     run_metadata as _run_metadata,
     trace_dir as _trace_dir,
 )
@@ -213,7 +214,9 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
         max_stack_trace_depth (int, 10): frames kept per stack.
         snapshot_interval_ms (int, 1000) and auto_snapshot (bool, True):
             timed snapshots with NVML device totals.
-        retention_events (int, 2**20): events kept in memory.
+        retention_events (int): events kept in memory at least; default
+            2**16 (~2.8 MiB) with a trace or storage, which answers queries
+            for older events, else 2**20 (~45 MiB).
         trace (bool, True): write a SQLite trace.
         trace_dir (str; env TORCHMEM_DIR; default ./torchmem-traces): where.
         gpu_source ("auto" | "tracker" | "plugin" | "history" | "none", default
@@ -281,7 +284,7 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
             storage, path = _make_storage(opts, rank)
         prof = MemoryProfiler(
             storage,
-            retention_events=opts["retention_events"],
+            retention_events=_retention_events(opts, storage),
             capture_stack_traces=opts["capture_stack_traces"],
             max_stack_trace_depth=opts["max_stack_trace_depth"],
             snapshot_interval_ms=opts["snapshot_interval_ms"],
