@@ -6,6 +6,7 @@ distinct functions (one code object each, in a file outside torchmem), so
 the stack captured really is that deep (checked: every stack resolves to
 the depth asked, capped by ``max_stack_trace_depth``).
 
+Stacks are cut at ``max_stack_trace_depth`` = the depth.
 Patterns, ``--n`` allocate/free pairs each (addresses reused):
   same line: every allocation from one line (one stack for the whole loop),
   4 lines: the innermost frame cycles over 4 lines (4 stacks; the outer
@@ -98,7 +99,7 @@ def measure(depth: int, pattern: str, n: int, repeat: int) -> tuple[float, float
         best_off = min(best_off, timed(off, chain, n, pattern))
         off.close()
         on = torchmem.MemoryProfiler(auto_snapshot=False, capture_stack_traces=True,
-                                     max_stack_trace_depth=max(depth, 10),
+                                     max_stack_trace_depth=depth,
                                      retention_events=1 << 16)
         best_on = min(best_on, timed(on, chain, n, pattern))
         rows = on.read_rows()
