@@ -215,7 +215,7 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
         snapshot_interval_ms (int, 1000) and auto_snapshot (bool, True):
             timed snapshots with NVML device totals.
         retention_events (int): events kept in memory at least; default
-            2**16 (~2.8 MiB) with a trace or storage, which answers queries
+            2**16 (~2.9 MiB) with a trace or storage, which answers queries
             for older events, else 2**20 (~45 MiB).
         trace (bool, True): write a SQLite trace.
         trace_dir (str; env TORCHMEM_DIR; default ./torchmem-traces): where.

@@ -66,7 +66,7 @@ def run_metadata(settings: dict[str, Any], rank: int | None) -> dict[str, Any]:
 
 #: Events enable() keeps in memory with a storage, which answers queries for
 #: older events (MemoryProfiler.get_event_rows reads them back): 8 chunks,
-#: ~2.8 MiB, instead of a ~45 MiB floor (issue 12: profiling memory under 5%
+#: ~2.9 MiB, instead of a ~45 MiB floor (issue 12: profiling memory under 5%
 #: of a small run's).
 RETENTION_WITH_STORAGE = 1 << 16
 #: ... and without one: memory is then the only copy of the events.
