@@ -3,6 +3,7 @@ gradients with and without torchmem, and the categories stay exact."""
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import numpy as np
@@ -203,8 +204,16 @@ def test_threads_keep_their_own_context():
     plain = {name: train(cls, torch.optim.Adam, batches((8, 16), 4)) for name, cls in
              (("A", A), ("B", B))}
     with attributed() as prof:
+        # train() seeds torch's one global generator, which two threads would
+        # share: each builds its model from a copy made here, as seed 0 gives it.
+        built = {}
+        for name, cls in (("A", A), ("B", B)):
+            torch.manual_seed(0)
+            built[name] = cls()
+
         def work(name, cls):
-            results[name] = (train(cls, torch.optim.Adam, batches((8, 16), 4)),
+            results[name] = (train(lambda: copy.deepcopy(built[name]), torch.optim.Adam,
+                                   batches((8, 16), 4)),
                              threading.get_native_id())
 
         threads = [threading.Thread(target=work, args=(n, c)) for n, c in (("A", A), ("B", B))]

@@ -238,7 +238,8 @@ def test_live_follows_a_running_script_in_tmux(tmp_path, tmux):
         term = tmux(f"{sys.executable} -m torchmem live {trace}; echo LIVE-EXIT=$?; sleep 600")
         held = f"script.py:{_line_of('# HELD')} in <module> [CPU, host]"
         screen = term.wait_for(f"live {_exact(one['current'])}  peak {_exact(one['peak'])}",
-                               f"step {one['event_step']} ", held, "[following]")
+                               f"step {one['event_step']} ", held, "[following]",
+                               "last epoch check: epoch 1 at step 0: baseline")
         ((t, d, cur, peak),) = one["pairs"]
         assert _cells(screen, "│ CPU") == ["CPU", "host", _exact(cur), _exact(peak)]
         assert _cells(screen, f"│ {format_bytes(3 * 12345 * 4)}")[1:] == ["3", held]  # relative

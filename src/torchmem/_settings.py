@@ -111,7 +111,7 @@ def check_settings(settings: dict[str, Any]) -> None:
             settings[name] = check_bool(settings[name], name)
     if "snapshot_interval_ms" in settings:
         check_interval_ms(settings["snapshot_interval_ms"], "snapshot_interval_ms")
-    if "retention_events" in settings:
+    if settings.get("retention_events") is not None:  # None: by the storage
         check_nonneg_int(settings["retention_events"], "retention_events")
     if "max_stack_trace_depth" in settings:
         check_stack_depth(settings["max_stack_trace_depth"])
