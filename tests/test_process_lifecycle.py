@@ -31,12 +31,20 @@ LOOP = textwrap.dedent("""
 """)
 
 
+def _default_sigint() -> None:
+    # A job started in the background of a non-interactive shell (as a CI
+    # runner may start this suite) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: what a terminal's Ctrl-C reaches
+    # is a process with SIGINT at its default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_under_torchmem_run_ends_as_python_does(tmp_path):
     (tmp_path / "loop.py").write_text(LOOP)
     trace = tmp_path / "t.db"
     proc = subprocess.Popen([sys.executable, "-m", "torchmem", "run", "--no-stacks", "-o",
                              str(trace), "loop.py"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGINT)
@@ -56,7 +64,7 @@ def test_ctrl_c_plain_python_for_comparison(tmp_path):
     (tmp_path / "p.py").write_text("import time\nprint('ready', flush=True)\n"
                                    "while True:\n    time.sleep(0.01)\n")
     proc = subprocess.Popen([sys.executable, "p.py"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)

@@ -51,6 +51,7 @@ def test_nothing_is_expanded_while_the_run_lasts(tmp_path):
 def test_expand_idle_still_expands_during_the_run(tmp_path):
     """The option keeps the old behaviour: chunks expanded while the pipe is idle."""
     path = str(tmp_path / "t.db")
+    open(path, "ab").close()  # the writer opens the file its storage made, never creates one
     r_data, w_data = os.pipe()
     r_reply, w_reply = os.pipe()
     server = threading.Thread(target=_writer.serve,
@@ -77,6 +78,7 @@ def _serve_and_close(tmp_path, monkeypatch, *, child: bool, backlog_limit: int) 
     monkeypatch.setattr(_writer, "_lower_priority", lambda: calls.append(_writer.EXPAND_NICE))
     monkeypatch.setattr(_writer, "BACKGROUND_BACKLOG", backlog_limit)
     path = str(tmp_path / f"t{child}{backlog_limit}.db")
+    open(path, "ab").close()  # the writer opens the file its storage made, never creates one
     r_data, w_data = os.pipe()
     r_reply, w_reply = os.pipe()
     p = torchmem.MemoryProfiler(auto_snapshot=False)
