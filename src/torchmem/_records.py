@@ -4,16 +4,22 @@ A saved trace's side records (snapshots, GC records, OOM records, anomaly
 counts and examples) are JSON and loose SQL columns, so a damaged or hostile
 file can hold any value in them. ``MemoryProfiler.from_trace`` keeps the
 records these checks accept and skips (and counts) the rest, so nothing
-downstream meets a snapshot whose ``usage_by_type`` is a list.
+downstream meets a snapshot whose ``usage_by_type`` is a list; a skipped
+record's marker event (GC_END, SNAPSHOT, OUT_OF_MEMORY: its ``address`` is the
+record's index) is renumbered to the kept records' places (``keep_records``,
+``renumber_markers``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-from ._types import DeviceMemory, GCRecord, OomEvent, Snapshot
+import numpy as np
 
-__all__ = ["anomaly_example_ok", "gc_record_ok", "oom_ok", "snapshot_ok", "SIDE_RECORD_KINDS"]
+from ._types import DeviceMemory, GCRecord, MemoryEventType, OomEvent, Snapshot
+
+__all__ = ["anomaly_example_ok", "gc_record_ok", "keep_records", "oom_ok", "oom_or_none",
+           "renumber_markers", "snapshot_ok", "SIDE_RECORD_KINDS"]
 
 #: The names skipped records are counted under (``profiler.skipped_side_records``).
 SIDE_RECORD_KINDS = ("snapshots", "GC records", "OOM records", "anomaly counts",
@@ -71,3 +77,65 @@ def anomaly_example_ok(e: Any) -> bool:
     """One of ``profiler.anomalies["examples"]``: a kind and int fields."""
     return (isinstance(e, dict) and isinstance(e.get("kind"), str)
             and all(_int(e.get(k)) for k in _EXAMPLE_INTS))
+
+
+def oom_or_none(o: Any) -> OomEvent | None:
+    """A saved OOM record (a dict or an OomEvent) as an OomEvent; None for one of no such shape."""
+    try:
+        return OomEvent.from_dict(o) if isinstance(o, (dict, OomEvent)) else None
+    except (TypeError, ValueError):  # an ``extra`` that is not a mapping
+        return None
+
+
+#: The index a marker event gets when its side record was skipped: past any list.
+_NO_RECORD = 2**62
+
+
+def keep_records(sides: dict[str, list[int]], kept: list, start: int, records: list,
+                 ok: Callable[[Any], bool], events: np.ndarray, kind: int,
+                 name: str) -> list:
+    """``kept`` (the records so far) with ``records`` (the trace's, from index
+    ``start``) put in from ``start`` on, those ``ok`` refuses left out. ``sides[name]``
+    maps each trace index to its place in the list (-1: skipped); the marker
+    events of ``kind`` are renumbered to those places (skipped ones to
+    ``_NO_RECORD``)."""
+    maps = sides.setdefault(name, [])
+    del maps[start:]
+    kept = kept[:sum(1 for m in maps if m >= 0)]
+    for r in records:
+        good = r is not None and ok(r)
+        maps.append(len(kept) if good else -1)
+        if good:
+            kept.append(r)
+    if len(kept) != len(maps):  # something skipped: the markers move
+        _renumber(events, maps, kind)
+    return kept
+
+
+#: Marker event kinds and the side-record list each points into.
+_MARKERS = (("GC records", int(MemoryEventType.GC_END)),
+            ("snapshots", int(MemoryEventType.SNAPSHOT)),
+            ("OOM records", int(MemoryEventType.OUT_OF_MEMORY)))
+
+
+def renumber_markers(events: np.ndarray, sides: dict[str, list[int]]) -> np.ndarray:
+    """``events`` with their marker indices moved to the kept records' places
+    (a copy, when any record was skipped; ``events`` itself otherwise)."""
+    moved = [(sides[name], kind) for name, kind in _MARKERS if -1 in sides.get(name, ())]
+    if not moved:
+        return events
+    events = np.array(events, copy=True)
+    for maps, kind in moved:
+        _renumber(events, maps, kind)
+    return events
+
+
+def _renumber(events: np.ndarray, maps: list[int], kind: int) -> None:
+    mapping = np.asarray(maps, np.int64)
+    mapping = np.where(mapping >= 0, mapping, _NO_RECORD).astype(np.uint64)
+    mask = events["kind"] == kind
+    old = events["address"][mask]
+    inside = old < len(mapping)
+    out = np.full(len(old), _NO_RECORD, np.uint64)
+    out[inside] = mapping[old[inside].astype(np.int64)]
+    events["address"][mask] = out

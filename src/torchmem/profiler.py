@@ -1,15 +1,16 @@
 """MemoryProfiler: the one object that reads the recorder and answers questions.
 
 Over 400 lines on purpose: this is the only module that calls the native
-recorder's private methods (``tests/test_layers.py`` checks it), so every
-read of the recorder lives here, behind the public read API the rest of
-torchmem uses (``read_rows``, ``live_allocations``, ``counters``,
+recorder's private methods on a recorder (``tests/test_layers.py`` checks
+it), so every read of the recorder lives here, behind the public read API the
+rest of torchmem uses (``read_rows``, ``live_allocations``, ``counters``,
 ``counters_by_type_and_device``, ``type_names``, ``resolve_stack``, the seq
-bounds, and the sink hand-over), and ``SavedTraceProfiler``, the loaded
-trace whose pass over the events is that same native replay. What does not touch the recorder lives
-elsewhere: value types in ``_types``, layouts in ``_events``, stacks in
-``_stacks``, the sink thread in ``_pump``, the snapshot timer in
-``_snapshots``.
+bounds, the sink hand-over, and the replay of a saved trace). What does not
+touch the recorder lives elsewhere: value types in ``_types``, side-record
+checks and marker renumbering in ``_records``, layouts in ``_events``, stacks
+in ``_stacks``, the sink thread in ``_pump``, the snapshot timer in
+``_snapshots``, and ``SavedTraceProfiler`` (a loaded trace whose events stay
+in the file) in ``_saved_trace``.
 
 The profiler imports nothing above it (sources, analysis, sinks, the
 session): NVML's device totals reach ``track_snapshot`` through
@@ -47,7 +48,6 @@ from ._events import (
     empty_events,
     events_from_bytes,
     allocation_sums,
-    merge_key_sums,
     to_memory_events,
 )
 from ._contexts import LiveContexts, MarkLog, SavedContexts
@@ -55,7 +55,9 @@ from ._records import (
     SIDE_RECORD_KINDS,
     anomaly_example_ok,
     gc_record_ok,
+    keep_records,
     oom_ok,
+    oom_or_none,
     snapshot_ok,
 )
 from ._snapshots import AutoSnapshotter
@@ -149,7 +151,8 @@ class MemoryProfiler(_recorder.Recorder):
         #: A loaded trace's malformed side records that were skipped, by kind
         #: ("snapshots", "GC records", ...): what ``from_trace`` warned about.
         self.skipped_side_records: dict[str, int] = {}
-        self._side_maps: dict[str, list[int]] = {}  # a loaded trace's: see _keep
+        # A loaded trace's: see _records.keep_records.
+        self._side_maps: dict[str, list[int]] = {}
         self._native_sources: set[str] = set()  # see attach_native_source
         self._batch_sources: list[Callable[[], Any]] = []
         self.storage = storage
@@ -846,18 +849,20 @@ class MemoryProfiler(_recorder.Recorder):
                             for q, a, c, x in delta.marks[held - delta.marks_start:]])
         events = np.array(events, copy=True)  # marker indices may be renumbered below
         sides = self._side_maps
-        self._gc_records = _keep(sides, self._gc_records, delta.gc_start, delta.gc_records,
-                                 gc_record_ok, events, int(MemoryEventType.GC_END), "GC records")
+        self._gc_records = keep_records(sides, self._gc_records, delta.gc_start,
+                                        delta.gc_records, gc_record_ok, events,
+                                        int(MemoryEventType.GC_END), "GC records")
         self._gc_count_by_generation = {}
         for rec in self._gc_records:
             self._gc_count_by_generation[rec.generation] = (
                 self._gc_count_by_generation.get(rec.generation, 0) + 1)
         self._gc_total_ns = sum(rec.duration_ns for rec in self._gc_records)
-        self._snapshots = _keep(sides, self._snapshots, delta.snapshots_start, delta.snapshots,
-                                snapshot_ok, events, int(MemoryEventType.SNAPSHOT), "snapshots")
-        self._saved_ooms = _keep(sides, self._saved_ooms, delta.ooms_start,
-                                 [_oom_or_none(o) for o in delta.ooms], oom_ok, events,
-                                 int(MemoryEventType.OUT_OF_MEMORY), "OOM records")
+        self._snapshots = keep_records(sides, self._snapshots, delta.snapshots_start,
+                                       delta.snapshots, snapshot_ok, events,
+                                       int(MemoryEventType.SNAPSHOT), "snapshots")
+        self._saved_ooms = keep_records(sides, self._saved_ooms, delta.ooms_start,
+                                        [oom_or_none(o) for o in delta.ooms], oom_ok, events,
+                                        int(MemoryEventType.OUT_OF_MEMORY), "OOM records")
         skipped = {name: maps.count(-1) for name, maps in sides.items() if -1 in maps}
         if delta.anomalies or delta.anomaly_examples:  # the trace's totals so far
             counts = delta.anomalies if isinstance(delta.anomalies, dict) else {}
@@ -884,274 +889,3 @@ class MemoryProfiler(_recorder.Recorder):
                           RuntimeWarning, stacklevel=3)
         self.skipped_side_records = skipped
         self._replay(np.ascontiguousarray(events).tobytes())
-
-    @classmethod
-    def from_saved(cls, side: Any, events: Any,
-                   source: str | None = None) -> "SavedTraceProfiler":
-        """A read-only profiler over a saved trace whose events stay where they
-        are (``torchmem.load``): ``side`` is the trace without its events (a
-        TraceDelta), ``events`` reads them (``storage.SavedEvents``: ``read``,
-        ``batches``, ``end_seq``, ``fail``, ``close``)."""
-        prof = SavedTraceProfiler(retention_events=_SAVED_RETENTION, auto_snapshot=False)
-        prof.disable()
-        prof._stacks = SavedStacks()
-        prof._contexts = SavedContexts()
-        prof._saved_ooms = []
-        prof.extend_from_trace(side, source=source)  # the side records; no event yet
-        prof._saved = events
-        return prof
-
-
-def _oom_or_none(o: Any) -> OomEvent | None:
-    try:
-        return OomEvent.from_dict(o) if isinstance(o, (dict, OomEvent)) else None
-    except (TypeError, ValueError):  # an ``extra`` that is not a mapping
-        return None
-
-
-#: The index a marker event gets when its side record was skipped: past any list.
-_NO_RECORD = 2**62
-
-
-def _keep(sides: dict[str, list[int]], kept: list, start: int, records: list,
-          ok: Callable[[Any], bool], events: np.ndarray, kind: int, name: str) -> list:
-    """``kept`` (the records so far) with ``records`` (the trace's, from index
-    ``start``) put in from ``start`` on, those ``ok`` refuses left out. ``sides[name]``
-    maps each trace index to its place in the list (-1: skipped); the marker
-    events of ``kind`` are renumbered to those places (skipped ones to
-    ``_NO_RECORD``)."""
-    maps = sides.setdefault(name, [])
-    del maps[start:]
-    kept = kept[:sum(1 for m in maps if m >= 0)]
-    for r in records:
-        good = r is not None and ok(r)
-        maps.append(len(kept) if good else -1)
-        if good:
-            kept.append(r)
-    if len(kept) != len(maps):  # something skipped: the markers move
-        _renumber(events, maps, kind)
-    return kept
-
-
-#: Marker event kinds and the side-record list each points into.
-_MARKERS = (("GC records", int(MemoryEventType.GC_END)),
-            ("snapshots", int(MemoryEventType.SNAPSHOT)),
-            ("OOM records", int(MemoryEventType.OUT_OF_MEMORY)))
-
-
-def _renumber_markers(events: np.ndarray, sides: dict[str, list[int]]) -> np.ndarray:
-    """``events`` with their marker indices moved to the kept records' places
-    (a copy, when any record was skipped; ``events`` itself otherwise)."""
-    moved = [(sides[name], kind) for name, kind in _MARKERS if -1 in sides.get(name, ())]
-    if not moved:
-        return events
-    events = np.array(events, copy=True)
-    for maps, kind in moved:
-        _renumber(events, maps, kind)
-    return events
-
-
-def _renumber(events: np.ndarray, maps: list[int], kind: int) -> None:
-    mapping = np.asarray(maps, np.int64)
-    mapping = np.where(mapping >= 0, mapping, _NO_RECORD).astype(np.uint64)
-    mask = events["kind"] == kind
-    old = events["address"][mask]
-    inside = old < len(mapping)
-    out = np.full(len(old), _NO_RECORD, np.uint64)
-    out[inside] = mapping[old[inside].astype(np.int64)]
-    events["address"][mask] = out
-
-
-#: A loaded trace's ring: the pass replays every event through it, and only
-#: the last chunk stays (queries read the file).
-_SAVED_RETENTION = 1 << 13
-
-
-class SavedTraceProfiler(MemoryProfiler):
-    """What ``torchmem.load`` returns: a read-only MemoryProfiler whose events
-    stay in the trace file.
-
-    Event queries read the rows they need from the file. The run's totals
-    (statistics, counters, live allocations, the current step, anomalies,
-    allocation totals by site) come from one pass over every event, made by
-    the first query that needs them: the native replay ``from_trace`` makes,
-    fed a batch at a time, so memory is bounded by the live allocations, not
-    the events. The answers are those of ``from_trace`` over the same trace.
-    """
-
-    _saved: Any = None
-    _passed = False
-    _in_pass = False
-    _pass_error: BaseException | None = None
-    _site_totals: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-
-    def _pass(self) -> None:
-        if self._passed:
-            return
-        for _ in self._replaying():
-            pass
-
-    def _replaying(self) -> Iterator[np.ndarray]:
-        # The pass, yielding each batch once it is replayed; a consumer that
-        # stops early still leaves the pass complete.
-        with self._lock:
-            if self._pass_error is not None:
-                raise self._pass_error
-            if self._passed:
-                return
-            if self._in_pass:  # a query from inside iter_event_rows' loop
-                raise RuntimeError("the trace's events are being read (iter_event_rows); "
-                                   "ask for totals after the loop")
-            self._in_pass = True
-            try:
-                n_types = len(self._type_names())
-                sums, last, stopped = [], -1, False
-                try:
-                    for rows in self._saved.batches():
-                        check_event_rows(rows, n_types)
-                        rows = _renumber_markers(rows, self._side_maps)
-                        if int(rows["seq"][0]) <= last:
-                            raise ValueError("event seq numbers are not increasing")
-                        last = int(rows["seq"][-1])
-                        self._replay(np.ascontiguousarray(rows).tobytes())
-                        self._set_consumer_seq(self._next_seq())  # the ring keeps one chunk
-                        sums.append(allocation_sums(rows))
-                        if not stopped:
-                            try:
-                                yield rows
-                            except GeneratorExit:
-                                stopped = True
-                except (ValueError, TypeError, IndexError, OverflowError) as exc:
-                    self._saved.fail(exc)
-                self._site_totals = merge_key_sums(sums)
-            except BaseException as exc:
-                # A replay stopped half way cannot be resumed: every later
-                # query gives the same error.
-                self._pass_error = exc
-                raise
-            finally:
-                self._in_pass = False
-            self._passed = True
-
-    def iter_event_rows(self, batch: int = 1 << 16) -> Iterator[np.ndarray]:
-        """Every event of the trace, by seq, a batch at a time (read from the
-        file; the first iteration is also the profiler's pass)."""
-        if not self._passed:
-            yield from self._replaying()
-            return
-        n_types = len(self._type_names())
-        for rows in self._saved.batches(batch):
-            try:
-                check_event_rows(rows, n_types)
-            except ValueError as exc:
-                self._saved.fail(exc)
-            yield _renumber_markers(rows, self._side_maps)
-
-    def _read(self, **query: Any) -> np.ndarray:
-        rows = self._saved.read(**query)
-        try:
-            check_event_rows(rows, len(self._type_names()))
-        except ValueError as exc:
-            self._saved.fail(exc)
-        return _renumber_markers(rows, self._side_maps)
-
-    # -- what needs the pass ---------------------------------------------------
-    @property
-    def current_step(self) -> int:
-        """The last step of the trace."""
-        self._pass()
-        return self._get_step()
-
-    @property
-    def anomalies(self) -> dict[str, Any]:
-        """Counts of bad input by kind found replaying the trace, with examples."""
-        self._pass()
-        return MemoryProfiler.anomalies.fget(self)  # type: ignore[attr-defined]
-
-    def get_statistics(self) -> MemoryStatistics:
-        self._pass()
-        return super().get_statistics()
-
-    def counters(self, allocation_type: str | None = None,
-                 device: int | None = None) -> Counters:
-        self._pass()
-        return super().counters(allocation_type, device)
-
-    def counters_by_type_and_device(self) -> dict[tuple[str, int], Counters]:
-        self._pass()
-        return super().counters_by_type_and_device()
-
-    def get_statistics_for_type(self, allocation_type: str) -> MemoryStatistics:
-        self._pass()
-        return super().get_statistics_for_type(allocation_type)
-
-    def get_statistics_for_device(self, device: int | None) -> MemoryStatistics:
-        self._pass()
-        return super().get_statistics_for_device(device)
-
-    def reset_peak(self, allocation_type: str | None = None, device: int | None = None) -> None:
-        self._pass()
-        super().reset_peak(allocation_type, device)
-
-    def live_allocations(self) -> np.ndarray:
-        self._pass()
-        return super().live_allocations()
-
-    def live_seqs(self, addresses: list[int]) -> list[tuple[int, int]]:
-        self._pass()
-        return super().live_seqs(addresses)
-
-    @property
-    def peak_seq(self) -> int | None:
-        """The seq of the event after which the peak was first reached."""
-        self._pass()
-        return MemoryProfiler.peak_seq.fget(self)  # type: ignore[attr-defined]
-
-    def allocation_totals_by_stack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every allocation of the trace grouped by site key: (keys, bytes, counts)."""
-        self._pass()
-        assert self._site_totals is not None
-        return self._site_totals
-
-    # -- events: read from the file ----------------------------------------------
-    @property
-    def next_seq(self) -> int:
-        """One past the trace's last seq (= its event count)."""
-        return int(self._saved.end_seq)
-
-    @property
-    def first_retained_seq(self) -> int:
-        """0: every event of the trace can be read."""
-        return 0
-
-    def read_rows(self, start_seq: int | None = None, end_seq: int | None = None, *,
-                  since_ns: int | None = None) -> np.ndarray:
-        """Events of the trace as an EVENT_DTYPE array: seqs ``[start_seq,
-        end_seq)`` (default: all), from time ``since_ns`` on when given."""
-        start = 0 if start_seq is None else _check_nonneg_int(start_seq, "start_seq")
-        end = None if end_seq is None else _check_nonneg_int(end_seq, "end_seq")
-        return self._read(from_seq=start, before_seq=end,
-                          since_ns=None if since_ns is None else int(since_ns))
-
-    def event_rows_from(self, start_seq: int = 0) -> np.ndarray:
-        return self._read(from_seq=_check_nonneg_int(start_seq, "start_seq"))
-
-    def get_event_rows(self, start_step: int = 0, end_step: int | None = None) -> np.ndarray:
-        start_step = _check_nonneg_int(start_step, "start_step")
-        if end_step is not None:
-            _check_nonneg_int(end_step, "end_step")
-            if end_step < start_step:
-                return empty_events()
-        return self._read(start_step=start_step, end_step=end_step)
-
-    def get_allocations_since(self, t: datetime.datetime | float | int | None = None, *,
-                              since_ns: int | None = None) -> EventList:
-        ts = epoch_ns(t, since_ns)
-        rows = self._read(since_ns=ts)
-        return EventList(rows[np.isin(rows["kind"], ALLOCATING_KINDS)], self.to_memory_events)
-
-    def close(self) -> None:
-        """Releases the trace file (queries that need it fail afterwards)."""
-        super().close()
-        if self._saved is not None:
-            self._saved.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..profiler import MemoryProfiler
+from .._saved_trace import SavedTraceProfiler
 from .base import StorageBackend, TraceFormatError, TraceLockedError, merge_deltas
 from .memory import InMemoryStorage
 from ._saved import SavedEvents
@@ -53,7 +53,7 @@ def load(path: str | os.PathLike) -> Any:
         reader.close()
         raise
     try:
-        profiler = MemoryProfiler.from_saved(side, events, source=os.fspath(path))
+        profiler = SavedTraceProfiler.from_saved(side, events, source=os.fspath(path))
     except (ValueError, TypeError, IndexError, OverflowError, AttributeError) as exc:
         reader.close()
         raise TraceFormatError(f"{os.fspath(path)}: corrupt trace ({' '.join(str(exc).split())})") \

@@ -1,6 +1,6 @@
 """A saved trace's events, read from the file a range at a time when a query asks.
 
-``load`` hands a ``SavedEvents`` to ``MemoryProfiler.from_saved``: the
+``load`` hands a ``SavedEvents`` to ``SavedTraceProfiler.from_saved``: the
 profiler reads events by seq range, step or time from it, and makes its one
 pass over every event (statistics, live allocations, allocation totals by
 site) in batches of ``BATCH`` events, so memory stays bounded whatever the
