@@ -1,5 +1,6 @@
 // The CUDA trace tracker's native half (see cuda_trace.hpp): recorder feed
-// and the model of torch's segments.
+// and the model of torch's segments. Over 400 lines on purpose: the model is
+// file-local state, and every entry point that reads or changes it is here, under its lock.
 //
 // The model knows each live block by its requested size (what torch's
 // TraceEntry carries), rounded up to torch's 512-byte granularity, so the

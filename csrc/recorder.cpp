@@ -1,3 +1,6 @@
+// The Recorder's members (recorder.hpp). Over 400 lines on purpose: one class
+// whose members share its lock and private state; the process-wide recorders
+// are in recorder_slots.cpp.
 #include "recorder.hpp"
 
 #include <pthread.h>

@@ -104,6 +104,21 @@ def test_no_module_over_400_lines_without_a_reason_at_its_top():
     assert long == []
 
 
+def test_no_native_source_over_400_lines_without_a_reason_at_its_top():
+    # The C++ sources' "docstring": the comment lines before the first code line.
+    long = []
+    for path in sorted([*(ROOT / "csrc").glob("*.[ch]pp"), *(PACKAGE / "_hook").glob("*.cpp")]):
+        text = path.read_text()
+        top = []
+        for line in text.splitlines():
+            if not line.startswith("//"):
+                break
+            top.append(line)
+        if text.count("\n") > 400 and "400 lines" not in " ".join(top):
+            long.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
+    assert long == []
+
+
 def test_the_console_script_entry_point_is_the_cli_package():
     import tomllib
 

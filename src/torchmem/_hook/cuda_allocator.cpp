@@ -1,5 +1,7 @@
 // torchmem's CUDA allocator as a subclass of torch's CUDAAllocator, compiled
 // against the installed torch at first use (torchmem/sources/cuda_hook.py).
+// Over 400 lines on purpose: it is one class, every virtual of torch's
+// CUDAAllocator overridden in it, and its registration.
 //
 // Why a class and not torch's C-function CUDAPluggableAllocator: only a
 // CUDAAllocator can throw c10::OutOfMemoryError (what torch.OutOfMemoryError
