@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..storage import load
 from ..units import format_bytes
 
-__all__ = ["EXIT_BAD_TRACE", "EXIT_INTERRUPTED", "CliError", "load_trace", "non_negative_int", "print_summary",
-           "print_table", "trace_label"]
+__all__ = ["EXIT_BAD_TRACE", "EXIT_INTERRUPTED", "CliError", "add_top_argument",
+           "add_trace_argument", "load_trace", "non_negative_int", "print_summary", "print_table",
+           "trace_label"]
 
 #: Exit status of a user error (a bad trace, a bad argument): one line on stderr.
 EXIT_BAD_TRACE = 2
@@ -31,6 +32,17 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def add_trace_argument(parser: argparse.ArgumentParser) -> None:
+    """The one positional ``TRACE`` (a trace file's path) of a verb that reads one trace."""
+    parser.add_argument("trace", metavar="TRACE")
+
+
+def add_top_argument(parser: argparse.ArgumentParser, default: int, help: str | None = None,
+                     type: Callable[[str], int] = non_negative_int) -> None:
+    """``--top N``: how many rows (sites, allocations) a verb shows."""
+    parser.add_argument("--top", type=type, default=default, help=help)
 
 
 def load_trace(path: str) -> Any:

@@ -7,7 +7,7 @@ import sys
 
 from ..analysis.sites import bytes_by_site_name
 from ..units import format_bytes
-from ._common import load_trace, non_negative_int, print_table
+from ._common import add_top_argument, load_trace, print_table
 
 
 class DiffCommand:
@@ -18,7 +18,7 @@ class DiffCommand:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("trace_a", metavar="TRACE_A")
         parser.add_argument("trace_b", metavar="TRACE_B")
-        parser.add_argument("--top", type=non_negative_int, default=20)
+        add_top_argument(parser, 20)
 
     def run(self, args: argparse.Namespace) -> int:
         a, b = load_trace(args.trace_a), load_trace(args.trace_b)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..export import FORMATS, ProgressBar
-from ._common import CliError, load_trace
+from ._common import CliError, add_trace_argument, load_trace
 
 
 class ExportCommand:
@@ -15,7 +15,7 @@ class ExportCommand:
     name = "export"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("trace", metavar="TRACE")
+        add_trace_argument(parser)
         parser.add_argument("--format", "-f", required=True, choices=list(FORMATS))
         parser.add_argument("-o", "--output", required=True, help="the file to write "
                             "(tensorboard: a directory of event files)")

@@ -9,7 +9,7 @@ from ..analysis.epoch import epoch_records
 from ..analysis.epoch_records import format_record
 from ..analysis.sites import site_name
 from ..units import format_bytes
-from ._common import load_trace, non_negative_int
+from ._common import add_top_argument, add_trace_argument, load_trace, non_negative_int
 
 
 class LeaksCommand:
@@ -18,9 +18,8 @@ class LeaksCommand:
     name = "leaks"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("trace", metavar="TRACE")
-        parser.add_argument("--top", type=non_negative_int, default=20,
-                            help="how many to show (default 20)")
+        add_trace_argument(parser)
+        add_top_argument(parser, 20, "how many to show (default 20)")
         parser.add_argument("--min-age-steps", type=non_negative_int, default=0,
                             help="only allocations at least this many steps old (default 0)")
 

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from ._common import CliError
+from ._common import CliError, add_top_argument, add_trace_argument
 
 __all__ = ["LiveCommand", "run_live"]
 
@@ -24,10 +24,10 @@ class LiveCommand:
     name = "live"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("trace", metavar="TRACE")
+        add_trace_argument(parser)
         parser.add_argument("--interval", type=float, default=1.0,
                             help="seconds between refreshes")
-        parser.add_argument("--top", type=int, default=10, help="sites and modules shown")
+        add_top_argument(parser, 10, "sites and modules shown", type=int)
         parser.add_argument("--once", action="store_true",
                             help="print the view once as text and exit")
 
