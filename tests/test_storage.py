@@ -388,8 +388,10 @@ def _gone(pid):
         return True
 
 
-def test_flush_is_a_handshake_with_the_writer(tmp_path):
+def test_flush_is_a_handshake_with_the_writer(tmp_path, monkeypatch, capsys):
     import signal
+
+    from torchmem._pump import SinkPump
 
     storage = SQLiteStorage(tmp_path / "h.db")
     assert storage.writer_pid and not storage.in_process
@@ -404,10 +406,16 @@ def test_flush_is_a_handshake_with_the_writer(tmp_path):
         count = ("SELECT (SELECT COUNT(*) FROM events) + "
                  "(SELECT COALESCE(SUM(n), 0) FROM event_chunks)")
         assert con.execute(count).fetchone() == (5000,)
+        assert capsys.readouterr().err == ""
+        # profiler.flush() waits this long for the commit the stopped writer
+        # cannot make (60 s by default), then says so and returns.
+        monkeypatch.setattr(SinkPump, "commit_timeout_s", 0.3)
         os.kill(storage.writer_pid, signal.SIGSTOP)  # a writer that cannot answer
         try:
             p.track_allocation(0x900000, 16)
             p.flush()
+            assert "flush: the events recorded so far are not all committed" in \
+                capsys.readouterr().err
             assert storage.flush(timeout=0.3) is False
         finally:
             os.kill(storage.writer_pid, signal.SIGCONT)
