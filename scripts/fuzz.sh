@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Longer fuzzing of the trace loader (torchmem.storage.load) than CI's 20 s.
+# Longer fuzzing of the trace loader (torchmem.storage.load) than CI's 1000 cases.
 #
 #   bash scripts/fuzz.sh [SECONDS] [SEED]     # mutation fuzzer (bytes and SQL rows)
 #   ATHERIS=1 bash scripts/fuzz.sh 600        # coverage-guided, when atheris is installed
