@@ -18,6 +18,7 @@ import textwrap
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import torchmem
@@ -31,20 +32,43 @@ WRITER = textwrap.dedent("""
     import torchmem
     from torchmem.storage import SQLiteStorage
 
-    path = sys.argv[1]
-    st = SQLiteStorage(path)
-    p = torchmem.MemoryProfiler(st, auto_snapshot=False, flush_interval_ms=5)
-    k = 0
-    print("ready", flush=True)
-    while True:
-        for _ in range(250):
-            a = 4096 + (k % 1000) * 64
-            p.track_allocation(a, k % 777 + 1)
-            p.track_deallocation(a)
-            k += 1
-        p.flush()
-        st.flush()
-        print(st.events_written, flush=True)
+    def write(path, say, committed):
+        st = SQLiteStorage(path)
+        p = torchmem.MemoryProfiler(st, auto_snapshot=False, flush_interval_ms=5)
+        k = 0
+        say("ready")
+        while True:
+            for _ in range(250):
+                a = 4096 + (k % 1000) * 64
+                p.track_allocation(a, k % 777 + 1)
+                p.track_deallocation(a)
+                k += 1
+            p.flush()
+            st.flush()
+            committed(st.events_written)
+""")
+
+# The writer's runs forked from one process that imported torchmem once
+# (what cost ~1 s a run as a fresh interpreter): for each PATH line on stdin
+# a child runs write(), says "ready PID" and its committed counts go to
+# PATH.committed; the zygote says "exit PID STATUS" once it has reaped it.
+ZYGOTE = WRITER + textwrap.dedent("""
+    import os
+    for line in sys.stdin:
+        path = line.strip()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                with open(path + ".committed", "w") as out:
+                    write(path, lambda m: print(m, os.getpid(), flush=True),
+                          lambda n: print(n, file=out, flush=True))
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+            finally:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        print("exit", pid, os.waitstatus_to_exitcode(status), flush=True)
 """)
 
 
@@ -57,10 +81,14 @@ def check_prefix(prof, at_least: int) -> int:
     rows = prof.get_event_rows()
     n = len(rows)
     assert n >= at_least, f"trace holds {n} events, {at_least} were committed"
-    assert rows["seq"].tolist() == list(range(n))
-    kinds, addrs, sizes = rows["kind"].tolist(), rows["address"].tolist(), rows["size"].tolist()
-    for i in range(n):
-        assert (kinds[i], addrs[i], sizes[i]) == expected_row(i), f"row {i}"
+    seq = np.arange(n)
+    assert np.array_equal(rows["seq"], seq)
+    # expected_row(i) for every row at once.
+    want = np.stack([seq % 2, 4096 + (seq // 2 % 1000) * 64, seq // 2 % 777 + 1])
+    got = np.stack([rows["kind"], rows["address"], rows["size"]]).astype(np.int64)
+    wrong = np.flatnonzero((got != want).any(axis=0))
+    assert wrong.size == 0, f"row {wrong[0]}: {tuple(got[:, wrong[0]])} != " \
+        f"{expected_row(int(wrong[0]))}"
     s = prof.get_statistics()
     assert s.allocation_count == (n + 1) // 2
     assert s.deallocation_count == n // 2
@@ -71,27 +99,34 @@ def check_prefix(prof, at_least: int) -> int:
 def test_sigkill_during_sqlite_writes_20_times(tmp_path):
     rng = random.Random(7)
     held = []
-    for run in range(20):
-        path = str(tmp_path / f"killed-{run}.db")
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, path], stdout=subprocess.PIPE,
-                                text=True)
-        try:
-            assert proc.stdout.readline().strip() == "ready"
-            # Random moments: right at the start, mid-commit, after many commits.
-            time.sleep(rng.choice([0.0, 0.001, 0.01]) + rng.random() * 0.15)
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == -signal.SIGKILL
-        committed = [int(x) for x in out.split()]
-        last = committed[-1] if committed else 0
-        if not os.path.exists(path) or os.path.getsize(path) == 0:
-            assert last == 0  # killed before SQLite wrote anything
-            continue
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        prof = load(path)
-        held.append(check_prefix(prof, last))
-        prof.close()
+    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        for run in range(20):
+            path = str(tmp_path / f"killed-{run}.db")
+            print(path, file=zygote.stdin, flush=True)
+            said = zygote.stdout.readline().split()
+            assert said[0] == "ready", said
+            pid = said[1]
+            try:
+                # Random moments: right at the start, mid-commit, after many commits.
+                time.sleep(rng.choice([0.0, 0.001, 0.01]) + rng.random() * 0.15)
+            finally:
+                os.kill(int(pid), signal.SIGKILL)
+            assert zygote.stdout.readline().split() == ["exit", pid, str(-signal.SIGKILL)]
+            with open(path + ".committed") as f:
+                committed = [int(x) for x in f.read().split()]
+            last = committed[-1] if committed else 0
+            if not os.path.exists(path) or os.path.getsize(path) == 0:
+                assert last == 0  # killed before SQLite wrote anything
+                continue
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            prof = load(path)
+            held.append(check_prefix(prof, last))
+            prof.close()
+    finally:
+        zygote.stdin.close()
+        zygote.wait(timeout=30)
     assert len(held) >= 15 and max(held) > 0
 
 
