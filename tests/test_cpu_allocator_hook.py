@@ -208,7 +208,9 @@ def test_enable_falls_back_to_the_dispatch_mode(tmp_path):
     assert done.stdout.split() == ["HostTracker", "True", "100"], done.stderr
 
 
-def test_corrupt_cached_library_is_rebuilt(tmp_path):
+def test_corrupt_cached_library_is_rebuilt(tmp_path, monkeypatch):
+    from torchmem.sources import _build, cpu_allocator
+
     code = """
         import torch
         from torchmem import MemoryProfiler
@@ -219,11 +221,11 @@ def test_corrupt_cached_library_is_rebuilt(tmp_path):
             print(p.get_statistics_for_type("CPU").current_usage_bytes)
         print(build_hook())
     """
-    first = run_python(code, TORCHMEM_CACHE_DIR=str(tmp_path))
-    assert first.stdout.split()[0] == "10", first.stderr
-    path = first.stdout.split()[1]
-    with open(path, "wb") as f:
-        f.write(b"not a shared library")
+    # Where the hook is cached in tmp_path (named without building it: a run
+    # that built it first only to learn the name took a compile and a process).
+    monkeypatch.setenv("TORCHMEM_CACHE_DIR", str(tmp_path))
+    path = _build._library_path(cpu_allocator._SPEC, _build.compiler())
+    path.write_bytes(b"not a shared library")
     second = run_python(code, TORCHMEM_CACHE_DIR=str(tmp_path))
-    assert second.stdout.split()[0] == "10", second.stderr
+    assert second.stdout.split() == ["10", str(path)], second.stderr
     assert os.path.getsize(path) > 1000
