@@ -138,6 +138,27 @@ WARN=(-Wall -Wextra -Wno-missing-field-initializers -Werror)
 BASE=(-std=c++17 -O1 -fPIC -fvisibility=hidden "-D_GLIBCXX_USE_CXX11_ABI=$ABI" "${WARN[@]}")
 torch_inc() { echo "-isystem $1/include -isystem $1/include/torch/csrc/api/include"; }
 HOOK=src/torchmem/_hook
+# CXX_LAUNCHER (e.g. ccache; .ci/run sets it when ccache is installed) runs
+# each compile: the unchanged ones are replayed from its cache. Only -c
+# compiles can be, so every library below is compiled a source at a time,
+# then linked.
+read -r -a LAUNCH <<< "${CXX_LAUNCHER:-}"
+# so OUT SRC... -- FLAG... -- LINK_FLAG...: the sources compiled with FLAGs,
+# then linked into OUT with LINK_FLAGs.
+so() {
+  local out=$1 srcs=() flags=() objs=() src obj
+  shift
+  while [ "$1" != -- ]; do srcs+=("$1"); shift; done
+  shift
+  while [ "$1" != -- ]; do flags+=("$1"); shift; done
+  shift
+  for src in "${srcs[@]}"; do
+    obj="${out%.*}.$(basename "${src%.cpp}").o"
+    "${LAUNCH[@]}" "$CXX" "${flags[@]}" -c "$src" -o "$obj" || return 1
+    objs+=("$obj")
+  done
+  "$CXX" "${flags[@]}" "${objs[@]}" -o "$out" "$@"
+}
 status=0
 pids=()
 names=()
@@ -147,62 +168,64 @@ run() {  # run NAME COMMAND...: two at a time (CI machines here have two cores)
   ( "$@" > "$OUT/$name.log" 2>&1 ) &
   pids+=($!)
   names+=("$name")
-  if [ "${#pids[@]}" -ge 2 ]; then collect; fi
+  if [ "${#pids[@]}" -ge 2 ]; then reap_one; fi
+}
+reap_one() {  # waits for whichever job ends first (not for both of a pair)
+  local pid rc i
+  if wait -n -p pid "${pids[@]}"; then rc=0; else rc=$?; fi
+  for i in "${!pids[@]}"; do [ "${pids[$i]}" = "$pid" ] && break; done
+  if [ "$rc" -eq 0 ]; then
+    echo "  ok      ${names[$i]}"
+  else
+    echo "  FAILED  ${names[$i]}"
+    sed 's/^/    /' "$OUT/${names[$i]}.log" | tail -25
+    status=1
+  fi
+  unset "pids[$i]" "names[$i]"
+  pids=("${pids[@]}")
+  names=("${names[@]}")
 }
 collect() {
-  local i
-  for i in "${!pids[@]}"; do
-    if wait "${pids[$i]}"; then
-      echo "  ok      ${names[$i]}"
-    else
-      echo "  FAILED  ${names[$i]}"
-      sed 's/^/    /' "$OUT/${names[$i]}.log" | tail -25
-      status=1
-    fi
-  done
-  pids=()
-  names=()
+  while [ "${#pids[@]}" -gt 0 ]; do reap_one; done
 }
 
 # 1. csrc/cuda_runtime.hpp against the real headers and libcudart.
-run abi-check "$CXX" -std=c++17 "${WARN[@]}" -isystem "$CUDA_INC" -isystem "$CRT_INC" -Icsrc \
-  tests/native/cuda_abi_check.cpp -o "$OUT/cuda_abi_check" \
+run abi-check so "$OUT/cuda_abi_check" tests/native/cuda_abi_check.cpp -- \
+  -std=c++17 "${WARN[@]}" -isystem "$CUDA_INC" -isystem "$CRT_INC" -Icsrc -- \
   -L "$CUDA_LIB" "-l:$CUDART" -Wl,--no-undefined
 
 # 2. The run-time-built libraries against torch 2.11 (CUDA 13), every symbol resolved.
 # shellcheck disable=SC2046
-run cuda-hook-2.11 "$CXX" "${BASE[@]}" -shared $(torch_inc "$T211") -isystem "$CUDA_INC" \
-  -isystem "$CRT_INC" -I "$HOOK" "$HOOK/cuda_allocator.cpp" "$HOOK/cuda_trace_tracker.cpp" \
-  -o "$OUT/cuda_hook-2.11.so" -L "$T211/lib" -lc10 -lc10_cuda -L "$CUDA_LIB" "-l:$CUDART" \
-  -Wl,--no-undefined
+run cuda-hook-2.11 so "$OUT/cuda_hook-2.11.so" "$HOOK/cuda_allocator.cpp" \
+  "$HOOK/cuda_trace_tracker.cpp" -- "${BASE[@]}" $(torch_inc "$T211") -isystem "$CUDA_INC" \
+  -isystem "$CRT_INC" -I "$HOOK" -- -shared -L "$T211/lib" -lc10 -lc10_cuda -L "$CUDA_LIB" \
+  "-l:$CUDART" -Wl,--no-undefined
 # 5. The same with crt/ from triton instead of nvidia-cuda-crt (compared below).
 # shellcheck disable=SC2046
-run cuda-hook-2.11-triton-crt "$CXX" "${BASE[@]}" -shared $(torch_inc "$T211") -isystem "$CUDA_INC" \
-  -isystem "$TRITON_INC" -I "$HOOK" "$HOOK/cuda_allocator.cpp" "$HOOK/cuda_trace_tracker.cpp" \
-  -o "$OUT/cuda_hook-2.11-triton-crt.so" -L "$T211/lib" -lc10 -lc10_cuda -L "$CUDA_LIB" \
+run cuda-hook-2.11-triton-crt so "$OUT/cuda_hook-2.11-triton-crt.so" "$HOOK/cuda_allocator.cpp" \
+  "$HOOK/cuda_trace_tracker.cpp" -- "${BASE[@]}" $(torch_inc "$T211") -isystem "$CUDA_INC" \
+  -isystem "$TRITON_INC" -I "$HOOK" -- -shared -L "$T211/lib" -lc10 -lc10_cuda -L "$CUDA_LIB" \
   "-l:$CUDART" -Wl,--no-undefined
 # shellcheck disable=SC2046
-run pinned-2.11 "$CXX" "${BASE[@]}" -shared $(torch_inc "$T211") -I "$HOOK" \
-  "$HOOK/pinned_host_allocator.cpp" -o "$OUT/pinned-2.11.so" -L "$T211/lib" -lc10 -ltorch_cpu \
-  -Wl,--no-undefined
+run pinned-2.11 so "$OUT/pinned-2.11.so" "$HOOK/pinned_host_allocator.cpp" -- "${BASE[@]}" \
+  $(torch_inc "$T211") -I "$HOOK" -- -shared -L "$T211/lib" -lc10 -ltorch_cpu -Wl,--no-undefined
 # shellcheck disable=SC2046
-run cpu-hook-2.11 "$CXX" "${BASE[@]}" -shared $(torch_inc "$T211") "$HOOK/cpu_allocator_hook.cpp" \
-  -o "$OUT/cpu_hook-2.11.so" -L "$T211/lib" -lc10 -Wl,--no-undefined
+run cpu-hook-2.11 so "$OUT/cpu_hook-2.11.so" "$HOOK/cpu_allocator_hook.cpp" -- "${BASE[@]}" \
+  $(torch_inc "$T211") -- -shared -L "$T211/lib" -lc10 -Wl,--no-undefined
 
 # 3. The installed torch (2.13, CPU build: no libc10_cuda to link, and no
 #    generated cuda_cmake_macros.h, which only matters on Windows).
 # shellcheck disable=SC2046
-run cuda-hook-2.13 "$CXX" "${BASE[@]}" -c -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE $(torch_inc "$T213") \
+run cuda-hook-2.13 "${LAUNCH[@]}" "$CXX" "${BASE[@]}" -c -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE $(torch_inc "$T213") \
   -isystem "$CUDA_INC" -isystem "$CRT_INC" -I "$HOOK" "$HOOK/cuda_allocator.cpp" \
   -o "$OUT/cuda_allocator-2.13.o"
 # shellcheck disable=SC2046
-run tracker-2.13 "$CXX" "${BASE[@]}" -c -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE $(torch_inc "$T213") \
+run tracker-2.13 "${LAUNCH[@]}" "$CXX" "${BASE[@]}" -c -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE $(torch_inc "$T213") \
   -isystem "$CUDA_INC" -isystem "$CRT_INC" -I "$HOOK" "$HOOK/cuda_trace_tracker.cpp" \
   -o "$OUT/cuda_trace_tracker-2.13.o"
 # shellcheck disable=SC2046
-run pinned-2.13 "$CXX" "${BASE[@]}" -shared $(torch_inc "$T213") -I "$HOOK" \
-  "$HOOK/pinned_host_allocator.cpp" -o "$OUT/pinned-2.13.so" -L "$T213/lib" -lc10 -ltorch_cpu \
-  -Wl,--no-undefined
+run pinned-2.13 so "$OUT/pinned-2.13.so" "$HOOK/pinned_host_allocator.cpp" -- "${BASE[@]}" \
+  $(torch_inc "$T213") -I "$HOOK" -- -shared -L "$T213/lib" -lc10 -ltorch_cpu -Wl,--no-undefined
 
 # 4. The plugin's C entry points, warnings as errors (Python's headers; the
 #    nanobind glue of cuda_bindings.cpp only where nanobind is installed:
@@ -215,7 +238,7 @@ for src in csrc/cuda_*.cpp; do
     echo "  skip    cuda_bindings (nanobind is not installed here; the build compiles it)"
     continue
   fi
-  run "$name" "$CXX" "${BASE[@]}" -O2 -c -isystem "$PYINC" ${NBINC:+-isystem "$NBINC"} \
+  run "$name" "${LAUNCH[@]}" "$CXX" "${BASE[@]}" -O2 -c -isystem "$PYINC" ${NBINC:+-isystem "$NBINC"} \
     ${NBINC:+-isystem "$NBINC/../ext/robin_map/include"} -Icsrc "$src" -o "$OUT/$name.o"
 done
 collect
@@ -228,8 +251,8 @@ if [ "$status" -eq 0 ]; then
   fi
   # 6. The class run on this machine (no GPU needed for what it checks).
   # shellcheck disable=SC2046
-  run class-check-build "$CXX" "${BASE[@]}" $(torch_inc "$T211") -isystem "$CUDA_INC" \
-    -isystem "$CRT_INC" -I "$HOOK" tests/native/cuda_class_check.cpp -o "$OUT/cuda_class_check" \
+  run class-check-build so "$OUT/cuda_class_check" tests/native/cuda_class_check.cpp -- \
+    "${BASE[@]}" $(torch_inc "$T211") -isystem "$CUDA_INC" -isystem "$CRT_INC" -I "$HOOK" -- \
     "$PWD/$OUT/cuda_hook-2.11.so" -L "$T211/lib" -lc10 -lc10_cuda -L "$CUDA_LIB" "-l:$CUDART" \
     -Wl,--no-undefined
   collect

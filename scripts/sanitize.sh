@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CXX=${CXX:-g++}
+# CXX_LAUNCHER (e.g. ccache; .ci/run sets it when ccache is installed) runs
+# each compile, so the unchanged ones are replayed from its cache.
+read -r -a LAUNCH <<< "${CXX_LAUNCHER:-}"
 OUT=build/sanitize
 mkdir -p "$OUT"
 FLAGS=(-std=c++17 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer
@@ -60,13 +63,14 @@ for src in "${SOURCES[@]}"; do
   obj="$OUT/$(basename "${src%.cpp}").o"
   objs+=("$obj")
   # Two compiles at a time: CI machines here have two cores.
-  "$CXX" "${FLAGS[@]}" "${DEFINES[@]}" -c "$src" -o "$obj" &
+  "${LAUNCH[@]}" "$CXX" "${FLAGS[@]}" "${DEFINES[@]}" -c "$src" -o "$obj" &
   pids+=($!)
   if [ "${#pids[@]}" -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
 done
+"${LAUNCH[@]}" "$CXX" "${FLAGS[@]}" "${DEFINES[@]}" -c tests/native/test_recorder.cpp \
+  -o "$OUT/test_recorder.o"
 for p in "${pids[@]}"; do wait "$p"; done
-"$CXX" "${FLAGS[@]}" "${DEFINES[@]}" tests/native/test_recorder.cpp "${objs[@]}" \
-  -o "$OUT/test_recorder" "${LIBS[@]}"
+"$CXX" "${FLAGS[@]}" "$OUT/test_recorder.o" "${objs[@]}" -o "$OUT/test_recorder" "${LIBS[@]}"
 echo "sanitize: built in $(( $(date +%s) - start )) s"
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0:halt_on_error=1:detect_stack_use_after_return=1}
