@@ -15,8 +15,10 @@ CXX=${CXX:-g++}
 read -r -a LAUNCH <<< "${CXX_LAUNCHER:-}"
 OUT=build/sanitize
 mkdir -p "$OUT"
-FLAGS=(-std=c++17 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer
-       -fno-sanitize-recover=undefined -pthread -Icsrc -Wall -Wextra
+# -fdebug-prefix-map: the debug info names sources relative to the checkout,
+# so ccache (CXX_LAUNCHER) can replay an object compiled in another clone.
+FLAGS=(-std=c++17 -O1 -g "-fdebug-prefix-map=$PWD=." -fsanitize=address,undefined
+       -fno-omit-frame-pointer -fno-sanitize-recover=undefined -pthread -Icsrc -Wall -Wextra
        -Wno-missing-field-initializers)
 
 # The recorder proper: no Python anywhere.
