@@ -617,10 +617,12 @@ class MemoryProfiler(_recorder.Recorder):
         with self._lock:
             self._marks.append(self._next_seq(), marks)
 
-    def attribution_marks(self) -> np.ndarray:
-        """Every mark so far as a MARK_DTYPE array (torchmem._contexts), oldest first."""
+    def attribution_marks(self, start: int = 0) -> np.ndarray:
+        """Every mark so far as a MARK_DTYPE array (torchmem._contexts), oldest first;
+        from the ``start``-th on (a reader that keeps up reads only the new ones)."""
+        start = _check_nonneg_int(start, "start")
         with self._lock:
-            return self._marks.array()
+            return self._marks.array(start)
 
     def live_seqs(self, addresses: list[int]) -> list[tuple[int, int]]:
         """For each address, ``(seq, context_id)`` of its live allocation; seq is

@@ -52,12 +52,13 @@ class _Moments:
     with ``device`` (-1: host), that device's allocations only (its own peak)."""
 
     def __init__(self, profiler: Any, lt: Lifetimes | None = None,
-                 device: int | None = None) -> None:
+                 device: int | None = None, marks: np.ndarray | None = None) -> None:
         self.profiler = profiler
         self.lt = lt if lt is not None else lifetimes(profiler)
         self.device = device
         self._usage: np.ndarray | None = None
-        self.marks = profiler.attribution_marks()
+        # A window's lifetimes come with the marks that bear on them (analysis.windows).
+        self.marks = marks if marks is not None else profiler.attribution_marks()
         self.contexts = profiler.context_table()
         rows = self.lt.rows
         last = rows[-1] if len(rows) else None

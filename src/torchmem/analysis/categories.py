@@ -34,7 +34,7 @@ import numpy as np
 from .._contexts import MARK_INDEX, PHASE_INDEX
 
 __all__ = ["CATEGORIES", "Categorized", "Lifetimes", "NO_MODULE", "Segments", "categorize",
-           "lifetimes", "live_now", "segments"]
+           "lifetimes", "lifetimes_of", "live_now", "opened_before", "segments"]
 
 #: Every category, in the order reports list them.
 CATEGORIES = ("parameter", "buffer", "gradient", "optimizer_state", "input", "activation",
@@ -114,18 +114,46 @@ def lifetimes(profiler: Any, storage: bool = True) -> Lifetimes:
     (its ring, and its storage for older ones unless ``storage`` is False; all
     of a loaded trace)."""
     rows = profiler.event_rows_from(0) if storage else profiler.read_rows()
-    live = profiler.live_allocations()
+    return lifetimes_of(rows, opened_before(profiler, rows))
+
+
+def opened_before(profiler: Any, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The allocations live now that were made before ``rows``' first event (all
+    of them when there is none), from the live map: lifetimes_of's ``opened``."""
     first = int(rows["seq"][0]) if len(rows) else profiler.next_seq
+    if first == 0:  # nothing before the first event: no need to ask (a loaded trace's pass)
+        return _table(0)
+    live = profiler.live_allocations()
+    old = live[live["seq"].astype(np.int64) < first]
+    t = _table(len(old))
+    t["alloc_seq"][:] = old["seq"]
+    for name in ("address", "size", "type_id", "device", "stack_id"):
+        t[name][:] = old[name]
+    t["alloc_ctx"][:] = old["context_id"]
+    t["alloc_step"][:] = old["step"]
+    return t
+
+
+def lifetimes_of(rows: np.ndarray, opened: dict[str, np.ndarray]) -> Lifetimes:
+    """The allocations live at some moment of ``rows`` (EVENT_DTYPE, consecutive
+    seqs): those made in them, and ``opened`` (a table as Lifetimes' fields of
+    allocations made before the first of them and live right before it), each
+    paired with its free in ``rows`` if there is one. A free of an allocation in
+    neither (made before the events held) becomes one with ``alloc_seq`` -1.
+    Order: the allocations made in ``rows``, those -1 ones, then ``opened``."""
     kind = rows["kind"]
     a_idx = np.flatnonzero(np.isin(kind, _ALLOCATING))
     f_idx = np.flatnonzero(kind == 1)
+    n_new, n_open = len(a_idx), len(opened["alloc_seq"])
     # Pair each free with the allocation of its address just before it: per
     # address the events alternate allocation, free (the recorder logs a free
-    # only of a live address).
-    addr = np.concatenate([rows["address"][a_idx], rows["address"][f_idx]])
-    seq = np.concatenate([rows["seq"][a_idx], rows["seq"][f_idx]]).astype(np.int64)
-    is_free = np.concatenate([np.zeros(len(a_idx), bool), np.ones(len(f_idx), bool)])
-    which = np.concatenate([np.arange(len(a_idx)), np.arange(len(f_idx))])
+    # only of a live address). Allocation j < n_new is rows[a_idx[j]], one
+    # past it opened[j - n_new].
+    addr = np.concatenate([rows["address"][a_idx], opened["address"], rows["address"][f_idx]])
+    seq = np.concatenate([rows["seq"][a_idx].astype(np.int64), opened["alloc_seq"],
+                          rows["seq"][f_idx].astype(np.int64)])
+    is_free = np.concatenate([np.zeros(n_new + n_open, bool), np.ones(len(f_idx), bool)])
+    which = np.concatenate([np.arange(n_new + n_open), np.arange(len(f_idx))])
     order = np.lexsort((seq, addr))
     addr, is_free, which = addr[order], is_free[order], which[order]
     prev_alloc = np.zeros(len(order), bool)
@@ -135,10 +163,9 @@ def lifetimes(profiler: Any, storage: bool = True) -> Lifetimes:
     alloc_of_free = np.full(len(f_idx), -1, np.int64)
     alloc_of_free[which[pos]] = which[pos - 1]
 
-    old_free = f_idx[alloc_of_free < 0]  # frees of allocations made before `first`
-    old_live = live[live["seq"].astype(np.int64) < first]  # live, made before `first`
-    n_new, n_freed, n_live = len(a_idx), len(old_free), len(old_live)
-    t = _table(n_new + n_freed + n_live)
+    old_free = f_idx[alloc_of_free < 0]  # frees of allocations made before the events held
+    n_freed = len(old_free)
+    t = _table(n_new + n_freed + n_open)
     new = slice(0, n_new)
     ar = rows[a_idx]
     t["alloc_seq"][new] = ar["seq"]
@@ -146,9 +173,13 @@ def lifetimes(profiler: Any, storage: bool = True) -> Lifetimes:
         t[name][new] = ar[name]
     t["alloc_ctx"][new] = ar["context_id"]
     t["alloc_step"][new] = ar["step"]
+    kept = slice(n_new + n_freed, None)
+    for name, column in opened.items():
+        t[name][kept] = column
     freed = alloc_of_free >= 0
     fr = rows[f_idx[freed]]
     target = alloc_of_free[freed]
+    target = np.where(target < n_new, target, target + n_freed)  # opened ones sit after -1 ones
     t["free_seq"][target] = fr["seq"]
     t["free_ctx"][target] = fr["context_id"]
     t["free_step"][target] = fr["step"]
@@ -160,12 +191,6 @@ def lifetimes(profiler: Any, storage: bool = True) -> Lifetimes:
     t["free_seq"][old] = orow["seq"]
     t["free_ctx"][old] = orow["context_id"]
     t["free_step"][old] = orow["step"]
-    kept = slice(n_new + n_freed, None)
-    t["alloc_seq"][kept] = old_live["seq"]
-    for name in ("address", "size", "type_id", "device", "stack_id"):
-        t[name][kept] = old_live[name]
-    t["alloc_ctx"][kept] = old_live["context_id"]
-    t["alloc_step"][kept] = old_live["step"]
     return Lifetimes(**t, rows=rows)
 
 
