@@ -31,7 +31,7 @@ import numpy as np
 from .._contexts import MARK_DTYPE, MARK_INDEX
 from .categories import Lifetimes, Segments, lifetimes_of, opened_before, segments
 
-__all__ = ["LifetimeWindows", "Window", "windows"]
+__all__ = ["NOT_AN_ALLOCATION", "LifetimeWindows", "Window", "creation_categories", "windows"]
 
 _BACKWARD_START = MARK_INDEX["backward_start"]
 _INF = np.int64(2**62)
@@ -73,11 +73,14 @@ class LifetimeWindows:
         self._marks_read = 0  # the profiler's marks consumed, by index
         self._contexts: list[tuple[str, str]] = []
 
-    def window(self, rows: np.ndarray, *, last: bool = False) -> Window:
+    def window(self, rows: np.ndarray, *, last: bool = False,
+               current_step: int | None = None) -> Window:
         """The window of ``rows``: the events right after the boundary, in seq order
         (the first window: the first events held). ``last``: no events follow
         (every mark left bears on it, and its live allocations are categorised
-        as of the run's end)."""
+        as of the run's end). ``current_step``: the step its live allocations
+        are categorised at (default: the profiler's, or the last row's if later;
+        a loaded trace's is known only after its events were read)."""
         p = self.profiler
         if self._opened is None:
             self._opened = opened_before(p, rows)
@@ -98,7 +101,8 @@ class LifetimeWindows:
             self._contexts = p.context_table()
         lt = lifetimes_of(rows, self._opened)
         end = rows[-1] if len(rows) else None
-        step = max(int(end["step"]) if end is not None else 0, p.current_step)
+        step = max(int(end["step"]) if end is not None else 0,
+                   p.current_step if current_step is None else current_step)
         ctx = int(end["context_id"]) if end is not None else 0
         seg = segments(lt, marks, self._contexts, current_step=step, current_ctx=ctx)
         return Window(lt, marks, seg, step, ctx, last)
@@ -135,10 +139,33 @@ def windows(profiler: Any, batch: int = 1 << 18) -> Iterator[Window]:
     lw = LifetimeWindows(profiler)
     held: np.ndarray | None = None
     for rows in profiler.iter_event_rows(batch):
-        if held is not None:
-            w = lw.window(held)
+        if held is not None:  # more events follow: its live allocations are not final
+            w = lw.window(held, current_step=0)
             yield w
             lw.advance(w, int(held["seq"][-1]))
         held = rows
     if held is not None:
         yield lw.window(held, last=True)
+
+
+#: creation_categories' code of an event that is not an allocation.
+NOT_AN_ALLOCATION = 255
+
+
+def creation_categories(profiler: Any, batch: int = 1 << 18) -> np.ndarray:
+    """Per event seq, the category (a CATEGORIES index) of the allocation an
+    ALLOCATION or REALLOCATION event made, as when it was made (the whole run's,
+    as allocation_categories says); NOT_AN_ALLOCATION for every other event and
+    for events no longer held. One byte per event; the events are read a window
+    of ``batch`` at a time."""
+    out = np.full(max(int(profiler.next_seq), 0), NOT_AN_ALLOCATION, np.uint8)
+    for w in windows(profiler, batch):
+        seg, lt = w.segments, w.lt
+        alloc_seq = lt.alloc_seq[seg.alloc]
+        made = (seg.start == alloc_seq) & (alloc_seq >= 0) & w.final[seg.alloc]
+        seqs = alloc_seq[made]
+        if len(seqs) and int(seqs.max()) >= len(out):  # events recorded meanwhile
+            out = np.concatenate([out, np.full(int(seqs.max()) + 1 - len(out),
+                                               NOT_AN_ALLOCATION, np.uint8)])
+        out[seqs] = seg.category[made]
+    return out

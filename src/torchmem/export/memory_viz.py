@@ -22,14 +22,17 @@ Mapping:
   holding the allocations live at the end as ``active_allocated`` blocks and
   the gaps as ``inactive`` ones. No ``segment_alloc`` entries are written.
 
-``export_memory_viz`` streams: one read of the events, a batch at a time,
-pickles each batch of a device's entries on its own into a temporary file
+``export_memory_viz`` streams, reading the events twice a batch at a time:
+first for each allocation's category when made (analysis.windows: known once
+it is freed; one byte per event is kept), then it pickles each batch of a
+device's entries on its own into a temporary file
 (``_Spool``) and merges the address ranges as it goes, then writes the
 snapshot's pickle around those pieces. Pickle protocol 2 names every memo
 slot explicitly, so pieces pickled apart (each refers only to its own
 slots) join into one pickle; only the opcodes of plain lists, dicts, ints
 and strings are used, which memory_viz's own unpickler reads. Memory is a
-batch and the merged ranges, whatever the trace's size; the file unpickles
+batch, the allocations live across it, the merged ranges and a byte per
+event; the file unpickles
 to what ``to_memory_viz`` returns.
 """
 
@@ -43,7 +46,8 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 
-from ..analysis.timeline import allocation_categories
+from ..analysis.categories import CATEGORIES
+from ..analysis.windows import NOT_AN_ALLOCATION, creation_categories
 from ._common import ALLOC, FREE, OOM, REALLOC, Progress
 
 __all__ = ["to_memory_viz", "export_memory_viz"]
@@ -119,16 +123,24 @@ def _merge(intervals: np.ndarray) -> np.ndarray:
     return np.stack([starts[new], seg_ends], axis=1)
 
 
+_NAMES = list(CATEGORIES) + ["other"] * (NOT_AN_ALLOCATION + 1 - len(CATEGORIES))
+
+
 def _entries(rows: np.ndarray, frames: _Frames, ooms: list,
-             categories: dict) -> Iterator[dict[str, Any]]:
+             categories: np.ndarray) -> Iterator[dict[str, Any]]:
     cols = [rows[c].tolist() for c in
-            ("kind", "address", "size", "stream", "timestamp_ns", "stack_id", "seq")]
-    for kind, addr, size, stream, ts, stack, seq in zip(*cols):
+            ("kind", "address", "size", "stream", "timestamp_ns", "stack_id")]
+    seqs = rows["seq"].astype(np.int64)
+    codes = np.full(len(rows), NOT_AN_ALLOCATION, np.uint8)
+    held = seqs < len(categories)
+    codes[held] = categories[seqs[held]]
+    cols.append(codes.tolist())
+    for kind, addr, size, stream, ts, stack, code in zip(*cols):
         time_us = ts // 1000
         if kind == ALLOC or kind == REALLOC:
             yield {"action": "alloc", "addr": addr, "size": size, "stream": stream,
                    "time_us": time_us, "frames": frames(stack),
-                   "category": categories.get(seq, "other")}
+                   "category": _NAMES[code]}
         elif kind == FREE:
             f = frames(stack)
             for action in ("free_requested", "free_completed"):
@@ -183,7 +195,9 @@ def _snapshot(profiler: Any, progress: Progress, streamed: bool,
     profiler.flush()
     frames = _Frames(profiler)
     ooms = profiler.oom_events
-    categories = allocation_categories(profiler)
+    # A first read of the events, a window at a time: each allocation's
+    # category when made is known only once it is freed (one byte per event).
+    categories = creation_categories(profiler)
     ranges: dict[int, np.ndarray] = {}
     devices: set[int] = set()
     lists: dict[int, list[dict[str, Any]]] = {}
