@@ -110,3 +110,39 @@ def test_a_callback_window_past_the_boundary_matches_the_run_so_far():
 
         train(MLP, torch.optim.Adam, batches((8, 16), 4, n=5), prof, check=check)
     assert seen == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_step_category_tracker_is_breakdown_at_each_step_reading_each_event_about_once(every):
+    from torchmem.analysis.category_tracker import StepCategoryTracker
+    from torchmem.analysis.steps import StepTracker, step_categories
+
+    with attributed(capture_stack_traces=False) as prof:
+        steps, tracker = StepTracker(prof), StepCategoryTracker(prof)
+        calls = []
+
+        def check(model, opt, step):
+            if step % every:
+                return
+            done = [r.step for r in steps.update()]
+            got = tracker.categories(done)
+            assert got == {s: step_categories(prof, s) for s in done}
+            assert got[done[-1]]["parameter"] > 0 and got[done[-1]]["optimizer_state"] > 0
+            calls.append(done)
+
+        train(MLP, torch.optim.Adam, batches((8, 16), 4, n=9), prof, check=check)
+        # The run's last step, still in progress, as a callback's final call reads it.
+        done = [r.step for r in steps.update(final=True)]
+        assert tracker.categories(done) == {s: step_categories(prof, s) for s in done}
+        n = prof.next_seq
+    assert [s for c in calls for s in c] + done == list(range(10))
+    # Each event read about once (the step in progress again), not once a call.
+    assert n <= tracker.events_read < n + 10 * 40
+
+
+def test_step_category_tracker_without_attribution_says_none():
+    from torchmem.analysis.category_tracker import StepCategoryTracker
+
+    class NoBreakdown:
+        pass
+    assert StepCategoryTracker(NoBreakdown()).categories([0]) is None

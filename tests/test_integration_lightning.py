@@ -143,17 +143,16 @@ def test_a_leak_is_named_and_raises_at_the_second_epoch_end(session, capsys):
 
 def test_category_breakdown_is_logged_when_the_profiler_has_one(session, monkeypatch):
     cb = TorchmemCallback(trace_dir=str(session), summary=False)
-    prof = cb.profiler
     asked = []
 
-    def breakdown(by, at):  # the shape of MemoryProfiler.breakdown (issue 18)
-        asked.append((by, at))
-        return {"parameter": 1056, "gradient": 1056, "activation": at}
+    def categories(steps):  # StepCategoryTracker's: breakdown(by="category", at=step)
+        asked.extend(steps)
+        return {s: {"parameter": 1056, "gradient": 1056, "activation": s} for s in steps}
 
-    monkeypatch.setattr(prof, "breakdown", breakdown, raising=False)
+    monkeypatch.setattr(cb.core._categories, "categories", categories)
     trainer = _fit(session, cb, Net(), epochs=1)
     rows = _metrics_rows(trainer)
-    assert asked == [("category", s) for s in range(STEPS_PER_EPOCH)]
+    assert asked == list(range(STEPS_PER_EPOCH))
     assert _column(rows, "torchmem/category_bytes/parameter") == \
         [(s, 1056.0) for s in range(STEPS_PER_EPOCH)]
     assert _column(rows, "torchmem/category_bytes/activation") == \

@@ -140,9 +140,9 @@ def test_a_leak_is_named_and_raises_at_the_second_epoch_end(session, capsys):
 
 def test_category_breakdown_goes_into_the_trainer_log(session, monkeypatch):
     cb = TorchmemCallback(trace_dir=str(session), summary=False)
-    prof = cb.profiler
-    monkeypatch.setattr(prof, "breakdown", lambda by, at: {"parameter": 4096, "input": at},
-                        raising=False)
+    # StepCategoryTracker's answer (breakdown(by="category", at=step) at each step).
+    monkeypatch.setattr(cb.core._categories, "categories",
+                        lambda steps: {s: {"parameter": 4096, "input": s} for s in steps})
     trainer = _train(session, cb, _gpt2(), epochs=1)
     assert _history(trainer, "torchmem/category_bytes/parameter") == \
         [(s, 4096.0) for s in range(1, STEPS_PER_EPOCH + 1)]

@@ -17,7 +17,8 @@ import warnings
 from typing import Any
 
 from .. import _session
-from ..analysis.steps import StepMemory, StepTracker, step_categories
+from ..analysis.category_tracker import StepCategoryTracker
+from ..analysis.steps import StepMemory, StepTracker
 from ..epoch import EpochResult, LeakError, mark_epoch
 from ..export.tensorboard import PREFIX, step_scalars
 
@@ -52,6 +53,7 @@ class CallbackCore:
         self.profiler = profiler if profiler is not None else \
             _session.enable(**(enable_settings or {}))
         self._tracker = StepTracker(self.profiler)
+        self._categories = StepCategoryTracker(self.profiler)
         self._metrics_on = True
         #: Every leak check this callback ran, oldest first.
         self.epoch_results: list[EpochResult] = []
@@ -67,13 +69,14 @@ class CallbackCore:
             raise TypeError("a torchmem callback given its own profiler cannot be pickled "
                             "(let it enable torchmem in each process)")
         state = dict(self.__dict__)
-        del state["profiler"], state["_tracker"]
+        del state["profiler"], state["_tracker"], state["_categories"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.profiler = _session.enable()
         self._tracker = StepTracker(self.profiler)
+        self._categories = StepCategoryTracker(self.profiler)
 
     def resume(self) -> None:
         """Starts recording again if the session's profiler was disabled since."""
@@ -96,8 +99,10 @@ class CallbackCore:
                 return None
             peak = max(done, key=lambda r: (r.peak_bytes, r.step))
             rec = StepMemory(done[-1].step, done[-1].current_bytes, peak.peak_bytes)
-            categories = (step_categories(self.profiler, peak.step)
-                          if self.log_categories else None)
+            # Read a step's events once, not every event each step (analysis.category_tracker).
+            by_step = (self._categories.categories([r.step for r in done])
+                       if self.log_categories else None)
+            categories = by_step.get(peak.step) if by_step else None
             metrics = {k: float(v) for k, v in
                        step_scalars(rec, categories, by_type_device=False, gc=False).items()}
         except Exception as exc:  # the training run must go on

@@ -28,7 +28,8 @@ import warnings
 from typing import Any
 
 from .. import _session
-from ..analysis.steps import StepTracker, step_categories
+from ..analysis.category_tracker import StepCategoryTracker
+from ..analysis.steps import StepTracker
 from ..export.tensorboard import PREFIX, summary_writer, write_step
 
 __all__ = ["TensorBoardCallback", "TorchmemCallback"]
@@ -61,6 +62,7 @@ class TorchmemCallback:
         self.categories = bool(categories)
         self.steps_written = 0
         self._tracker = StepTracker(self.profiler)
+        self._categories = StepCategoryTracker(self.profiler)
         self._hook = None
         self._failed = False
         if auto:
@@ -75,9 +77,12 @@ class TorchmemCallback:
             return 0
         try:
             done = self._tracker.update(final)
+            # Each step's events read once (analysis.category_tracker).
+            by_step = (self._categories.categories([r.step for r in done])
+                       if self.categories and done else None)
             for rec in done:
-                cats = step_categories(self.profiler, rec.step) if self.categories else None
-                write_step(self.writer, rec, cats, prefix=self.prefix)
+                write_step(self.writer, rec, by_step.get(rec.step) if by_step else None,
+                           prefix=self.prefix)
         except Exception as exc:  # the training run must go on
             self._failed = True
             warnings.warn(f"torchmem: TensorBoard scalars are off ({exc!r})", RuntimeWarning,
