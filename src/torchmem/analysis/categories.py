@@ -69,6 +69,8 @@ class Lifetimes:
     free_ctx: np.ndarray
     alloc_step: np.ndarray
     free_step: np.ndarray
+    alloc_ns: np.ndarray  # wall-clock ns of the allocation (0 where unknown)
+    free_ns: np.ndarray  # of its free (0 while live)
     rows: np.ndarray  # the events, EVENT_DTYPE, consecutive seqs
 
     def __len__(self) -> int:
@@ -94,7 +96,8 @@ def _table(n: int) -> dict[str, np.ndarray]:
             "type_id": np.zeros(n, np.uint16), "device": np.zeros(n, np.int16),
             "stack_id": np.zeros(n, np.uint32), "alloc_ctx": np.zeros(n, np.uint16),
             "free_ctx": np.zeros(n, np.uint16), "alloc_step": np.full(n, -1, np.int64),
-            "free_step": np.full(n, -1, np.int64)}
+            "free_step": np.full(n, -1, np.int64), "alloc_ns": np.zeros(n, np.int64),
+            "free_ns": np.zeros(n, np.int64)}
 
 
 def live_now(profiler: Any) -> Lifetimes:
@@ -106,6 +109,7 @@ def live_now(profiler: Any) -> Lifetimes:
         t[name][:] = live[name]
     t["alloc_ctx"][:] = live["context_id"]
     t["alloc_step"][:] = live["step"]
+    t["alloc_ns"][:] = live["timestamp_ns"]
     return Lifetimes(**t, rows=profiler.event_rows_from(max(profiler.next_seq - 1, 0)))
 
 
@@ -131,6 +135,7 @@ def opened_before(profiler: Any, rows: np.ndarray) -> dict[str, np.ndarray]:
         t[name][:] = old[name]
     t["alloc_ctx"][:] = old["context_id"]
     t["alloc_step"][:] = old["step"]
+    t["alloc_ns"][:] = old["timestamp_ns"]
     return t
 
 
@@ -173,6 +178,7 @@ def lifetimes_of(rows: np.ndarray, opened: dict[str, np.ndarray]) -> Lifetimes:
         t[name][new] = ar[name]
     t["alloc_ctx"][new] = ar["context_id"]
     t["alloc_step"][new] = ar["step"]
+    t["alloc_ns"][new] = ar["timestamp_ns"]
     kept = slice(n_new + n_freed, None)
     for name, column in opened.items():
         t[name][kept] = column
@@ -183,6 +189,7 @@ def lifetimes_of(rows: np.ndarray, opened: dict[str, np.ndarray]) -> Lifetimes:
     t["free_seq"][target] = fr["seq"]
     t["free_ctx"][target] = fr["context_id"]
     t["free_step"][target] = fr["step"]
+    t["free_ns"][target] = fr["timestamp_ns"]
     old = slice(n_new, n_new + n_freed)
     orow = rows[old_free]
     t["alloc_seq"][old] = -1
@@ -191,6 +198,7 @@ def lifetimes_of(rows: np.ndarray, opened: dict[str, np.ndarray]) -> Lifetimes:
     t["free_seq"][old] = orow["seq"]
     t["free_ctx"][old] = orow["context_id"]
     t["free_step"][old] = orow["step"]
+    t["free_ns"][old] = orow["timestamp_ns"]
     return Lifetimes(**t, rows=rows)
 
 

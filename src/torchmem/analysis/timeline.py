@@ -19,7 +19,7 @@ from .breakdown import _Moments
 from .categories import CATEGORIES, NO_MODULE, Segments
 
 __all__ = ["CategoryTimeline", "ModuleRow", "StackNode", "allocation_categories",
-           "category_timeline", "module_table", "peak_stacks"]
+           "category_timeline", "module_table", "peak_stacks", "stack_tree"]
 
 
 @dataclass
@@ -150,13 +150,18 @@ def peak_stacks(profiler: Any, at: Any = "peak", *, moments: Any = None) -> Stac
         return root
     m.check_held(seq)
     c = m.segments.at(seq)
-    stacks = m.lt.stack_id[c.index].astype(np.int64)
-    sizes = m.lt.size[c.index]
+    return stack_tree(profiler, m.lt.stack_id[c.index], m.lt.size[c.index])
+
+
+def stack_tree(profiler: Any, stack_ids: np.ndarray, sizes: np.ndarray) -> StackNode:
+    """The tree of ``sizes`` (bytes) by their stacks (``stack_ids``, 0: none)."""
+    root = StackNode(None)
+    stacks = np.asarray(stack_ids).astype(np.int64)
     if not len(stacks):
         return root
     uniq, inverse = np.unique(stacks, return_inverse=True)
     sums = np.zeros(len(uniq), np.int64)
-    np.add.at(sums, inverse, sizes)
+    np.add.at(sums, inverse, np.asarray(sizes, np.int64))
     children: dict[Any, tuple[StackNode, dict]] = {}
     for stack_id, nbytes in zip(uniq.tolist(), sums.tolist()):
         root.bytes += nbytes

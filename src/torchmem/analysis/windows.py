@@ -37,7 +37,7 @@ _BACKWARD_START = MARK_INDEX["backward_start"]
 _INF = np.int64(2**62)
 _NO_MARKS = np.zeros(0, MARK_DTYPE)
 _OPEN_FIELDS = ("alloc_seq", "address", "size", "type_id", "device", "stack_id",
-                "alloc_ctx", "alloc_step")
+                "alloc_ctx", "alloc_step", "alloc_ns")
 
 
 @dataclass
@@ -115,7 +115,7 @@ class LifetimeWindows:
         opened = {name: getattr(lt, name)[live] for name in _OPEN_FIELDS}
         n = int(live.sum())
         opened.update(free_seq=np.full(n, _INF), free_ctx=np.zeros(n, np.uint16),
-                      free_step=np.full(n, -1, np.int64))
+                      free_step=np.full(n, -1, np.int64), free_ns=np.zeros(n, np.int64))
         # Role marks kept: those of moments after the boundary (read again with
         # their events), and those on an allocation live across it, made while
         # it lived (a mark made when q events were recorded holds after q - 1).

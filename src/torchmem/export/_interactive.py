@@ -21,7 +21,6 @@ escaped here before the page sets them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,11 +31,10 @@ from bokeh.models import (ColumnDataSource, CustomJS, CustomJSHover, CustomJSTic
 from bokeh.plotting import figure
 from bokeh.resources import Resources
 
-from ..analysis.breakdown import PeakReport, peak_report, read_moments
 from ..analysis.categories import CATEGORIES, Lifetimes
+from ..analysis.run_moments import RunMoments, run_moments
 from ..analysis.sites import site_name
-from ..analysis.timeline import (CategoryTimeline, ModuleRow, StackNode, allocation_categories,
-                                 category_timeline, module_table, peak_stacks)
+from ..analysis.timeline import CategoryTimeline, StackNode
 from ..units import format_bytes
 from ._attribution_html import CATEGORY_COLORS, breakdown_html, frame_color, frame_text
 from ._bands import layout_bands
@@ -49,31 +47,17 @@ _TOOLS = "xpan,xwheel_zoom,box_zoom,reset,save"
 _STACK_LINES = 24  # frames shown in a tooltip
 
 
-@dataclass
-class ReportData:
-    """What the interactive views read from a trace (read_report_data)."""
-
-    lifetimes: Lifetimes
-    timeline: CategoryTimeline
-    report: PeakReport | None  # None when the peak's events are gone
-    stacks: StackNode
-    category_of: dict[int, str]  # alloc seq -> category when made
-    modules: list[ModuleRow]
+#: What the interactive views read from a trace (analysis.run_moments).
+ReportData = RunMoments
 
 
-def read_report_data(profiler: Any, points: int = 1000, top: int = 5) -> ReportData:
-    """The one place the interactive views read the trace: the events once,
-    sampled at ``points`` moments for the timelines; the per-step and peak
-    breakdowns; the stacks live at the peak."""
-    m = read_moments(profiler)
-    try:
-        report = peak_report(profiler, top=top, moments=m)
-        stacks = peak_stacks(profiler, moments=m)
-    except ValueError:  # the peak is older than the events held (no storage)
-        report, stacks = None, StackNode(None)
-    return ReportData(m.lt, category_timeline(profiler, points, moments=m), report, stacks,
-                      allocation_categories(profiler, moments=m),
-                      module_table(profiler, moments=m))
+def read_report_data(profiler: Any, points: int = 1000, top: int = 5,
+                     max_steps: int = 2000) -> ReportData:
+    """The one place the interactive views read the trace (analysis.run_moments:
+    memory bounded by the moments shown, not by the events): ``points``
+    moments for the timelines, at most ``max_steps`` step boxes, the peak's
+    breakdowns and the stacks live then."""
+    return run_moments(profiler, points=points, top=top, max_steps=max_steps)
 
 
 # Axis labels: the step of an event seq (binary search over step starts), bytes in IEC units.
@@ -135,15 +119,14 @@ def _figure(title: str, height: int, x_range: Any, y_label: str | None = "live b
     return fig
 
 
-def _lifetime(lt: Lifetimes, i: int) -> str:
-    rows, first = lt.rows, lt.first_seq
+def _lifetime(lt: Lifetimes, i: int, first_seq: int) -> str:
     a, f = int(lt.alloc_seq[i]), int(lt.free_seq[i])
-    begin = "before the first event held" if a < first else f"step {int(lt.alloc_step[i])}"
-    if f >= len(rows) + first:
+    begin = "before the first event held" if a < first_seq else f"step {int(lt.alloc_step[i])}"
+    if f >= 2**62:
         return f"{begin} to the end (still live)"
-    t0 = int(rows["timestamp_ns"][max(a - first, 0)])
-    t1 = int(rows["timestamp_ns"][f - first])
-    return f"{begin} to step {int(lt.free_step[i])} ({(t1 - t0) / 1e6:.3f} ms)"
+    t0, t1 = int(lt.alloc_ns[i]), int(lt.free_ns[i])
+    took = f" ({(t1 - t0) / 1e6:.3f} ms)" if t0 else ""  # made before the events held: unknown
+    return f"{begin} to step {int(lt.free_step[i])}{took}"
 
 
 def _stack_text(profiler: Any, stack_id: int, cache: dict[int, tuple[str, str]]
@@ -171,14 +154,14 @@ def _shade(hex_color: str, lighter: int) -> str:
 
 
 def _bands_figure(profiler: Any, data: ReportData, x_range: Any) -> Any:
-    lt, tl = data.lifetimes, data.timeline
+    lt, tl = data.bands, data.timeline
     bands = layout_bands(lt.alloc_seq, lt.free_seq, lt.size, tl.seq, tl.total(), max_bands=1000)
     cache: dict[int, tuple[str, str]] = {}
     cols: dict[str, list[Any]] = {k: [] for k in ("xs", "ys", "color", "size", "what",
                                                   "lifetime", "site", "stack")}
     stacks: dict[str, int] = {}  # each stack's text once; a band holds its index
     for b, i in enumerate(bands.index.tolist()):
-        cat = data.category_of.get(int(lt.alloc_seq[i]), "other")
+        cat = data.band_categories[i]
         site, stack = _stack_text(profiler, int(lt.stack_id[i]), cache)
         device = int(lt.device[i])
         cols["xs"].append(bands.xs[b].astype(np.float32))
@@ -189,7 +172,7 @@ def _bands_figure(profiler: Any, data: ReportData, x_range: Any) -> Any:
         cols["size"].append(format_bytes(int(lt.size[i]), 1))
         cols["what"].append(f"{cat}, {profiler.type_name(int(lt.type_id[i]))} on "
                             + ("host" if device < 0 else f"cuda:{device}"))
-        cols["lifetime"].append(_lifetime(lt, i))
+        cols["lifetime"].append(_lifetime(lt, i, data.first_seq))
         cols["site"].append(site)
         cols["stack"].append(stacks.setdefault(stack, len(stacks)))
     fig = _figure(f"Every allocation as a band ({len(bands.index):,} drawn; "
@@ -238,18 +221,16 @@ def _category_figure(tl: CategoryTimeline, x_range: Any) -> Any:
 
 
 def _steps_figure(data: ReportData, x_range: Any) -> tuple[Any, str]:
-    """A strip with one box per step (click: its breakdown), and the first breakdown shown."""
-    rows = data.lifetimes.rows
-    steps = data.report.steps if data.report is not None else []
-    if not len(rows) or not steps:
+    """A strip with one box per step (click: its breakdown), and the first breakdown shown.
+    Past ``max_steps`` steps a box holds several, shown by the highest peak of them."""
+    boxes = data.boxes
+    if not boxes or data.report is None:
         return None, '<p class="muted">No steps.</p>'
-    seq, step = rows["seq"].astype(np.int64), rows["step"].astype(np.int64)
-    starts = np.flatnonzero(np.r_[True, step[1:] != step[:-1]])
-    left = seq[starts].astype(np.float64)
-    right = np.r_[left[1:], float(seq[-1]) + 1]
-    by_step = {p.step: p for p in steps}
-    names = step[starts].tolist()
-    peaks = [by_step.get(s) for s in names]
+    left = np.array([b.first_seq for b in boxes], np.float64)
+    right = np.array([b.end_seq for b in boxes], np.float64)
+    names = [str(b.first_step) if b.first_step == b.last_step
+             else f"{b.first_step}-{b.last_step}" for b in boxes]
+    peaks = [b.peak for b in boxes]
     # Breakdowns as label indices and bytes: a site named in a thousand steps is stored once.
     labels: dict[str, int] = {}
 
@@ -264,7 +245,9 @@ def _steps_figure(data: ReportData, x_range: Any) -> tuple[Any, str]:
         "color": ["#90a4ae" if k % 2 else "#cfd8dc" for k in range(len(names))],
         "peak": [format_bytes(p.bytes, 1) if p else "-" for p in peaks],
         "bytes": [p.bytes if p else 0 for p in peaks],
-        "headline": [p.headline() if p else f"step {s}: no peak" for s, p in zip(names, peaks)],
+        "headline": [(p.headline() if p else f"step {s}: no peak")
+                     + ("" if b.first_step == b.last_step else f" (the highest of steps {s})")
+                     for s, p, b in zip(names, peaks, boxes)],
         "cats": [flat(p.by_category if p else None, len(CATEGORIES)) for p in peaks],
         "mods": [flat(p.by_module if p else None) for p in peaks],
         "sites": [flat(p.by_site if p else None) for p in peaks]}, name="steps-data")
@@ -281,7 +264,8 @@ def _steps_figure(data: ReportData, x_range: Any) -> tuple[Any, str]:
     fig.xaxis.visible = False
     fig.name = "steps-figure"
     overall = data.report.overall
-    first = by_step.get(overall.step) if overall is not None else None
+    first = next((b.peak for b in boxes if overall is not None
+                  and b.first_step <= overall.step <= b.last_step), None)
     intro = ('<p class="muted">The step of the overall peak; click another step above.</p>'
              if first else "")
     return fig, intro + (breakdown_html(first, top=5) if first else "")
