@@ -184,42 +184,15 @@ def breakdown(profiler: Any, by: str = "category", at: Any = "peak",
 
 
 def step_category_breakdowns(profiler: Any) -> dict[int, dict[str, int]]:
-    """``breakdown(by="category", at=step)`` for every step with events, in one
-    pass: step -> bytes by category (largest first), the same values.
+    """``breakdown(by="category", at=step)`` for every step with events: step ->
+    bytes by category (largest first), the same values.
 
     Calling breakdown once a step re-reads every event each time (quadratic in
-    the run); this reads them once, finds each step's peak moment, and sums
-    each category's segments live then with sorted starts and ends.
+    the run); this reads them twice, a window at a time (analysis.run_moments).
     """
-    m = _Moments(profiler)
-    rows = m.lt.rows
-    if not len(rows):
-        return {}
-    usage, steps = m.usage(), rows["step"]
-    bounds = np.r_[np.flatnonzero(np.r_[True, steps[1:] != steps[:-1]]), len(rows)]
-    peak_idx = np.array([b + int(np.argmax(usage[b:e])) for b, e in zip(bounds[:-1], bounds[1:])],
-                        np.int64)
-    query = rows["seq"][peak_idx].astype(np.int64)
-    seg = m.segments
-    real = seg.start < seg.end  # an empty segment is live at no moment
-    sizes = m.lt.size[seg.alloc]
-    count = np.zeros((len(CATEGORIES), len(query)), np.int64)
-    total = np.zeros((len(CATEGORIES), len(query)), np.int64)
-    for k in range(len(CATEGORIES)):
-        sel = real & (seg.category == k)
-        if not sel.any():
-            continue
-        sz = sizes[sel]
-        for sign, edge in ((1, seg.start[sel]), (-1, seg.end[sel])):
-            order = np.argsort(edge, kind="stable")
-            n = np.searchsorted(edge[order], query, side="right")  # edges <= the moment
-            count[k] += sign * n
-            total[k] += sign * np.r_[0, np.cumsum(sz[order])][n]
-    out: dict[int, dict[str, int]] = {}
-    for j, i in enumerate(peak_idx.tolist()):
-        d = {CATEGORIES[k]: int(total[k, j]) for k in range(len(CATEGORIES)) if count[k, j] > 0}
-        out[int(steps[i])] = dict(sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
-    return out
+    from .run_moments import step_category_breakdowns as by_windows  # it builds on this module
+
+    return by_windows(profiler)
 
 
 #: The categories alive by design: possible-leak lists leave them out.

@@ -35,7 +35,7 @@ from .steps import StepSeries
 from .timeline import CategoryTimeline, ModuleRow, StackNode, stack_tree
 from .windows import windows
 
-__all__ = ["RunMoments", "StepBox", "run_moments"]
+__all__ = ["RunMoments", "StepBox", "run_moments", "step_category_breakdowns"]
 
 _INF = 2**62
 
@@ -81,6 +81,7 @@ class _Moments:
         self.n = 0
         self.edges: np.ndarray | None = None
         self.best: dict[int, tuple[int, int, int, int]] = {}  # bucket -> usage, seq, ts, step
+        self.step_best: dict[int, tuple[int, int, int, int]] = {}  # step -> the same
 
     def feed(self, rows: np.ndarray) -> None:
         if not len(rows):
@@ -102,13 +103,8 @@ class _Moments:
         idx = rows["seq"].astype(np.int64) - self.first
         bucket = np.clip(np.searchsorted(self.edges, idx, side="right") - 1, 0,
                          len(self.edges) - 2)
-        starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
-        for a, b in zip(starts.tolist(), np.r_[starts[1:], len(rows)].tolist()):
-            i = a + int(np.argmax(usage[a:b]))
-            key, u = int(bucket[a]), int(usage[i])
-            if key not in self.best or u > self.best[key][0]:  # the first moment at the max
-                self.best[key] = (u, int(rows["seq"][i]), int(rows["timestamp_ns"][i]),
-                                  int(rows["step"][i]))
+        _keep_highest(self.best, bucket, usage, rows)
+        _keep_highest(self.step_best, steps, usage, rows)
 
     def finish(self) -> None:
         for s in self.series.finish():
@@ -140,6 +136,60 @@ class _Moments:
             a[1] = b[0]
         out[-1][1] = self.last + 1
         return [tuple(b) for b in out]
+
+
+def _keep_highest(best: dict[int, tuple[int, int, int, int]], keys: np.ndarray,
+                  usage: np.ndarray, rows: np.ndarray) -> None:
+    """Per key (runs of equal ``keys`` in ``rows``' order), the first row of the highest
+    ``usage``: (usage, seq, timestamp_ns, step), merged into ``best``."""
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    for a, b in zip(starts.tolist(), np.r_[starts[1:], len(rows)].tolist()):
+        i = a + int(np.argmax(usage[a:b]))
+        key, u = int(keys[a]), int(usage[i])
+        if key not in best or u > best[key][0]:  # the first moment at the max
+            best[key] = (u, int(rows["seq"][i]), int(rows["timestamp_ns"][i]),
+                         int(rows["step"][i]))
+
+
+def _first_pass(p: Any, points: int, batch: int) -> _Moments:
+    p.flush()
+    pass1 = _Moments(p, points)
+    for rows in p.iter_event_rows(batch):
+        pass1.feed(rows)
+    pass1.finish()
+    return pass1
+
+
+def _live_at(w: Any, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The final segments of window ``w`` live at one of the moments ``q`` (sorted):
+    their indices, and for each the range [i0, i1) of those moments and its bytes."""
+    seg = w.segments
+    i0 = np.searchsorted(q, seg.start, side="left")
+    i1 = np.searchsorted(q, seg.end, side="left")
+    sel = np.flatnonzero(w.final[seg.alloc] & (i1 > i0))
+    return sel, i0[sel], i1[sel], w.lt.size[seg.alloc[sel]].astype(np.int64)
+
+
+def step_category_breakdowns(profiler: Any, batch: int = 1 << 15) -> dict[int, dict[str, int]]:
+    """``breakdown(by="category", at=step)`` for every step with events: step ->
+    bytes by category (largest first), the same values, the events read twice
+    a window at a time (memory: a category count per step, not the events)."""
+    pass1 = _first_pass(profiler, 1, batch)
+    if not pass1.n:
+        return {}
+    steps = sorted(pass1.step_best)
+    q = np.array([pass1.step_best[s][1] for s in steps], np.int64)
+    order = np.argsort(q, kind="stable")
+    q = q[order]
+    sums = _Sums(len(q), len(CATEGORIES))
+    for w in windows(profiler, batch):
+        sel, i0, i1, size = _live_at(w, q)
+        sums.add(w.segments.category[sel].astype(np.int64), i0, i1, size)
+    b, c = sums.finish()
+    out: dict[int, dict[str, int]] = {}
+    for j, k in enumerate(order.tolist()):
+        out[steps[k]] = _grouped(list(CATEGORIES), b[:, j], c[:, j], keep_zero=True)
+    return dict(sorted(out.items()))
 
 
 class _Sums:
@@ -191,16 +241,12 @@ def _grouped(names: list[str], col_bytes: np.ndarray, col_count: np.ndarray, *,
 
 
 def run_moments(profiler: Any, points: int = 1000, top: int = 5, max_steps: int = 2000,
-                max_bands: int = 1000, batch: int = 1 << 17) -> RunMoments:
+                max_bands: int = 1000, batch: int = 1 << 15) -> RunMoments:
     """The run at ``points`` timeline points and at most ``max_steps`` step peaks
     (see the module doc); ``top`` modules and sites per peak; the ``max_bands``
     largest allocations live at a point; ``batch`` events read at a time."""
     p = profiler
-    p.flush()
-    pass1 = _Moments(p, points)
-    for rows in p.iter_event_rows(batch):
-        pass1.feed(rows)
-    pass1.finish()
+    pass1 = _first_pass(p, points, batch)
     s_seq, s_ts, s_step = pass1.samples()
     boxes = pass1.boxes(max_steps)
     peak_seq = p.peak_seq
@@ -231,12 +277,8 @@ def run_moments(profiler: Any, points: int = 1000, top: int = 5, max_steps: int 
                                            r["step"].tolist(), r["timestamp_ns"].tolist(),
                                            use.tolist()):
                 q_rows[s_] = (c_, st_, ts_, u_)
-        fin = w.final[seg.alloc]
-        i0 = np.searchsorted(q, seg.start, side="left")
-        i1 = np.searchsorted(q, seg.end, side="left")
-        sel = np.flatnonzero(fin & (i1 > i0))
+        sel, i0, i1, size = _live_at(w, q)
         a = seg.alloc[sel]
-        size = lt.size[a].astype(np.int64)
         for c in np.unique(seg.module_ctx[sel]).tolist():
             if c not in ctx_label:
                 name = contexts[c][0] if 0 <= c < len(contexts) else ""
@@ -246,9 +288,9 @@ def run_moments(profiler: Any, points: int = 1000, top: int = 5, max_steps: int 
                 site_label[sid] = sites(site_name(p.resolve_stack(sid) if sid else None))
         mod_key = np.array([ctx_label[c] for c in seg.module_ctx[sel].tolist()], np.int64)
         site_key = np.array([site_label[s] for s in lt.stack_id[a].tolist()], np.int64)
-        cats.add(seg.category[sel].astype(np.int64), i0[sel], i1[sel], size)
-        mods.add(mod_key, i0[sel], i1[sel], size)
-        sts.add(site_key, i0[sel], i1[sel], size)
+        cats.add(seg.category[sel].astype(np.int64), i0, i1, size)
+        mods.add(mod_key, i0, i1, size)
+        sts.add(site_key, i0, i1, size)
         if held:
             live = (seg.start[sel] <= peak_seq) & (seg.end[sel] > peak_seq)
             at_peak.append((lt.stack_id[a[live]], size[live], mod_key[live],

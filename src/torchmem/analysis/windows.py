@@ -133,7 +133,7 @@ class LifetimeWindows:
         self.boundary = int(seq)
 
 
-def windows(profiler: Any, batch: int = 1 << 18) -> Iterator[Window]:
+def windows(profiler: Any, batch: int = 1 << 15) -> Iterator[Window]:
     """Every event of ``profiler`` as consecutive windows of about ``batch`` events
     (``iter_event_rows``); the last one's ``current_step`` is the run's."""
     lw = LifetimeWindows(profiler)
@@ -152,7 +152,7 @@ def windows(profiler: Any, batch: int = 1 << 18) -> Iterator[Window]:
 NOT_AN_ALLOCATION = 255
 
 
-def creation_categories(profiler: Any, batch: int = 1 << 18) -> np.ndarray:
+def creation_categories(profiler: Any, batch: int = 1 << 15) -> np.ndarray:
     """Per event seq, the category (a CATEGORIES index) of the allocation an
     ALLOCATION or REALLOCATION event made, as when it was made (the whole run's,
     as allocation_categories says); NOT_AN_ALLOCATION for every other event and
