@@ -67,6 +67,40 @@ class RunMoments:
     n_events: int = 0
 
 
+_PHASES = ("forward", "backward", "optimizer", "other")
+_STEP = np.dtype([("step", "<i8"), ("peak_seq", "<i8"), ("peak_bytes", "<i8"),
+                  ("phase_bytes", "<i8", (len(_PHASES),))])  # -1: the phase was not entered
+_HIGH = np.dtype([("key", "<i8"), ("usage", "<i8"), ("seq", "<i8"), ("timestamp_ns", "<i8"),
+                  ("step", "<i8")])
+
+
+class _Highest:
+    """Per key (keys come in runs, in seq order), the first event of the highest
+    live bytes, as arrays (a few bytes per key, whatever the number of keys)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+
+    def feed(self, keys: np.ndarray, usage: np.ndarray, rows: np.ndarray) -> None:
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        maxes = np.maximum.reduceat(usage, starts)
+        at_max = np.flatnonzero(usage == np.repeat(maxes, np.diff(np.r_[starts, len(keys)])))
+        first = at_max[np.searchsorted(at_max, starts)]  # the first moment at each run's max
+        out = np.zeros(len(starts), _HIGH)
+        out["key"], out["usage"] = keys[starts], maxes
+        for name in ("seq", "timestamp_ns", "step"):
+            out[name] = rows[name][first]
+        if self.chunks and len(self.chunks[-1]) and self.chunks[-1]["key"][-1] == out["key"][0]:
+            prev = self.chunks[-1]  # a key that goes on from the previous batch
+            if out["usage"][0] > prev["usage"][-1]:
+                prev[-1] = out[0]
+            out = out[1:]
+        self.chunks.append(out)
+
+    def array(self) -> np.ndarray:
+        return np.concatenate(self.chunks) if self.chunks else np.zeros(0, _HIGH)
+
+
 class _Moments:
     """Pass 1: the moments (see the module doc)."""
 
@@ -74,14 +108,16 @@ class _Moments:
         self.points = points
         self.series = StepSeries(profiler.type_name, profiler.resolve_context)
         self.profiler = profiler
-        self.steps: list[tuple[int, int, int, dict[str, int]]] = []  # step, peak seq, bytes, phases
-        self.step_first: list[tuple[int, int]] = []  # (step, its first seq)
+        self._steps: list[np.ndarray] = []  # _STEP chunks
+        self._step_first: list[np.ndarray] = []  # (step, its first seq) chunks
+        self.steps = np.zeros(0, _STEP)
+        self.step_first = np.zeros((0, 2), np.int64)
         self.first = -1
         self.last = -1
         self.n = 0
         self.edges: np.ndarray | None = None
-        self.best: dict[int, tuple[int, int, int, int]] = {}  # bucket -> usage, seq, ts, step
-        self.step_best: dict[int, tuple[int, int, int, int]] = {}  # step -> the same
+        self.buckets = _Highest()  # per bucket of events: the timeline's points
+        self.step_best = _Highest()  # per step: breakdown(at=step)'s moment
 
     def feed(self, rows: np.ndarray) -> None:
         if not len(rows):
@@ -93,62 +129,69 @@ class _Moments:
                           else np.linspace(0, total, self.points + 1).astype(np.int64))
         self.n += len(rows)
         self.last = int(rows["seq"][-1])
-        for s in self.series.feed(rows):
-            self._step(s)
+        self._add_steps(self.series.feed(rows))
         steps = rows["step"].astype(np.int64)
-        change = np.flatnonzero(np.r_[not self.step_first or steps[0] != self.step_first[-1][0],
+        change = np.flatnonzero(np.r_[not self._step_first
+                                      or steps[0] != self._step_first[-1][-1, 0],
                                       steps[1:] != steps[:-1]])
-        self.step_first += zip(steps[change].tolist(), rows["seq"][change].astype(np.int64).tolist())
+        if len(change):
+            self._step_first.append(np.stack([steps[change],
+                                              rows["seq"][change].astype(np.int64)], axis=1))
         usage = rows["total_allocated"].astype(np.int64) - rows["total_freed"].astype(np.int64)
         idx = rows["seq"].astype(np.int64) - self.first
         bucket = np.clip(np.searchsorted(self.edges, idx, side="right") - 1, 0,
                          len(self.edges) - 2)
-        _keep_highest(self.best, bucket, usage, rows)
-        _keep_highest(self.step_best, steps, usage, rows)
+        self.buckets.feed(bucket, usage, rows)
+        self.step_best.feed(steps, usage, rows)
 
     def finish(self) -> None:
-        for s in self.series.finish():
-            self._step(s)
+        self._add_steps(self.series.finish())
+        if self._steps:
+            self.steps = np.concatenate(self._steps)
+        if self._step_first:
+            self.step_first = np.concatenate(self._step_first)
+        self._steps, self._step_first = [], []
 
-    def _step(self, s: Any) -> None:
-        self.steps.append((s.step, s.peak_seq, s.peak_bytes, dict(s.peak_by_phase)))
+    def _add_steps(self, done: list) -> None:
+        if not done:
+            return
+        out = np.zeros(len(done), _STEP)
+        out["step"] = [s.step for s in done]
+        out["peak_seq"] = [s.peak_seq for s in done]
+        out["peak_bytes"] = [s.peak_bytes for s in done]
+        out["phase_bytes"] = [[s.peak_by_phase.get(ph, -1) for ph in _PHASES] for s in done]
+        self._steps.append(out)
+
+    def by_phase(self, i: int) -> dict[str, int]:
+        """Step ``i``'s peak_by_phase."""
+        return {ph: int(v) for ph, v in zip(_PHASES, self.steps["phase_bytes"][i].tolist())
+                if v >= 0}
 
     def samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(seq, timestamp_ns, step) of the timeline's points."""
-        pts = [self.best[k] for k in sorted(self.best)]
-        return (np.array([p[1] for p in pts], np.int64), np.array([p[2] for p in pts], np.int64),
-                np.array([p[3] for p in pts], np.int64))
+        pts = self.buckets.array()
+        return pts["seq"].copy(), pts["timestamp_ns"].copy(), pts["step"].copy()
 
     def boxes(self, max_steps: int) -> list[tuple[int, int, int, int, int]]:
         """(first seq, end seq, first step, last step, index into steps of the peak)."""
-        recs = list(range(len(self.steps)))
-        first_of = dict(self.step_first)
-        if not recs:
+        n = len(self.steps)
+        if not n:
             return []
-        group = -(-len(recs) // max_steps)
+        group = -(-n // max_steps)
+        firsts = self.step_first
         out = []
-        for g in range(0, len(recs), group):
-            members = recs[g:g + group]
-            top = max(members, key=lambda i: (self.steps[i][2], -i))
-            out.append([first_of.get(self.steps[members[0]][0], self.steps[members[0]][1]), 0,
-                        self.steps[members[0]][0], self.steps[members[-1]][0], top])
+        for g in range(0, n, group):
+            end = min(g + group, n)
+            top = g + int(np.argmax(self.steps["peak_bytes"][g:end]))  # the first highest
+            step0 = int(self.steps["step"][g])
+            k = int(np.searchsorted(firsts[:, 0], step0))
+            first_seq = (int(firsts[k, 1]) if k < len(firsts) and firsts[k, 0] == step0
+                         else int(self.steps["peak_seq"][g]))
+            out.append([first_seq, 0, step0, int(self.steps["step"][end - 1]), top])
         for a, b in zip(out, out[1:]):
             a[1] = b[0]
         out[-1][1] = self.last + 1
         return [tuple(b) for b in out]
-
-
-def _keep_highest(best: dict[int, tuple[int, int, int, int]], keys: np.ndarray,
-                  usage: np.ndarray, rows: np.ndarray) -> None:
-    """Per key (runs of equal ``keys`` in ``rows``' order), the first row of the highest
-    ``usage``: (usage, seq, timestamp_ns, step), merged into ``best``."""
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    for a, b in zip(starts.tolist(), np.r_[starts[1:], len(rows)].tolist()):
-        i = a + int(np.argmax(usage[a:b]))
-        key, u = int(keys[a]), int(usage[i])
-        if key not in best or u > best[key][0]:  # the first moment at the max
-            best[key] = (u, int(rows["seq"][i]), int(rows["timestamp_ns"][i]),
-                         int(rows["step"][i]))
 
 
 def _first_pass(p: Any, points: int, batch: int) -> _Moments:
@@ -177,8 +220,9 @@ def step_category_breakdowns(profiler: Any, batch: int = 1 << 15) -> dict[int, d
     pass1 = _first_pass(profiler, 1, batch)
     if not pass1.n:
         return {}
-    steps = sorted(pass1.step_best)
-    q = np.array([pass1.step_best[s][1] for s in steps], np.int64)
+    best = pass1.step_best.array()
+    steps = best["key"].tolist()
+    q = best["seq"].copy()
     order = np.argsort(q, kind="stable")
     q = q[order]
     sums = _Sums(len(q), len(CATEGORIES))
@@ -251,7 +295,7 @@ def run_moments(profiler: Any, points: int = 1000, top: int = 5, max_steps: int 
     boxes = pass1.boxes(max_steps)
     peak_seq = p.peak_seq
     held = bool(pass1.n) and peak_seq is not None and peak_seq >= pass1.first - 1
-    want = [s_seq, np.array([pass1.steps[b[4]][1] for b in boxes], np.int64)]
+    want = [s_seq, np.array([pass1.steps["peak_seq"][b[4]] for b in boxes], np.int64)]
     if held:
         want.append(np.array([peak_seq], np.int64))
     q = np.unique(np.concatenate(want)) if pass1.n else np.zeros(0, np.int64)
@@ -337,7 +381,8 @@ def run_moments(profiler: Any, points: int = 1000, top: int = 5, max_steps: int 
     idx = np.searchsorted(q, s_seq)
     timeline = CategoryTimeline(s_seq, s_ts, s_step,
                                 {c: cat_b[i, idx] for i, c in enumerate(CATEGORIES)})
-    step_peaks = {b[4]: peak_at(pass1.steps[b[4]][1], pass1.steps[b[4]][3], False) for b in boxes}
+    step_peaks = {b[4]: peak_at(int(pass1.steps["peak_seq"][b[4]]), pass1.by_phase(b[4]), False)
+                  for b in boxes}
     box_list = [StepBox(b[0], b[1], b[2], b[3], step_peaks[b[4]]) for b in boxes]
     parts = ([np.concatenate(x) for x in zip(*at_peak)] if at_peak
              else [np.zeros(0, np.int64)] * 4)
