@@ -23,7 +23,7 @@ highest at these moments (at every moment when the run has at most
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -194,11 +194,14 @@ class _Moments:
         return [tuple(b) for b in out]
 
 
-def _first_pass(p: Any, points: int, batch: int) -> _Moments:
+def _first_pass(p: Any, points: int, batch: int,
+                on_rows: Callable[[np.ndarray], None] | None = None) -> _Moments:
     p.flush()
     pass1 = _Moments(p, points)
     for rows in p.iter_event_rows(batch):
         pass1.feed(rows)
+        if on_rows is not None:
+            on_rows(rows)
     pass1.finish()
     return pass1
 
@@ -285,12 +288,15 @@ def _grouped(names: list[str], col_bytes: np.ndarray, col_count: np.ndarray, *,
 
 
 def run_moments(profiler: Any, points: int = 1000, top: int = 5, max_steps: int = 2000,
-                max_bands: int = 1000, batch: int = 1 << 15) -> RunMoments:
+                max_bands: int = 1000, batch: int = 1 << 15,
+                on_rows: Callable[[np.ndarray], None] | None = None) -> RunMoments:
     """The run at ``points`` timeline points and at most ``max_steps`` step peaks
     (see the module doc); ``top`` modules and sites per peak; the ``max_bands``
-    largest allocations live at a point; ``batch`` events read at a time."""
+    largest allocations live at a point; ``batch`` events read at a time (32K:
+    the SQLite reader makes a tuple per row of a batch). ``on_rows`` gets every
+    batch of the first read (a report's other views share it)."""
     p = profiler
-    pass1 = _first_pass(p, points, batch)
+    pass1 = _first_pass(p, points, batch, on_rows)
     s_seq, s_ts, s_step = pass1.samples()
     boxes = pass1.boxes(max_steps)
     peak_seq = p.peak_seq

@@ -52,12 +52,13 @@ ReportData = RunMoments
 
 
 def read_report_data(profiler: Any, points: int = 1000, top: int = 5,
-                     max_steps: int = 2000) -> ReportData:
+                     max_steps: int = 2000, on_rows: Any = None) -> ReportData:
     """The one place the interactive views read the trace (analysis.run_moments:
     memory bounded by the moments shown, not by the events): ``points``
     moments for the timelines, at most ``max_steps`` step boxes, the peak's
-    breakdowns and the stacks live then."""
-    return run_moments(profiler, points=points, top=top, max_steps=max_steps)
+    breakdowns and the stacks live then; ``on_rows`` gets the events of the
+    first read, a batch at a time."""
+    return run_moments(profiler, points=points, top=top, max_steps=max_steps, on_rows=on_rows)
 
 
 # Axis labels: the step of an event seq (binary search over step starts), bytes in IEC units.

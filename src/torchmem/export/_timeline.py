@@ -87,59 +87,76 @@ class _Series:
 
 
 class Timeline:
-    """The report's view of every event (see the module doc)."""
+    """The report's view of every event (see the module doc): ``feed`` it the
+    events in seq order, a batch at a time, then ``finish``; or ``of``."""
 
-    def __init__(self) -> None:
+    def __init__(self, profiler: Any = None) -> None:
         self.n_events = 0
         self.series: list[tuple[str, np.ndarray, np.ndarray]] = []  # total first, then types
         self.step_starts: list[float] = []  # seconds since the first event
         self.site_sums: tuple[np.ndarray, np.ndarray, np.ndarray] = merge_key_sums([])
+        self._profiler = profiler
+        self._t0: int | None = None
+        self._t_end = 0.0
+        self._total: _Series | None = None
+        self._by_type: dict[int, _Series] = {}
+        self._offset: dict[int, float] = {}
+        self._prev_step: int | None = None
+        self._sums: list[Any] = []
 
     @classmethod
     def of(cls, profiler: Any) -> "Timeline":
-        out = cls()
-        t0: int | None = None
-        t_end = 0.0
-        total = None
-        by_type: dict[int, _Series] = {}
-        offset: dict[int, float] = {}
-        prev_step: int | None = None
-        sums = []
+        out = cls(profiler)
         for rows in profiler.iter_event_rows():
-            if t0 is None:
-                t0 = int(rows["timestamp_ns"][0])
-                last = profiler.read_rows(max(profiler.next_seq - 1, 0))
-                t_end = ((int(last["timestamp_ns"][-1]) - t0) / 1e9 if len(last)
-                         else 0.0)
-                total = _Series(t_end)
-            out.n_events += len(rows)
-            t = (rows["timestamp_ns"].astype(np.int64) - t0) / 1e9
-            total.add(t, (rows["total_allocated"].astype(np.int64)
-                          - rows["total_freed"].astype(np.int64)).astype(np.float64))
-            delta = signed_sizes(rows)
-            # A type's line has every event of that type once any of them
-            # moved memory (a later zero-size one included), as before.
-            for type_id in np.unique(rows["type_id"][delta != 0]).tolist():
-                if type_id not in by_type:
-                    by_type[type_id] = _Series(t_end)
-                    offset[type_id] = 0.0
-            for type_id in by_type:
-                mask = rows["type_id"] == type_id
-                if not mask.any():
-                    continue
-                y = offset[type_id] + np.cumsum(delta[mask]).astype(np.float64)
-                offset[type_id] = float(y[-1])
-                by_type[type_id].add(t[mask], y)
-            steps = rows["step"]
-            change = np.flatnonzero(np.r_[prev_step is not None and steps[0] != prev_step,
-                                          steps[1:] != steps[:-1]])
-            out.step_starts.extend(t[change].tolist())
-            prev_step = int(steps[-1])
-            sums.append(allocation_sums(rows))
-        out.site_sums = merge_key_sums(sums)
-        if total is not None:
-            out.series.append(("total", *total.points()))
+            out.feed(rows)
+        return out.finish()
+
+    def feed(self, rows: np.ndarray) -> None:
+        """The next events (EVENT_DTYPE, by seq)."""
+        if not len(rows):
+            return
+        p = self._profiler
+        if self._t0 is None:
+            self._t0 = int(rows["timestamp_ns"][0])
+            last = p.read_rows(max(p.next_seq - 1, 0))
+            self._t_end = ((int(last["timestamp_ns"][-1]) - self._t0) / 1e9 if len(last)
+                           else 0.0)
+            self._total = _Series(self._t_end)
+        self.n_events += len(rows)
+        t = (rows["timestamp_ns"].astype(np.int64) - self._t0) / 1e9
+        self._total.add(t, (rows["total_allocated"].astype(np.int64)
+                            - rows["total_freed"].astype(np.int64)).astype(np.float64))
+        delta = signed_sizes(rows)
+        # A type's line has every event of that type once any of them
+        # moved memory (a later zero-size one included), as before.
+        for type_id in np.unique(rows["type_id"][delta != 0]).tolist():
+            if type_id not in self._by_type:
+                self._by_type[type_id] = _Series(self._t_end)
+                self._offset[type_id] = 0.0
+        for type_id, series in self._by_type.items():
+            mask = rows["type_id"] == type_id
+            if not mask.any():
+                continue
+            y = self._offset[type_id] + np.cumsum(delta[mask]).astype(np.float64)
+            self._offset[type_id] = float(y[-1])
+            series.add(t[mask], y)
+        steps = rows["step"]
+        change = np.flatnonzero(np.r_[self._prev_step is not None and steps[0] != self._prev_step,
+                                      steps[1:] != steps[:-1]])
+        self.step_starts.extend(t[change].tolist())
+        self._prev_step = int(steps[-1])
+        self._sums.append(allocation_sums(rows))
+        if len(self._sums) > 64:  # keep the per-batch sums few
+            self._sums = [merge_key_sums(self._sums)]
+
+    def finish(self) -> "Timeline":
+        """Completes the lines and sums; returns self."""
+        self.site_sums = merge_key_sums(self._sums)
+        self._sums = []
+        if self._total is not None:
+            self.series.append(("total", *self._total.points()))
             # Types in type-id order, as np.unique gave them before.
-            for type_id in sorted(by_type):
-                out.series.append((profiler.type_name(type_id), *by_type[type_id].points()))
-        return out
+            for type_id in sorted(self._by_type):
+                self.series.append((self._profiler.type_name(type_id),
+                                    *self._by_type[type_id].points()))
+        return self

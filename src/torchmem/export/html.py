@@ -190,16 +190,17 @@ def to_html(profiler: Any, title: str = "torchmem memory report", top: int = 20,
             progress: Progress = None) -> str:
     """The report as one HTML string (see module doc); ``top`` rows per table."""
     profiler.flush()
-    timeline = Timeline.of(profiler)  # the one read of the events
-    stats = profiler.get_statistics()
-    meta = dict(getattr(profiler, "trace_metadata", None) or {})
-    steps = [0, 8]
-    if progress:
-        progress(1, steps[1])
     # Bokeh is imported when a report is written, not with torchmem.
     from ._interactive import interactive_views, read_report_data
 
-    data = read_report_data(profiler, top=top)
+    # Two reads of the events: the line chart and the site totals share the
+    # first (a loaded trace's pass), the attribution views read both.
+    timeline = Timeline(profiler)
+    data = read_report_data(profiler, top=top, on_rows=timeline.feed)
+    timeline.finish()
+    stats = profiler.get_statistics()
+    meta = dict(getattr(profiler, "trace_metadata", None) or {})
+    steps = [0, 8]
     if progress:
         progress(2, steps[1])
     head, views = interactive_views(profiler, data)
