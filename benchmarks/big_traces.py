@@ -151,6 +151,8 @@ def measurements(path: str, out_dir: str) -> dict[str, list[str]]:
                                       os.path.join(out_dir, "r.json")],
         "cli export memory_viz": cli + ["export", "-f", "memory_viz", "-o",
                                         os.path.join(out_dir, "r.pickle")],
+        "cli export tensorboard": cli + ["export", "-f", "tensorboard", "-o",
+                                         os.path.join(out_dir, "tb")],
     }
 
 

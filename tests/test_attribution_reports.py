@@ -107,7 +107,7 @@ def test_possible_leaks_in_the_summary_leave_out_model_state():
 
 
 def test_step_category_breakdowns_equal_breakdown_at_each_step():
-    from torchmem.analysis.breakdown import step_category_breakdowns
+    from torchmem.analysis.run_moments import step_category_breakdowns
     from _attribution_helpers import MLP, attributed, batches, train
 
     with attributed() as p:

@@ -180,7 +180,7 @@ def test_a_followed_trace_carries_contexts_and_marks(tmp_path):
     for (by, at), breakdown in want.items():
         assert replay.breakdown(by, at) == breakdown, (by, at)
     # One pass over the followed trace gives breakdown(at=step) of every step.
-    from torchmem.analysis.breakdown import step_category_breakdowns
+    from torchmem.analysis.run_moments import step_category_breakdowns
 
     one_pass = step_category_breakdowns(replay)
     assert set(one_pass) == {int(s) for s in replay.event_rows_from(0)["step"]}

@@ -37,7 +37,7 @@ from .steps import StepMemory, StepSeries, step_memory
 
 __all__ = ["BY", "MODEL_STATE", "Peak", "PeakReport", "breakdown", "breakdown_at",
            "context_of_event", "model_state", "overall_peak", "peak_report", "read_moments",
-           "step_category_breakdowns", "step_peaks"]
+           "step_peaks"]
 
 BY = ("category", "module", "phase", "site", "type", "device")
 
@@ -181,18 +181,6 @@ def breakdown(profiler: Any, by: str = "category", at: Any = "peak",
         return {}
     m.check_held(seq)
     return m.groups(seq, by)
-
-
-def step_category_breakdowns(profiler: Any) -> dict[int, dict[str, int]]:
-    """``breakdown(by="category", at=step)`` for every step with events: step ->
-    bytes by category (largest first), the same values.
-
-    Calling breakdown once a step re-reads every event each time (quadratic in
-    the run); this reads them twice, a window at a time (analysis.run_moments).
-    """
-    from .run_moments import step_category_breakdowns as by_windows  # it builds on this module
-
-    return by_windows(profiler)
 
 
 #: The categories alive by design: possible-leak lists leave them out.

@@ -100,9 +100,8 @@ def _table(n: int) -> dict[str, np.ndarray]:
             "free_ns": np.zeros(n, np.int64)}
 
 
-def live_now(profiler: Any) -> Lifetimes:
-    """The allocations live now, from the live map alone (no event is read)."""
-    live = profiler.live_allocations()
+def _live_table(live: np.ndarray) -> dict[str, np.ndarray]:
+    """Live-map rows (LIVE_DTYPE) as a table of Lifetimes' fields, none freed."""
     t = _table(len(live))
     t["alloc_seq"][:] = live["seq"]
     for name in ("address", "size", "type_id", "device", "stack_id"):
@@ -110,7 +109,13 @@ def live_now(profiler: Any) -> Lifetimes:
     t["alloc_ctx"][:] = live["context_id"]
     t["alloc_step"][:] = live["step"]
     t["alloc_ns"][:] = live["timestamp_ns"]
-    return Lifetimes(**t, rows=profiler.event_rows_from(max(profiler.next_seq - 1, 0)))
+    return t
+
+
+def live_now(profiler: Any) -> Lifetimes:
+    """The allocations live now, from the live map alone (no event is read)."""
+    return Lifetimes(**_live_table(profiler.live_allocations()),
+                     rows=profiler.event_rows_from(max(profiler.next_seq - 1, 0)))
 
 
 def lifetimes(profiler: Any, storage: bool = True) -> Lifetimes:
@@ -128,15 +133,7 @@ def opened_before(profiler: Any, rows: np.ndarray) -> dict[str, np.ndarray]:
     if first == 0:  # nothing before the first event: no need to ask (a loaded trace's pass)
         return _table(0)
     live = profiler.live_allocations()
-    old = live[live["seq"].astype(np.int64) < first]
-    t = _table(len(old))
-    t["alloc_seq"][:] = old["seq"]
-    for name in ("address", "size", "type_id", "device", "stack_id"):
-        t[name][:] = old[name]
-    t["alloc_ctx"][:] = old["context_id"]
-    t["alloc_step"][:] = old["step"]
-    t["alloc_ns"][:] = old["timestamp_ns"]
-    return t
+    return _live_table(live[live["seq"].astype(np.int64) < first])
 
 
 def lifetimes_of(rows: np.ndarray, opened: dict[str, np.ndarray]) -> Lifetimes:

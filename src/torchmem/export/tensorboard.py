@@ -27,7 +27,7 @@ import os
 import re
 from typing import Any
 
-from ..analysis.breakdown import step_category_breakdowns
+from ..analysis.run_moments import step_category_breakdowns
 from ..analysis.categories import CATEGORIES
 from ..analysis.steps import StepMemory, step_memory
 from ._common import Progress
