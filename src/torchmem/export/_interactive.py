@@ -242,7 +242,7 @@ def _steps_figure(data: ReportData, x_range: Any) -> tuple[Any, str]:
         return out
 
     src = ColumnDataSource({
-        "left": left, "right": right, "step": names,
+        "left": left, "right": right, "step": [b.first_step for b in boxes], "steps": names,
         "color": ["#90a4ae" if k % 2 else "#cfd8dc" for k in range(len(names))],
         "peak": [format_bytes(p.bytes, 1) if p else "-" for p in peaks],
         "bytes": [p.bytes if p else 0 for p in peaks],
@@ -258,7 +258,7 @@ def _steps_figure(data: ReportData, x_range: Any) -> tuple[Any, str]:
     r = fig.quad(left="left", right="right", bottom=0, top=1, source=src, fill_color="color",
                  line_color="white", selection_fill_color="#ff7043", nonselection_fill_alpha=1.0,
                  name="steps")
-    fig.add_tools(HoverTool(renderers=[r], tooltips="<b>step @step</b>: peak @peak"),
+    fig.add_tools(HoverTool(renderers=[r], tooltips="<b>step @steps</b>: peak @peak"),
                   TapTool(renderers=[r]))
     src.selected.js_on_change("indices", CustomJS(args={"source": src, "labels": list(labels)},
                                                   code=_SHOW_STEP))
