@@ -96,7 +96,9 @@ def test_category_tags_are_breakdown_at_each_step(trace, tmp_path):
 
 
 def test_export_without_tensorboard_is_one_line(trace, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    for name in ("torch.utils.tensorboard", "tensorboard", "tensorboard.compat.proto",
+                 "tensorboard.summary.writer.event_file_writer"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
     assert cli.main(["export", str(trace), "-f", "tensorboard", "-o", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("torchmem: error: the TensorBoard export needs the tensorboard package "
