@@ -212,9 +212,8 @@ def run_moments(profiler: Any, points: int = 1000, top: int = 5, max_steps: int 
         k0 = np.searchsorted(s_seq, lt.alloc_seq[final_a], side="left")
         k1 = np.searchsorted(s_seq, lt.free_seq[final_a], side="left")
         cand = final_a[(k1 > k0) & (lt.size[final_a] > 0)]
-        made = np.full(len(lt), CATEGORIES.index("other"), np.int64)
-        first_seg = (seg.start == lt.alloc_seq[seg.alloc]) & (lt.alloc_seq[seg.alloc] >= 0)
-        made[seg.alloc[first_seg]] = seg.category[first_seg]
+        made = w.made_categories()
+        made[made < 0] = CATEGORIES.index("other")  # made before the events held
         for name in bands:
             bands[name] = np.concatenate([bands[name], getattr(lt, name)[cand]])
         band_cat = np.concatenate([band_cat, made[cand]])

@@ -58,6 +58,16 @@ class Window:
         freed in the window, or no events follow)."""
         return (self.lt.free_seq < _INF) | self.last
 
+    def made_categories(self) -> np.ndarray:
+        """Per allocation of ``lt``: its category (a CATEGORIES index) when it was
+        made, from its first segment; -1 for one made before the events held."""
+        seg, lt = self.segments, self.lt
+        out = np.full(len(lt), -1, np.int64)
+        alloc_seq = lt.alloc_seq[seg.alloc]
+        first = (seg.start == alloc_seq) & (alloc_seq >= 0)
+        out[seg.alloc[first]] = seg.category[first]
+        return out
+
 
 class LifetimeWindows:
     """Windows of one profiler's events in seq order (see the module doc)."""
@@ -160,12 +170,11 @@ def creation_categories(profiler: Any, batch: int = 1 << 15) -> np.ndarray:
     of ``batch`` at a time."""
     out = np.full(max(int(profiler.next_seq), 0), NOT_AN_ALLOCATION, np.uint8)
     for w in windows(profiler, batch):
-        seg, lt = w.segments, w.lt
-        alloc_seq = lt.alloc_seq[seg.alloc]
-        made = (seg.start == alloc_seq) & (alloc_seq >= 0) & w.final[seg.alloc]
-        seqs = alloc_seq[made]
+        codes = w.made_categories()
+        made = (codes >= 0) & w.final
+        seqs = w.lt.alloc_seq[made]
         if len(seqs) and int(seqs.max()) >= len(out):  # events recorded meanwhile
             out = np.concatenate([out, np.full(int(seqs.max()) + 1 - len(out),
                                                NOT_AN_ALLOCATION, np.uint8)])
-        out[seqs] = seg.category[made]
+        out[seqs] = codes[made]
     return out
