@@ -35,7 +35,8 @@ from ._run_pass import first_pass
 from .timeline import CategoryTimeline, ModuleRow, StackNode, stack_tree
 from .windows import windows
 
-__all__ = ["RunMoments", "StepBox", "run_moments", "step_category_breakdowns"]
+__all__ = ["RunMoments", "StepBox", "run_moments", "step_category_breakdowns",
+           "step_category_bytes"]
 
 _INF = 2**62
 
@@ -77,27 +78,39 @@ def _live_at(w: Any, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return sel, i0[sel], i1[sel], w.lt.size[seg.alloc[sel]].astype(np.int64)
 
 
-def step_category_breakdowns(profiler: Any, batch: int = 1 << 15) -> dict[int, dict[str, int]]:
-    """``breakdown(by="category", at=step)`` for every step with events: step ->
-    bytes by category (largest first), the same values, the events read twice
-    a window at a time (memory: a category count per step, not the events)."""
+def step_category_bytes(profiler: Any, batch: int = 1 << 15
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``breakdown(by="category", at=step)`` for every step with events, as arrays:
+    (steps ascending, bytes and allocation counts per CATEGORIES entry and step,
+    each of shape (len(CATEGORIES), steps)); the events read twice a window at
+    a time (memory: two integers per category and step, not the events)."""
     pass1 = first_pass(profiler, 1, batch)
+    empty = np.zeros((len(CATEGORIES), 0), np.int64)
     if not pass1.n:
-        return {}
+        return np.zeros(0, np.int64), empty, empty.copy()
     best = pass1.step_best.array()
-    steps = best["key"].tolist()
+    steps = best["key"].copy()
     q = best["seq"].copy()
+    del pass1, best
     order = np.argsort(q, kind="stable")
-    q = q[order]
     sums = _Sums(len(q), len(CATEGORIES))
+    q = q[order]
     for w in windows(profiler, batch):
         sel, i0, i1, size = _live_at(w, q)
         sums.add(w.segments.category[sel].astype(np.int64), i0, i1, size)
     b, c = sums.finish()
-    out: dict[int, dict[str, int]] = {}
-    for j, k in enumerate(order.tolist()):
-        out[steps[k]] = _grouped(list(CATEGORIES), b[:, j], c[:, j], keep_zero=True)
-    return dict(sorted(out.items()))
+    by_step = np.argsort(steps[order], kind="stable")  # moments back into step order
+    cols = order[by_step]
+    return steps[cols], b[:, by_step], c[:, by_step]
+
+
+def step_category_breakdowns(profiler: Any, batch: int = 1 << 15) -> dict[int, dict[str, int]]:
+    """``breakdown(by="category", at=step)`` for every step with events: step ->
+    bytes by category (largest first), the same values (step_category_bytes
+    as dicts: for a few steps; a long run's exports use the arrays)."""
+    steps, b, c = step_category_bytes(profiler, batch)
+    return {s: _grouped(list(CATEGORIES), b[:, j], c[:, j], keep_zero=True)
+            for j, s in enumerate(steps.tolist())}
 
 
 class _Sums:
@@ -121,7 +134,9 @@ class _Sums:
             np.add.at(arr, (key, i1), -v)
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.cumsum(self.bytes, axis=1)[:, :-1], np.cumsum(self.count, axis=1)[:, :-1]
+        for arr in (self.bytes, self.count):  # in place: a long run's steps are many moments
+            np.cumsum(arr, axis=1, out=arr)
+        return self.bytes[:, :-1], self.count[:, :-1]
 
 
 class _Labels:
