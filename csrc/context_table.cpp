@@ -40,3 +40,5 @@ ContextTable& context_table() {
 }
 
 }  // namespace torchmem
+
+extern "C" void torchmem_set_context(uint16_t id) { torchmem::set_current_context(id); }

@@ -21,6 +21,14 @@ extern __thread uint16_t tls_context __attribute__((tls_model("initial-exec")));
 inline uint16_t current_context() { return tls_context; }
 inline void set_current_context(uint16_t id) { tls_context = id; }
 
+}  // namespace torchmem
+
+// set_current_context as a plain C function, for code built against torch at
+// run time (torchmem/_hook/autograd_context_hook.cpp), which is given its address.
+extern "C" void torchmem_set_context(uint16_t id);
+
+namespace torchmem {
+
 struct ContextInfo {
   std::string module;  // "" when no module runs
   uint8_t phase;       // index into format::kPhases

@@ -212,6 +212,12 @@ run pinned-2.11 so "$OUT/pinned-2.11.so" "$HOOK/pinned_host_allocator.cpp" -- "$
 # shellcheck disable=SC2046
 run cpu-hook-2.11 so "$OUT/cpu_hook-2.11.so" "$HOOK/cpu_allocator_hook.cpp" -- "${BASE[@]}" \
   $(torch_inc "$T211") -- -shared -L "$T211/lib" -lc10 -Wl,--no-undefined
+# A CPython extension: Python's and libtorch_python's symbols (not unpacked
+# here) resolve when it is imported; its compile is what is checked.
+# shellcheck disable=SC2046
+run autograd-hook-2.11 so "$OUT/autograd_hook-2.11.so" "$HOOK/autograd_context_hook.cpp" -- \
+  "${BASE[@]}" $(torch_inc "$T211") -isystem "$("$PY" -c "import sysconfig; \
+print(sysconfig.get_paths()['include'])")" -- -shared -L "$T211/lib" -lc10 -ltorch_cpu
 
 # 3. The installed torch (2.13, CPU build: no libc10_cuda to link, and no
 #    generated cuda_cmake_macros.h, which only matters on Windows).

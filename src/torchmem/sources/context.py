@@ -34,20 +34,23 @@ from __future__ import annotations
 
 import threading
 import weakref
+from functools import partial
 from typing import Any
 
 import torch
 
 from .. import _recorder
+from ._autograd_hook import NativeHooks
 from ._marks import MarkSender, Owners, input_marks, storage_marks
 from ._modules import Anchor, module_path_name, tensors_in
-from .._contexts import PHASE_INDEX, PHASES
+from .._contexts import PHASE_INDEX
 
-__all__ = ["ContextSource", "module_path_name"]
+__all__ = ["ContextSource", "autograd_hooks", "module_path_name"]
 
 _FORWARD, _BACKWARD, _OPTIMIZER = (PHASE_INDEX[p] for p in ("forward", "backward", "optimizer"))
 
 _set_context = _recorder.set_context
+_get_context = _recorder.get_context
 _intern = _recorder.intern_context
 _graph_task_id = torch._C._current_graph_task_id
 _grad_enabled = torch.is_grad_enabled
@@ -63,16 +66,17 @@ _MODULE, _PREV, _ANCHOR, _CTX, _ROOT = range(5)
 
 
 class _Thread:
-    """Per-thread state: the context set last, the running modules, the autograd
-    nodes claimed by a module during the current outermost forward, the
-    backward pass (graph task) last seen."""
+    """Per-thread state: the running modules, how autograd nodes are claimed
+    (``claim(value, ctx)``: the C++ hooks, or Python's with ``claimed``, the
+    nodes claimed during the current outermost forward), the backward pass
+    (graph task) last seen."""
 
-    __slots__ = ("ctx", "stack", "claimed", "task")
+    __slots__ = ("stack", "claimed", "claim", "task")
 
     def __init__(self) -> None:
-        self.ctx = 0
         self.stack: list[tuple] = []
         self.claimed: dict[Any, int] = {}
+        self.claim = partial(_claim_in_python, self.claimed)
         self.task = -1
 
 
@@ -98,6 +102,10 @@ class _Hooks:
         self.roots: weakref.WeakSet = weakref.WeakSet()  # outermost modules that ran
         self.owners = Owners()
         self.optimizer_ctx = _intern("", _OPTIMIZER)
+        # The C++ node hooks, built in the background on first use; threads
+        # switch to them at their next outermost forward.
+        self.native = NativeHooks(self.native_backward_start)
+        self.native_claim: Any = None
 
     # -- installing -------------------------------------------------------------
     def add(self, source: ContextSource) -> None:
@@ -119,6 +127,7 @@ class _Hooks:
                 register_optimizer_step_pre_hook(self.step_pre),
                 register_optimizer_step_post_hook(self.step_post),
             ]
+            self.native.start(self.use_native)
 
     def remove(self, source: ContextSource) -> None:
         with self.lock:
@@ -133,7 +142,6 @@ class _Hooks:
 
     @staticmethod
     def set(t: _Thread, ctx: int) -> None:
-        t.ctx = ctx
         _set_context(ctx)
 
     # -- forward ----------------------------------------------------------------
@@ -159,6 +167,8 @@ class _Hooks:
                     ctx = anchor.lookup(module)
                 root = False
             else:  # outermost (perhaps inside an optimizer step: LBFGS's closure)
+                if self.native_claim is not None and t.claim is not self.native_claim:
+                    t.claim = self.native_claim  # built since: from this forward on
                 anchor = self.anchor(module, module_path_name(module))
                 ctx = anchor.lookup(module)
                 root = True
@@ -167,23 +177,13 @@ class _Hooks:
                     self.mark_model(module, anchor)
             if ctx is None:
                 return
-            stack.append((module, t.ctx, anchor, ctx, root))
-            t.ctx = c = ctx[1] if in_backward else ctx[0]
-            _set_context(c)
+            stack.append((module, _get_context(), anchor, ctx, root))
+            _set_context(ctx[1] if in_backward else ctx[0])
             if not root and args and not in_backward and _grad_enabled():
                 # Inputs made by the caller's own ops (no module claims their
                 # node): once this module's backward is done, the caller's
                 # context holds again.
-                claimed = t.claimed
-                for a in args:
-                    if isinstance(a, _Tensor):
-                        node = a.grad_fn
-                        if node is not None and node not in claimed:
-                            parent = top[_CTX][1]
-                            claimed[node] = parent
-                            hook = _backward_hooks.get(parent)
-                            node.register_prehook(hook if hook is not None
-                                                  else _backward_hook(parent))
+                t.claim(args, top[_CTX][1])
         except Exception:  # never into the training run
             pass
 
@@ -205,31 +205,25 @@ class _Hooks:
                     return  # its pre-hook did not run (it started while compiling)
                 frame = stack[i]
                 del stack[i:]  # frames above: forwards that raised
-            t.ctx = c = frame[_PREV]
-            _set_context(c)
+            _set_context(frame[_PREV])
             result = rest[-1] if rest else None
             if result is not None and _grad_enabled() and _graph_task_id() == -1:
-                claimed = t.claimed
-                bw = frame[_CTX][1]
-                hook = _backward_hooks.get(bw)
-                if hook is None:
-                    hook = _backward_hook(bw)
-                if isinstance(result, _Tensor):
-                    node = result.grad_fn
-                    if node is not None and node not in claimed:
-                        claimed[node] = bw
-                        node.register_prehook(hook)
-                else:
-                    for out in tensors_in(result):
-                        node = out.grad_fn
-                        if node is not None and node not in claimed:
-                            claimed[node] = bw
-                            node.register_prehook(hook)
+                t.claim(result if isinstance(result, _Tensor) else list(tensors_in(result)),
+                        frame[_CTX][1])
             if frame[_ROOT]:
-                t.claimed = {}
+                t.claimed.clear()
                 if _graph_task_id() == -1:
                     self.mark_inputs(args, rest[0] if len(rest) == 2 else None)
         except Exception:
+            pass
+
+    def use_native(self, claim: Any) -> None:
+        self.native_claim = claim
+
+    def native_backward_start(self, task: int, ctx: int) -> None:
+        try:
+            self.backward_start(_thread(), task, ctx)
+        except Exception:  # never into the training run
             pass
 
     def anchor(self, module: Any, prefix: str) -> Anchor:
@@ -248,7 +242,7 @@ class _Hooks:
             t.task = task
             self.emit([(0, "backward_start", ctx)])
             ident = threading.get_ident()
-            before = t.ctx
+            before = _get_context()
 
             def done() -> None:
                 if threading.get_ident() == ident:
@@ -269,7 +263,7 @@ class _Hooks:
                 # forwards whose end was never seen (a hook that failed).
                 self.set(t, t.stack[0][_PREV])
                 t.stack.clear()
-            t.stack.append((optimizer, t.ctx, None, (self.optimizer_ctx,) * 2 + ("",), False))
+            t.stack.append((optimizer, _get_context(), None, (self.optimizer_ctx,) * 2 + ("",), False))
             self.set(t, self.optimizer_ctx)
         except Exception:
             pass
@@ -331,7 +325,6 @@ def _backward_hook(ctx: int) -> Any:
             task = _graph_task_id()
             if task != t.task:
                 _hooks.backward_start(t, task, ctx)
-            t.ctx = ctx
             _set_context(ctx)
         except Exception:  # never into the training run
             pass
@@ -340,7 +333,32 @@ def _backward_hook(ctx: int) -> Any:
     return hook
 
 
+def _claim_in_python(claimed: dict, value: Any, ctx: int) -> int:
+    """The C++ hooks' ``claim`` in Python (their build failed, or is not done):
+    the grad_fn of ``value`` (a tensor, or the tensors directly in a tuple or
+    list) not claimed yet in this forward gets ``ctx``'s node pre-hook."""
+    n = 0
+    for x in (value,) if isinstance(value, _Tensor) else value:
+        if isinstance(x, _Tensor):
+            node = x.grad_fn
+            if node is not None and node not in claimed:
+                claimed[node] = ctx
+                hook = _backward_hooks.get(ctx)
+                node.register_prehook(hook if hook is not None else _backward_hook(ctx))
+                n += 1
+    return n
+
+
 _hooks = _Hooks()
+
+
+def autograd_hooks(wait_s: float = 0.0) -> str:
+    """How backward attribution claims autograd nodes: ``"native"`` (C++ node
+    pre-hooks, built against the installed torch), ``"building"``, ``"not
+    started"`` (no ContextSource started yet), or ``"python: REASON"`` (torch's
+    Python node hooks: the same contexts at several µs more per module call).
+    ``wait_s``: seconds to wait for a build in progress."""
+    return _hooks.native.state_after(wait_s)
 
 
 class ContextSource:

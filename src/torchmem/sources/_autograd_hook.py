@@ -1,0 +1,128 @@
+"""The C++ autograd node pre-hooks of torchmem.sources.context, built against
+the installed torch at first use (``torchmem/_hook/autograd_context_hook.cpp``).
+
+``load()`` returns the extension module (``claim(value, ctx)``, ``install``,
+``is_claimed``) or raises BuildUnavailable; context.py then keeps its Python
+node hooks, which do the same at several µs more per module call.
+:class:`NativeHooks` builds and installs it in the background (about 15 s
+with g++ once per torch build, then a cached import), so ``enable()`` never
+waits for the compiler. ``TORCHMEM_AUTOGRAD_HOOKS=python`` keeps the Python
+hooks.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import sysconfig
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+from . import _build
+from ._build import BuildUnavailable
+
+__all__ = ["BuildUnavailable", "NativeHooks", "load"]
+
+_NAME = "torchmem_autograd_context_hook"  # its PyInit_ name
+
+
+def _check() -> None:
+    include = sysconfig.get_paths().get("include")
+    if not include or not (Path(include) / "Python.h").is_file():
+        raise BuildUnavailable("Python's C headers (Python.h) are missing "
+                               "(install the python3-dev package)")
+
+
+def _spec() -> _build.ModuleSpec:
+    return _build.ModuleSpec(
+        name="autograd_context_hook", what="the autograd context hooks",
+        sources=(_build.HOOK_DIR / "autograd_context_hook.cpp",),
+        include_dirs=(sysconfig.get_paths()["include"],),
+        libraries=("c10", "torch_cpu", "torch_python"), check=_check)
+
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_failure: BuildUnavailable | None = None
+
+
+def load() -> ModuleType:
+    """The extension, built if needed and imported once per process; a failure
+    is remembered (raised again without rebuilding)."""
+    global _module, _failure
+    with _lock:
+        if _module is not None:
+            return _module
+        if _failure is not None:
+            raise _failure
+        try:
+            path = _build.build_module(_spec())
+            try:
+                _module = _import(path)
+            except ImportError:  # a truncated or foreign cached library
+                _module = _import(_build.build_module(_spec(), force=True))
+        except ImportError as exc:
+            _failure = BuildUnavailable(f"the autograd context hooks do not load: {exc}")
+            raise _failure from exc
+        except BuildUnavailable as exc:
+            _failure = exc
+            raise
+        return _module
+
+
+def _import(path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader(_NAME, str(path))
+    spec = importlib.util.spec_from_file_location(_NAME, str(path), loader=loader)
+    if spec is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+class NativeHooks:
+    """The extension's life in one process: ``start(ready)`` builds and installs it
+    on a background thread once, then calls ``ready(claim)``; ``state_after``
+    says how it went. ``on_backward_start(task, ctx)`` is what the hooks call
+    on a backward pass's first claimed node."""
+
+    def __init__(self, on_backward_start: Callable[[int, int], None]) -> None:
+        self.on_backward_start = on_backward_start
+        self.state = "not started"
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self, ready: Callable[[Any], None]) -> None:
+        with self._lock:
+            if self.state != "not started":
+                return
+            if os.environ.get("TORCHMEM_AUTOGRAD_HOOKS", "").lower() == "python":
+                self.state = "python: TORCHMEM_AUTOGRAD_HOOKS=python"
+                self._done.set()
+                return
+            self.state = "building"
+        threading.Thread(target=self._build, args=(ready,), name="torchmem-autograd-hooks",
+                         daemon=True).start()
+
+    def _build(self, ready: Callable[[Any], None]) -> None:
+        from .. import _recorder
+
+        try:
+            native = load()
+            native.install(_recorder.set_context_fn_address(), self.on_backward_start)
+            ready(native.claim)
+        except Exception as exc:  # noqa: BLE001 -- the Python hooks stay
+            self.state = f"python: {exc}"
+        else:
+            self.state = "native"
+        finally:
+            self._done.set()
+
+    def state_after(self, wait_s: float = 0.0) -> str:
+        """The state, after waiting up to ``wait_s`` seconds for a build in progress."""
+        if wait_s > 0 and self.state == "building":
+            self._done.wait(wait_s)
+        return self.state
