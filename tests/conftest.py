@@ -23,3 +23,12 @@ def tracked():
     finally:
         tracker.stop()
         p.close()
+
+
+def pytest_sessionstart(session):
+    # Attribution's C++ node hooks build on a background thread at the first
+    # ContextSource start, into the cache directory of that moment: start it
+    # here, before a test points TORCHMEM_CACHE_DIR at a temporary directory.
+    from torchmem.sources.context import build_autograd_hooks
+
+    build_autograd_hooks()

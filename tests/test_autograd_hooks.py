@@ -28,11 +28,7 @@ def run_python(code: str, **env: str) -> str:
 
 def _settled() -> str:
     """The hooks' state once their build (started here if need be) is over."""
-    state = C.autograd_hooks(wait_s=300)
-    if state == "not started":
-        with attributed():
-            state = C.autograd_hooks(wait_s=300)
-    return state
+    return C.build_autograd_hooks(wait_s=300)
 
 
 def _native_or_skip() -> None:

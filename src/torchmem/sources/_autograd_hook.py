@@ -84,18 +84,20 @@ def _import(path: Path) -> ModuleType:
 
 
 class NativeHooks:
-    """The extension's life in one process: ``start(ready)`` builds and installs it
-    on a background thread once, then calls ``ready(claim)``; ``state_after``
-    says how it went. ``on_backward_start(task, ctx)`` is what the hooks call
-    on a backward pass's first claimed node."""
+    """The extension's life in one process: ``start()`` builds and installs it on
+    a background thread once, then calls ``ready(claim)``; ``state_after`` says
+    how it went. ``on_backward_start(task, ctx)`` is what the hooks call on a
+    backward pass's first claimed node."""
 
-    def __init__(self, on_backward_start: Callable[[int, int], None]) -> None:
+    def __init__(self, on_backward_start: Callable[[int, int], None],
+                 ready: Callable[[Any], None]) -> None:
         self.on_backward_start = on_backward_start
+        self.ready = ready
         self.state = "not started"
         self._done = threading.Event()
         self._lock = threading.Lock()
 
-    def start(self, ready: Callable[[Any], None]) -> None:
+    def start(self) -> None:
         with self._lock:
             if self.state != "not started":
                 return
@@ -104,16 +106,16 @@ class NativeHooks:
                 self._done.set()
                 return
             self.state = "building"
-        threading.Thread(target=self._build, args=(ready,), name="torchmem-autograd-hooks",
+        threading.Thread(target=self._build, name="torchmem-autograd-hooks",
                          daemon=True).start()
 
-    def _build(self, ready: Callable[[Any], None]) -> None:
+    def _build(self) -> None:
         from .. import _recorder
 
         try:
             native = load()
             native.install(_recorder.set_context_fn_address(), self.on_backward_start)
-            ready(native.claim)
+            self.ready(native.claim)
         except Exception as exc:  # noqa: BLE001 -- the Python hooks stay
             self.state = f"python: {exc}"
         else:
@@ -122,7 +124,18 @@ class NativeHooks:
             self._done.set()
 
     def state_after(self, wait_s: float = 0.0) -> str:
-        """The state, after waiting up to ``wait_s`` seconds for a build in progress."""
+        """How backward attribution claims autograd nodes: ``"native"`` (the C++
+        node pre-hooks), ``"building"``, ``"not started"`` (no ContextSource
+        started yet), or ``"python: REASON"`` (torch's Python node hooks: the
+        same contexts at several µs more per module call); after waiting up to
+        ``wait_s`` seconds for a build in progress."""
         if wait_s > 0 and self.state == "building":
             self._done.wait(wait_s)
         return self.state
+
+    def build(self, wait_s: float = 0.0) -> str:
+        """Starts building the C++ node hooks now rather than at the first
+        ContextSource start (a container image, a test session); returns
+        ``state_after(wait_s)``."""
+        self.start()
+        return self.state_after(wait_s)

@@ -45,7 +45,7 @@ from ._marks import MarkSender, Owners, input_marks, storage_marks
 from ._modules import Anchor, module_path_name, tensors_in
 from .._contexts import PHASE_INDEX
 
-__all__ = ["ContextSource", "autograd_hooks", "module_path_name"]
+__all__ = ["ContextSource", "autograd_hooks", "build_autograd_hooks", "module_path_name"]
 
 _FORWARD, _BACKWARD, _OPTIMIZER = (PHASE_INDEX[p] for p in ("forward", "backward", "optimizer"))
 
@@ -104,7 +104,7 @@ class _Hooks:
         self.optimizer_ctx = _intern("", _OPTIMIZER)
         # The C++ node hooks, built in the background on first use; threads
         # switch to them at their next outermost forward.
-        self.native = NativeHooks(self.native_backward_start)
+        self.native = NativeHooks(self.native_backward_start, self.use_native)
         self.native_claim: Any = None
 
     # -- installing -------------------------------------------------------------
@@ -127,7 +127,7 @@ class _Hooks:
                 register_optimizer_step_pre_hook(self.step_pre),
                 register_optimizer_step_post_hook(self.step_post),
             ]
-            self.native.start(self.use_native)
+            self.native.start()
 
     def remove(self, source: ContextSource) -> None:
         with self.lock:
@@ -352,13 +352,9 @@ def _claim_in_python(claimed: dict, value: Any, ctx: int) -> int:
 _hooks = _Hooks()
 
 
-def autograd_hooks(wait_s: float = 0.0) -> str:
-    """How backward attribution claims autograd nodes: ``"native"`` (C++ node
-    pre-hooks, built against the installed torch), ``"building"``, ``"not
-    started"`` (no ContextSource started yet), or ``"python: REASON"`` (torch's
-    Python node hooks: the same contexts at several µs more per module call).
-    ``wait_s``: seconds to wait for a build in progress."""
-    return _hooks.native.state_after(wait_s)
+# How backward attribution claims nodes, and building its C++ hooks ahead of use.
+autograd_hooks = _hooks.native.state_after
+build_autograd_hooks = _hooks.native.build
 
 
 class ContextSource:
