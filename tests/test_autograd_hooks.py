@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from functools import partial
 
 import pytest
@@ -61,6 +62,9 @@ def _record(make_model, make_opt, shape, classes, mode, **kw):
     with hooks_mode(mode), attributed() as prof:
         run = train(make_model, make_opt, batches(shape, classes), profiler=prof, **kw)
         rows = prof.event_rows_from(0)
+        # Intra-op worker threads allocate too, in an order of their own (and
+        # without a module context: attribution is per thread).
+        rows = rows[rows["thread_id"] == threading.get_native_id()]
         events = [(int(k), int(s), prof.resolve_context(c)) for k, s, c in
                   zip(rows["kind"].tolist(), rows["size"].tolist(), rows["context_id"].tolist())]
         marks = prof.attribution_marks(0)
@@ -160,3 +164,30 @@ def test_the_environment_variable_keeps_the_python_hooks():
             print(autograd_hooks(wait_s=60))
     """, TORCHMEM_AUTOGRAD_HOOKS="python")
     assert out.strip().splitlines()[-1] == "python: TORCHMEM_AUTOGRAD_HOOKS=python"
+
+
+def test_native_storage_marks_are_the_python_ones():
+    _native_or_skip()
+    from torchmem.sources import _marks
+    from torchmem.sources._autograd_hook import load
+
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    p = nn.Parameter(torch.randn(3, 3))
+    marks = [(base, "parameter", 1), (base[1:, 2:], "gradient", 2), (base.t(), "buffer", 3),
+             (p, "parameter", 4), (torch.empty(0), "input", 0),
+             (torch.empty(2, device="meta"), "input", 0), (torch.ones(5, dtype=torch.int8)[3:],
+                                                           "optimizer_state", 7)]
+    native = load().storage_marks(list(marks))
+    saved = _marks._native_storage_marks
+    _marks.use_native_storage_marks(None)
+    try:
+        python = _marks.storage_marks(list(marks))
+    finally:
+        _marks.use_native_storage_marks(saved)
+    assert native == python
+    start = base.untyped_storage().data_ptr()
+    assert native[:4] == [(start, "parameter", 1), (start, "gradient", 2), (start, "buffer", 3),
+                          (p.untyped_storage().data_ptr(), "parameter", 4)]
+    assert len(native) == 5  # the empty and the meta tensor have no storage memory
+    with pytest.raises(TypeError):
+        load().storage_marks(tuple(marks))

@@ -114,6 +114,47 @@ PyObject* claim(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return PyLong_FromLong(n);
 }
 
+// storage_marks(marks) -> list: each (tensor, category, ctx) of the list
+// `marks` as (its storage's start address, category, ctx), those without
+// storage memory left out (sources/_marks.py's storage_marks, at ~40 ns a
+// tensor instead of ~200: an optimizer step marks every parameter, gradient
+// and state tensor).
+PyObject* storage_marks(PyObject*, PyObject* marks) {
+  if (!PyList_Check(marks)) {
+    PyErr_SetString(PyExc_TypeError, "storage_marks(list of (tensor, category, ctx))");
+    return nullptr;
+  }
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  Py_ssize_t n = PyList_GET_SIZE(marks);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* m = PyList_GET_ITEM(marks, i);
+    if (!PyTuple_Check(m) || PyTuple_GET_SIZE(m) != 3) continue;
+    PyObject* obj = PyTuple_GET_ITEM(m, 0);
+    if (!THPVariable_Check(obj)) continue;
+    uintptr_t address = 0;
+    try {
+      const at::Tensor& t = THPVariable_Unpack(obj);
+      if (t.defined() && t.has_storage())
+        address = reinterpret_cast<uintptr_t>(t.storage().data());
+    } catch (const std::exception&) {
+      continue;  // a subclass or meta tensor without storage memory
+    }
+    if (address == 0) continue;
+    PyObject* a = PyLong_FromUnsignedLongLong(address);
+    PyObject* row = a == nullptr ? nullptr
+        : PyTuple_Pack(3, a, PyTuple_GET_ITEM(m, 1), PyTuple_GET_ITEM(m, 2));
+    Py_XDECREF(a);
+    if (row == nullptr || PyList_Append(out, row) != 0) {
+      Py_XDECREF(row);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(row);
+  }
+  return out;
+}
+
 // install(set_context_address, on_backward_start): what the hooks call.
 PyObject* install(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 2 || !PyCallable_Check(args[1])) {
@@ -148,6 +189,8 @@ PyMethodDef kMethods[] = {
     {"install", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(install)),
      METH_FASTCALL, "install(set_context_address, on_backward_start)"},
     {"is_claimed", is_claimed, METH_O, "is_claimed(tensor) -> bool"},
+    {"storage_marks", storage_marks, METH_O,
+     "storage_marks(list of (tensor, category, ctx)) -> list of (address, category, ctx)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "torchmem_autograd_context_hook",

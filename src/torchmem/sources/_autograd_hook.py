@@ -2,7 +2,7 @@
 the installed torch at first use (``torchmem/_hook/autograd_context_hook.cpp``).
 
 ``load()`` returns the extension module (``claim(value, ctx)``, ``install``,
-``is_claimed``) or raises BuildUnavailable; context.py then keeps its Python
+``is_claimed``, ``storage_marks``) or raises BuildUnavailable; context.py then keeps its Python
 node hooks, which do the same at several µs more per module call.
 :class:`NativeHooks` builds and installs it in the background (about 15 s
 with g++ once per torch build, then a cached import), so ``enable()`` never
@@ -85,7 +85,7 @@ def _import(path: Path) -> ModuleType:
 
 class NativeHooks:
     """The extension's life in one process: ``start()`` builds and installs it on
-    a background thread once, then calls ``ready(claim)``; ``state_after`` says
+    a background thread once, then calls ``ready(module)``; ``state_after`` says
     how it went. ``on_backward_start(task, ctx)`` is what the hooks call on a
     backward pass's first claimed node."""
 
@@ -115,7 +115,7 @@ class NativeHooks:
         try:
             native = load()
             native.install(_recorder.set_context_fn_address(), self.on_backward_start)
-            self.ready(native.claim)
+            self.ready(native)
         except Exception as exc:  # noqa: BLE001 -- the Python hooks stay
             self.state = f"python: {exc}"
         else:

@@ -41,7 +41,7 @@ import torch
 
 from .. import _recorder
 from ._autograd_hook import NativeHooks
-from ._marks import MarkSender, Owners, input_marks, storage_marks
+from ._marks import MarkSender, Owners, input_marks, storage_marks, use_native_storage_marks
 from ._modules import Anchor, module_path_name, tensors_in
 from .._contexts import PHASE_INDEX
 
@@ -217,8 +217,9 @@ class _Hooks:
         except Exception:
             pass
 
-    def use_native(self, claim: Any) -> None:
-        self.native_claim = claim
+    def use_native(self, native: Any) -> None:
+        use_native_storage_marks(native.storage_marks)
+        self.native_claim = native.claim
 
     def native_backward_start(self, task: int, ctx: int) -> None:
         try:
