@@ -191,3 +191,24 @@ def test_native_storage_marks_are_the_python_ones():
     assert len(native) == 5  # the empty and the meta tensor have no storage memory
     with pytest.raises(TypeError):
         load().storage_marks(tuple(marks))
+
+
+def test_compiled_autograd_runs_with_the_native_hooks():
+    from torch._dynamo import compiled_autograd
+
+    x = torch.randn(8, 16)
+
+    def run():
+        torch.manual_seed(0)
+        m = MLP()
+        with compiled_autograd._enable(torch.compile(backend="eager")):
+            m(x).sum().backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    plain = run()
+    with hooks_mode("native"), attributed() as prof:
+        got = run()
+        rows = prof.event_rows_from(0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, got))
+    # The hooks stay out of the compiled backward graph rather than fail it.
+    assert ("MLP.fc1", "forward") in {prof.resolve_context(c) for c in rows["context_id"].tolist()}
