@@ -42,3 +42,4 @@ ContextTable& context_table() {
 }  // namespace torchmem
 
 extern "C" void torchmem_set_context(uint16_t id) { torchmem::set_current_context(id); }
+extern "C" uint16_t torchmem_get_context() { return torchmem::current_context(); }

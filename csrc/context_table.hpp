@@ -23,9 +23,11 @@ inline void set_current_context(uint16_t id) { tls_context = id; }
 
 }  // namespace torchmem
 
-// set_current_context as a plain C function, for code built against torch at
-// run time (torchmem/_hook/autograd_context_hook.cpp), which is given its address.
+// set_current_context and current_context as plain C functions, for code built
+// against torch at run time (torchmem/_hook/autograd_context_hook.cpp), which
+// is given their addresses.
 extern "C" void torchmem_set_context(uint16_t id);
+extern "C" uint16_t torchmem_get_context();
 
 namespace torchmem {
 

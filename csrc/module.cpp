@@ -334,10 +334,12 @@ NB_MODULE(_native, m) {
   m.def("set_context", [](uint16_t id) { set_current_context(id); }, nb::arg("context_id"),
         "Sets the calling thread's attribution context (0 = none); every event it "
         "records from now on carries it.");
-  m.def("set_context_fn_address", [] {
-    return reinterpret_cast<uintptr_t>(&torchmem_set_context);
-  }, "Address of a C function void(uint16_t) setting the calling thread's context "
-     "(for the autograd node hooks built against torch at run time).");
+  m.def("context_fn_addresses", [] {
+    return std::make_pair(reinterpret_cast<uintptr_t>(&torchmem_set_context),
+                          reinterpret_cast<uintptr_t>(&torchmem_get_context));
+  }, "Addresses of the C functions void(uint16_t) setting and uint16_t() reading the "
+     "calling thread's context (for the autograd node hooks built against torch at run "
+     "time).");
   m.def("get_context", [] { return current_context(); },
         "The calling thread's attribution context id.");
   m.def("intern_context", [](const std::string& module, int phase) {

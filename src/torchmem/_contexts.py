@@ -14,6 +14,7 @@ categories.
 
 from __future__ import annotations
 
+from operator import index as _index
 from typing import Sequence
 
 import numpy as np
@@ -35,10 +36,15 @@ MARK_DTYPE = np.dtype([("seq", "<u8"), ("address", "<u8"), ("category", "u1"),
 
 class MarkLog:
     """Marks in arrival order, 19 bytes each (a run marks each new .grad storage
-    every step: as many marks as such allocations, so no Python tuple per mark)."""
+    every step: as many marks as such allocations, so no Python tuple per mark
+    is kept). The latest, up to ``PENDING`` of them, wait as tuples: a numpy
+    array per append cost more than the marks (a few per step)."""
+
+    PENDING = 4096
 
     def __init__(self) -> None:
         self._chunks: list[np.ndarray] = []
+        self._pending: list[tuple[int, int, int, int]] = []
         self._count = 0
         self._array: np.ndarray | None = None
 
@@ -49,20 +55,38 @@ class MarkLog:
         """``(address, category, context_id)`` facts, all as of ``seq``."""
         if not marks:
             return
-        chunk = marks_array([(seq, a, c, x) for a, c, x in marks])
-        self._chunks.append(chunk)
-        self._count += len(chunk)
+        index = MARK_INDEX
+        try:  # what the array would refuse later, refused now
+            rows = [(seq, _index(a), index.get(c, 0), _index(x)) for a, c, x in marks]
+        except TypeError as exc:
+            raise TypeError(f"a mark is (address int, category str, context id int): {exc}") \
+                from None
+        for _, a, _, x in rows:
+            if not (0 <= a < 2**64 and 0 <= x < 2**16):
+                raise ValueError(f"a mark needs an address in [0, 2**64) and a context id "
+                                 f"in [0, 2**16): got {a}, {x}")
+        self._pending.extend(rows)
+        self._count += len(marks)
         self._array = None
+        if len(self._pending) >= self.PENDING:
+            self._flush()
 
     def extend(self, marks: Sequence[tuple[int, int, str, int]]) -> None:
         """``(seq, address, category, context_id)`` marks (a saved trace's)."""
         if marks:
+            self._flush()
             self._chunks.append(marks_array(marks))
             self._count += len(marks)
             self._array = None
 
+    def _flush(self) -> None:
+        if self._pending:
+            self._chunks.append(np.array(self._pending, MARK_DTYPE))
+            self._pending = []
+
     def array(self, start: int = 0) -> np.ndarray:
         """Marks from index ``start`` on, as a MARK_DTYPE array."""
+        self._flush()
         if start > 0:  # a sink's new marks: only the chunks that hold them
             parts, end = [], self._count
             for chunk in reversed(self._chunks):

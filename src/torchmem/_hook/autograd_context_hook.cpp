@@ -8,7 +8,8 @@
 // module call in every training step. Here claiming a node is one C call from
 // the forward hook, and the hook is two stores and a thread-local compare.
 // Python runs once per backward pass per thread, on its first claimed node
-// (context.py's backward_start: a mark, an engine callback).
+// (the backward-start mark); the context before it comes back at the pass's
+// end through an engine callback queued here.
 //
 // Built against the installed torch at first use (torchmem.sources._build):
 // Node's layout and FunctionPreHook's vtable belong to one torch build. It is
@@ -16,6 +17,7 @@
 
 #include <Python.h>
 
+#include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/function.h>  // Node (node.h since torch 2.12)
@@ -23,14 +25,32 @@
 
 #include <cstdint>
 #include <memory>
+#include <thread>
 
 namespace {
 
 using SetContextFn = void (*)(uint16_t);
+using GetContextFn = uint16_t (*)();
 
 SetContextFn g_set_context = nullptr;
+GetContextFn g_get_context = nullptr;
 PyObject* g_on_backward_start = nullptr;  // callable(graph task id, context id)
 thread_local int t_task = -1;             // the graph task whose start was reported
+
+// The context the thread had when the backward pass reached its first claimed
+// node comes back when the pass ends (an engine callback, on the thread that
+// ends it: only there, if it is this one).
+void restore_at_end() {
+  uint16_t before = g_get_context();
+  std::thread::id self = std::this_thread::get_id();
+  try {
+    torch::autograd::Engine::get_default_engine().queue_callback([before, self] {
+      if (std::this_thread::get_id() == self) g_set_context(before);
+    });
+  } catch (const std::exception&) {
+    // not inside a backward pass after all: nothing to restore at its end
+  }
+}
 
 void report_backward_start(int task, uint16_t ctx) {
   if (g_on_backward_start == nullptr) return;
@@ -49,9 +69,10 @@ struct ContextPreHook final : torch::autograd::FunctionPreHook {
     int task = torch::autograd::get_current_graph_task_id();
     if (task != t_task) {
       t_task = task;
+      restore_at_end();
       report_backward_start(task, ctx);
     }
-    if (g_set_context != nullptr) g_set_context(ctx);
+    g_set_context(ctx);
     return grads;  // gradients untouched
   }
 
@@ -88,6 +109,10 @@ bool claim_one(PyObject* obj, uint16_t ctx) {
 PyObject* claim(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 2) {
     PyErr_SetString(PyExc_TypeError, "claim(value, context_id)");
+    return nullptr;
+  }
+  if (g_set_context == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "claim before install");
     return nullptr;
   }
   unsigned long ctx = PyLong_AsUnsignedLong(args[1]);
@@ -155,20 +180,25 @@ PyObject* storage_marks(PyObject*, PyObject* marks) {
   return out;
 }
 
-// install(set_context_address, on_backward_start): what the hooks call.
+// install(set_context_address, get_context_address, on_backward_start): what
+// the hooks call. Claiming before install is refused (the hooks would have no
+// context functions).
 PyObject* install(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 2 || !PyCallable_Check(args[1])) {
-    PyErr_SetString(PyExc_TypeError, "install(set_context_address, on_backward_start)");
+  if (nargs != 3 || !PyCallable_Check(args[2])) {
+    PyErr_SetString(PyExc_TypeError,
+                    "install(set_context_address, get_context_address, on_backward_start)");
     return nullptr;
   }
-  void* address = PyLong_AsVoidPtr(args[0]);
-  if (address == nullptr) {
-    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "null set_context address");
+  void* set = PyLong_AsVoidPtr(args[0]);
+  void* get = set == nullptr ? nullptr : PyLong_AsVoidPtr(args[1]);
+  if (set == nullptr || get == nullptr) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "null context function address");
     return nullptr;
   }
-  g_set_context = reinterpret_cast<SetContextFn>(address);
-  Py_INCREF(args[1]);
-  Py_XSETREF(g_on_backward_start, args[1]);
+  g_set_context = reinterpret_cast<SetContextFn>(set);
+  g_get_context = reinterpret_cast<GetContextFn>(get);
+  Py_INCREF(args[2]);
+  Py_XSETREF(g_on_backward_start, args[2]);
   Py_RETURN_NONE;
 }
 

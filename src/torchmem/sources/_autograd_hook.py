@@ -87,7 +87,8 @@ class NativeHooks:
     """The extension's life in one process: ``start()`` builds and installs it on
     a background thread once, then calls ``ready(module)``; ``state_after`` says
     how it went. ``on_backward_start(task, ctx)`` is what the hooks call on a
-    backward pass's first claimed node."""
+    backward pass's first claimed node (they restore the context at its end
+    themselves)."""
 
     def __init__(self, on_backward_start: Callable[[int, int], None],
                  ready: Callable[[Any], None]) -> None:
@@ -114,7 +115,7 @@ class NativeHooks:
 
         try:
             native = load()
-            native.install(_recorder.set_context_fn_address(), self.on_backward_start)
+            native.install(*_recorder.context_fn_addresses(), self.on_backward_start)
             self.ready(native)
         except Exception as exc:  # noqa: BLE001 -- the Python hooks stay
             self.state = f"python: {exc}"

@@ -222,8 +222,10 @@ class _Hooks:
         self.native_claim = native.claim
 
     def native_backward_start(self, task: int, ctx: int) -> None:
+        # The C++ hooks saw the pass start on this thread and restore the
+        # context at its end: the mark is what is left.
         try:
-            self.backward_start(_thread(), task, ctx)
+            self.emit([(0, "backward_start", ctx)])
         except Exception:  # never into the training run
             pass
 
