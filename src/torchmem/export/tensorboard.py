@@ -4,9 +4,11 @@
 tensorboard -o DIR``) writes TensorBoard event files into ``DIR`` through
 the ``tensorboard`` package's own event file writer (``pip install
 torchmem[tensorboard]``), one event a step holding all of its scalars: no
-torch import, a few MB of memory whatever the trace's size (the
-integrations' SummaryWriter costs about 190 MB to import and 15x the time
-a scalar). One point per step and tag, at ``global_step`` = the step and
+torch import (the integrations' SummaryWriter costs about 190 MB to import
+and 15x the time a scalar), the events read a window at a time and every
+step's categories kept as arrays (``step_category_bytes``: 16 bytes per
+category and step), so memory grows with the steps, not the events (154 MiB
+peak for 10M events in 172K steps). One point per step and tag, at ``global_step`` = the step and
 the wall time of the step's last event:
 
 - ``torchmem/current_bytes``: live bytes at the step's end;
