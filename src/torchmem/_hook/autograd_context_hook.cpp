@@ -125,9 +125,8 @@ PyObject* claim(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   try {
     PyObject* v = args[0];
     if (PyTuple_Check(v) || PyList_Check(v)) {
-      PyObject* seq = v;
-      Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
-      PyObject** items = PySequence_Fast_ITEMS(seq);
+      Py_ssize_t len = PySequence_Fast_GET_SIZE(v);
+      PyObject** items = PySequence_Fast_ITEMS(v);
       for (Py_ssize_t i = 0; i < len; ++i) n += claim_one(items[i], uint16_t(ctx));
     } else {
       n += claim_one(v, uint16_t(ctx));
@@ -217,7 +216,7 @@ PyMethodDef kMethods[] = {
     {"claim", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(claim)),
      METH_FASTCALL, "claim(value, context_id) -> nodes claimed"},
     {"install", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(install)),
-     METH_FASTCALL, "install(set_context_address, on_backward_start)"},
+     METH_FASTCALL, "install(set_context_address, get_context_address, on_backward_start)"},
     {"is_claimed", is_claimed, METH_O, "is_claimed(tensor) -> bool"},
     {"storage_marks", storage_marks, METH_O,
      "storage_marks(list of (tensor, category, ctx)) -> list of (address, category, ctx)"},

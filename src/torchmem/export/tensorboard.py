@@ -8,8 +8,8 @@ torch import (the integrations' SummaryWriter costs about 190 MB to import
 and 15x the time a scalar), the events read a window at a time and every
 step's categories kept as arrays (``step_category_bytes``: 16 bytes per
 category and step), so memory grows with the steps, not the events (154 MiB
-peak for 10M events in 172K steps). One point per step and tag, at ``global_step`` = the step and
-the wall time of the step's last event:
+peak for 10M events in 172K steps). One point per step and tag, at
+``global_step`` = the step and the wall time of the step's last event:
 
 - ``torchmem/current_bytes``: live bytes at the step's end;
 - ``torchmem/peak_bytes``: the highest live bytes after any of the step's events;
@@ -117,7 +117,7 @@ def export_tensorboard(profiler: Any, path: str | os.PathLike, progress: Progres
     writer, event = _event_writer(path)
     # Every step's breakdown in one pass (one breakdown per step re-read the run
     # each time), kept as arrays: a dict per step is ~0.5 KB, 90 MB at 170K steps.
-    cat_steps, cat_bytes = np.zeros(0, np.int64), None
+    cat_steps = cat_bytes = None
     if getattr(profiler, "breakdown", None) is not None:
         cat_steps, cat_bytes, _ = step_category_bytes(profiler)
     try:

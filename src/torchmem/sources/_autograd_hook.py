@@ -2,8 +2,9 @@
 the installed torch at first use (``torchmem/_hook/autograd_context_hook.cpp``).
 
 ``load()`` returns the extension module (``claim(value, ctx)``, ``install``,
-``is_claimed``, ``storage_marks``) or raises BuildUnavailable; context.py then keeps its Python
-node hooks, which do the same at several µs more per module call.
+``is_claimed``, ``storage_marks``) or raises BuildUnavailable; context.py
+then keeps its Python node hooks, which do the same at several µs more per
+module call.
 :class:`NativeHooks` builds and installs it in the background (about 15 s
 with g++ once per torch build, then a cached import), so ``enable()`` never
 waits for the compiler. ``TORCHMEM_AUTOGRAD_HOOKS=python`` keeps the Python
@@ -38,39 +39,16 @@ def _check() -> None:
 
 def _spec() -> _build.ModuleSpec:
     return _build.ModuleSpec(
-        name="autograd_context_hook", what="the autograd context hooks",
+        name="autograd_context_hook", what="the autograd context hook module",
         sources=(_build.HOOK_DIR / "autograd_context_hook.cpp",),
         include_dirs=(sysconfig.get_paths()["include"],),
         libraries=("c10", "torch_cpu", "torch_python"), check=_check)
 
 
-_lock = threading.Lock()
-_module: ModuleType | None = None
-_failure: BuildUnavailable | None = None
-
-
 def load() -> ModuleType:
     """The extension, built if needed and imported once per process; a failure
     is remembered (raised again without rebuilding)."""
-    global _module, _failure
-    with _lock:
-        if _module is not None:
-            return _module
-        if _failure is not None:
-            raise _failure
-        try:
-            path = _build.build_module(_spec())
-            try:
-                _module = _import(path)
-            except ImportError:  # a truncated or foreign cached library
-                _module = _import(_build.build_module(_spec(), force=True))
-        except ImportError as exc:
-            _failure = BuildUnavailable(f"the autograd context hooks do not load: {exc}")
-            raise _failure from exc
-        except BuildUnavailable as exc:
-            _failure = exc
-            raise
-        return _module
+    return _build.load_module(_spec(), open_library=_import)
 
 
 def _import(path: Path) -> ModuleType:

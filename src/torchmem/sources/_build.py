@@ -30,7 +30,7 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 __all__ = ["BuildUnavailable", "ModuleSpec", "build_module", "cache_dir", "compiler",
            "load_module", "torch_paths"]
@@ -157,18 +157,25 @@ def build_module(spec: ModuleSpec, *, force: bool = False) -> Path:
     return out
 
 
-_loaded: dict[str, ctypes.CDLL] = {}
+_loaded: dict[str, Any] = {}
 _failed: dict[str, BuildUnavailable] = {}  # a failure is not retried in this process
 _lock = threading.Lock()
 
 
-def load_module(spec: ModuleSpec, setup: Callable[[ctypes.CDLL], None] | None = None) -> ctypes.CDLL:
+def _open_cdll(path: Path) -> ctypes.CDLL:
+    return ctypes.CDLL(str(path))
+
+
+def load_module(spec: ModuleSpec, setup: Callable[[Any], None] | None = None,
+                open_library: Callable[[Path], Any] = _open_cdll) -> Any:
     """The library of ``spec``, built if needed and loaded once per process.
 
-    ``setup`` declares the library's functions (argtypes, restype) and may
-    raise BuildUnavailable. A cached library that does not load (truncated,
-    foreign) is rebuilt once. A failure is remembered: later calls raise it
-    again without rebuilding.
+    ``open_library`` loads the built file (default: ``ctypes.CDLL``; a CPython
+    extension is imported instead) and raises OSError or ImportError when it
+    cannot. ``setup`` declares the library's functions (argtypes, restype)
+    and may raise BuildUnavailable. A cached library that does not load
+    (truncated, foreign) is rebuilt once. A failure is remembered: later
+    calls raise it again without rebuilding.
     """
     with _lock:
         if spec.name in _loaded:
@@ -178,12 +185,12 @@ def load_module(spec: ModuleSpec, setup: Callable[[ctypes.CDLL], None] | None = 
         try:
             path = build_module(spec)
             try:
-                lib = ctypes.CDLL(str(path))
-            except OSError:
+                lib = open_library(path)
+            except (OSError, ImportError):
                 path = build_module(spec, force=True)
                 try:
-                    lib = ctypes.CDLL(str(path))
-                except OSError as exc:
+                    lib = open_library(path)
+                except (OSError, ImportError) as exc:
                     raise BuildUnavailable(f"{spec.what} does not load: {exc}") from exc
             if setup is not None:
                 setup(lib)

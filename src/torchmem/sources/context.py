@@ -104,7 +104,7 @@ class _Hooks:
         self.optimizer_ctx = _intern("", _OPTIMIZER)
         # The C++ node hooks, built in the background on first use; threads
         # switch to them at their next outermost forward.
-        self.native = NativeHooks(self.native_backward_start, self.use_native)
+        self.native = NativeHooks(self.mark_backward_start, self.use_native)
         self.native_claim: Any = None
 
     # -- installing -------------------------------------------------------------
@@ -221,9 +221,9 @@ class _Hooks:
         use_native_storage_marks(native.storage_marks)
         self.native_claim = native.claim
 
-    def native_backward_start(self, task: int, ctx: int) -> None:
-        # The C++ hooks saw the pass start on this thread and restore the
-        # context at its end: the mark is what is left.
+    def mark_backward_start(self, task: int, ctx: int) -> None:
+        # What the C++ hooks call on a pass's first claimed node (they restore
+        # the context at its end themselves); backward_start's mark too.
         try:
             self.emit([(0, "backward_start", ctx)])
         except Exception:  # never into the training run
@@ -243,7 +243,7 @@ class _Hooks:
         """The first module node of a backward pass is about to run: it starts now."""
         if task != t.task:
             t.task = task
-            self.emit([(0, "backward_start", ctx)])
+            self.mark_backward_start(task, ctx)
             ident = threading.get_ident()
             before = _get_context()
 
@@ -266,7 +266,8 @@ class _Hooks:
                 # forwards whose end was never seen (a hook that failed).
                 self.set(t, t.stack[0][_PREV])
                 t.stack.clear()
-            t.stack.append((optimizer, _get_context(), None, (self.optimizer_ctx,) * 2 + ("",), False))
+            t.stack.append((optimizer, _get_context(), None,
+                            (self.optimizer_ctx,) * 2 + ("",), False))
             self.set(t, self.optimizer_ctx)
         except Exception:
             pass
