@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -82,8 +81,9 @@ FORK_SCRIPT = textwrap.dedent("""
                   torchmem.get_profiler() is not None)
         p = torchmem.enable(trace_dir=sys.argv[1], summary=False)
         p.track_allocation(0x10, 123, allocation_type="child-type")
+        from torchmem.sources.context import autograd_hooks
         q.put(dict(before=before, after=(torchmem.is_enabled(), torchmem.trace_path()),
-                   same=p is parent, pid=os.getpid()))
+                   same=p is parent, pid=os.getpid(), hooks=autograd_hooks(wait_s=120)))
 
     parent = torchmem.enable(trace_dir=sys.argv[1], summary=False)
     parent.track_allocation(0x20, 456, allocation_type="parent-type")
@@ -97,14 +97,23 @@ FORK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_enable_in_a_forked_child_records_its_own_trace(tmp_path):
+@pytest.mark.parametrize("cache", ["warm", "cold"])
+def test_enable_in_a_forked_child_records_its_own_trace(tmp_path, cache):
+    # Cold: the parent's enable() is still compiling the autograd hooks on a
+    # background thread when it forks; the child once waited forever for the
+    # build lock that thread held (CI, first run on a clean machine).
+    env = dict(os.environ)
+    if cache == "cold":
+        env["TORCHMEM_CACHE_DIR"] = str(tmp_path / "cache")
     traces = tmp_path / "traces"
     (tmp_path / "script.py").write_text(FORK_SCRIPT)
-    r = subprocess.run([sys.executable, "script.py", str(traces)], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "script.py", str(traces)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout.splitlines()[-1])
     assert seen["exitcode"] == 0
+    # The child's own hooks, not a parent's build that never ends there.
+    assert seen["hooks"] == "native"
     # Before enable() the child says it is not profiled: nothing records its memory.
     assert seen["before"] == [False, None, False]
     assert seen["same"] is False

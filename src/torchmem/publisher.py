@@ -271,9 +271,12 @@ class EventPublisher:
             sub.callback(events)
             sub.delivered_events += len(events)
         except Exception:
-            self.unsubscribe(sub)
+            # Report before unsubscribing: once it is out of _subs, flush() and
+            # close() no longer wait for this thread, and the message could land
+            # after the caller has moved on.
             print(f"torchmem: subscriber {sub!r} raised and was removed:\n"
                   f"{traceback.format_exc()}", file=sys.stderr)
+            self.unsubscribe(sub)
 
     # -- lifecycle -----------------------------------------------------------------
     def _pending(self) -> list[Subscription]:

@@ -72,9 +72,23 @@ class NativeHooks:
                  ready: Callable[[Any], None]) -> None:
         self.on_backward_start = on_backward_start
         self.ready = ready
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def _reset(self) -> None:
         self.state = "not started"
         self._done = threading.Event()
         self._lock = threading.Lock()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's build thread does not exist here: a child forked
+        # mid-build would wait for it forever. It builds (or finds the
+        # parent's cached library) at its own first start.
+        if self.state == "building":
+            self._reset()
+        else:
+            self._lock = threading.Lock()
 
     def start(self) -> None:
         with self._lock:

@@ -12,6 +12,8 @@ first time it is needed, with the installed torch's headers:
   the sources, torch's build and the command;
 - built once by concurrent processes (the ranks of a distributed job): the
   build holds a lock file and publishes the library with an atomic rename;
+  a process forked while its parent builds waits for that build, or builds
+  itself, but never for a lock no thread of its own will release;
 - a cached library that fails to load is rebuilt once.
 
 Without a compiler or headers, :func:`build_module` raises
@@ -27,7 +29,9 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -137,19 +141,23 @@ def build_module(spec: ModuleSpec, *, force: bool = False) -> Path:
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(directory / ".build.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if out.is_file() and not force:
-                return out  # another process built it while we waited
-            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+            _lock_file(lock, spec)
             try:
-                done = subprocess.run(_command(spec, cxx, tmp), capture_output=True, text=True,
-                                      timeout=_BUILD_TIMEOUT_S)
-                if done.returncode != 0:
-                    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
-                    raise BuildUnavailable(f"{cxx} failed to build {spec.what}:\n{tail}")
-                os.replace(tmp, out)
+                if out.is_file() and not force:
+                    return out  # another process built it while we waited
+                tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+                try:
+                    returncode, output = _compile(_command(spec, cxx, tmp))
+                    if returncode != 0:
+                        tail = "\n".join(output.strip().splitlines()[-5:])
+                        raise BuildUnavailable(f"{cxx} failed to build {spec.what}:\n{tail}")
+                    os.replace(tmp, out)
+                finally:
+                    tmp.unlink(missing_ok=True)
             finally:
-                tmp.unlink(missing_ok=True)
+                # Explicitly: a child forked during the build holds this file
+                # open too, and closing our copy would leave it locked.
+                fcntl.flock(lock, fcntl.LOCK_UN)
     except OSError as exc:
         raise BuildUnavailable(f"cannot build {spec.what} in {directory}: {exc}") from exc
     except subprocess.TimeoutExpired as exc:
@@ -157,9 +165,77 @@ def build_module(spec: ModuleSpec, *, force: bool = False) -> Path:
     return out
 
 
+# Held while the compiler is being started, and taken by os.fork(): a child
+# forked in between would inherit the pipe subprocess uses to learn that the
+# exec succeeded, and the build thread's read of it would then wait for that
+# child to exit (while the child waits for the build).
+_spawning = threading.RLock()
+
+
+def _compile(cmd: list[str]) -> tuple[int, str]:
+    # Output to a file, not a pipe, for the same reason: nothing here waits
+    # for every copy of a descriptor to close, only for the compiler.
+    with tempfile.TemporaryFile(mode="w+") as log:
+        with _spawning:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        try:
+            returncode = proc.wait(timeout=_BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        log.seek(0)
+        return returncode, log.read()
+
+
+def _lock_file(lock: Any, spec: ModuleSpec) -> None:
+    # Bounded: the holder may be a process that stopped mid-build, or a
+    # forked child that inherited the open file and never closes it.
+    deadline = time.monotonic() + _BUILD_TIMEOUT_S
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise BuildUnavailable(f"another process has been building {spec.what} for "
+                                       f"over {_BUILD_TIMEOUT_S} s (lock file {lock.name})")
+            time.sleep(0.05)
+
+
 _loaded: dict[str, Any] = {}
 _failed: dict[str, BuildUnavailable] = {}  # a failure is not retried in this process
-_lock = threading.Lock()
+# One lock per module, so the CPU hook never waits for the autograd hook's
+# 15 s build; replaced in a forked child, whose copies may be held by a
+# parent thread that does not exist there.
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _module_lock(name: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(name, threading.Lock())
+
+
+def _after_fork_in_child() -> None:
+    global _locks_guard, _spawning
+    _locks_guard = threading.Lock()
+    _locks.clear()
+    _spawning = threading.RLock()
+
+
+def _before_fork() -> None:
+    _spawning.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _spawning.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 def _open_cdll(path: Path) -> ctypes.CDLL:
@@ -177,7 +253,7 @@ def load_module(spec: ModuleSpec, setup: Callable[[Any], None] | None = None,
     (truncated, foreign) is rebuilt once. A failure is remembered: later
     calls raise it again without rebuilding.
     """
-    with _lock:
+    with _module_lock(spec.name):
         if spec.name in _loaded:
             return _loaded[spec.name]
         if spec.name in _failed:

@@ -113,6 +113,9 @@ class _Hooks:
             if source in self.sources:
                 return
             self.sources.append(source)
+            # Even where hooks are already installed: a child forked while the
+            # parent built the C++ hooks starts its own build here.
+            self.native.start()
             if self.handles:
                 return
             from torch.nn.modules.module import (register_module_forward_hook,
@@ -127,7 +130,6 @@ class _Hooks:
                 register_optimizer_step_pre_hook(self.step_pre),
                 register_optimizer_step_post_hook(self.step_post),
             ]
-            self.native.start()
 
     def remove(self, source: ContextSource) -> None:
         with self.lock:
