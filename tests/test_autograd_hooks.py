@@ -115,6 +115,86 @@ def test_native_and_python_hooks_give_the_same_events(case):
     assert nat_starts == py_starts == 3  # one backward start per step
 
 
+class _DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return {"h": self.a(x), "extra": [x * 2]}  # nested: claimed by Python
+
+
+class _TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = self.b(x)
+        return y, y.relu()  # flat: claimed by C++
+
+
+class _Raises(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("caught by the caller")
+
+
+class _Varied(nn.Module):
+    """Every case of the C++ forward hooks' fast paths and of their way out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.d, self.t, self.r, self.head = _DictOut(), _TupleOut(), _Raises(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        a, b = self.t(self.d(x)["h"])
+        try:
+            self.r(a)
+        except RuntimeError:
+            pass
+        a2, _ = self.t(b)  # called twice
+        return self.head(a + a2)
+
+
+def test_forward_fast_paths_give_the_python_forward_hooks_events():
+    _native_or_skip()
+    h = C._hooks
+    outcomes: dict[str, int] = {}
+    enter, leave = h.native_enter, h.native_exit
+
+    def counted(fn, name):
+        def call(*a):
+            r = fn(*a)
+            key = f"{name} {r!r}" if isinstance(r, bool) else f"{name} ctx"
+            outcomes[key] = outcomes.get(key, 0) + 1
+            return r
+        return call
+
+    args = (_Varied, torch.optim.Adam, (8, 16), 4)
+    plain = train(*args[:2], batches(*args[2:]))
+    _record(*args, "native")
+    # The C++ claim() with the Python forward hooks: what the fast paths replace
+    # (the Python claim() keeps claimed nodes, and their saved tensors, alive
+    # longer, so its frees come later).
+    h.native_enter = h.native_exit = None
+    try:
+        slow_run, slow_events, slow_starts = _record(*args, "native")
+    finally:
+        h.native_enter, h.native_exit = counted(enter, "enter"), counted(leave, "exit")
+    try:
+        fast_run, fast_events, fast_starts = _record(*args, "native")
+    finally:
+        h.native_enter, h.native_exit = enter, leave
+    assert same_run(plain, slow_run) and same_run(plain, fast_run)
+    assert fast_events == slow_events and fast_starts == slow_starts == 3
+    # 9 module calls a step, 3 steps: the outermost module goes to Python both
+    # ways (3), and so does each of the 6 modules below it the first time (the
+    # Python hook names it); the other 18 calls in, and all 24 out, are C++,
+    # d's dict output left to Python to claim (3).
+    assert outcomes == {"enter False": 9, "enter True": 18, "exit False": 3,
+                        "exit True": 21, "exit ctx": 3}
+
+
 def test_claim_marks_each_node_once():
     _native_or_skip()
     from torchmem.sources._autograd_hook import load

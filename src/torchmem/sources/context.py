@@ -28,6 +28,11 @@ outermost module's forward. Marks are sent only when something changed.
 
 One set of hooks serves the whole process; each started ContextSource's
 profiler receives the marks. Hooks never raise into the training run.
+
+Over 400 lines for a reason: the forward, backward and optimizer hooks share
+one per-thread stack and one claim of autograd nodes, whose Python and C++
+paths must give the same contexts; split, each half would read the other's
+tuples by index.
 """
 
 from __future__ import annotations
@@ -55,6 +60,20 @@ _intern = _recorder.intern_context
 _graph_task_id = torch._C._current_graph_task_id
 _grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
+# torch.compiler.is_compiling() in the two hooks that run for every module
+# call, at one Python call instead of two: Dynamo folds is_dynamo_compiling()
+# to True where it traces a hook, and the flag is what is_compiling() returns
+# otherwise (non-strict export).
+_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compiling)
+if hasattr(torch.compiler, "_is_compiling_flag"):
+    _compiler: Any = torch.compiler
+else:  # an older torch: the flag read through is_compiling()
+    class _CompilerFlag:
+        @property
+        def _is_compiling_flag(self) -> bool:
+            return _is_compiling()
+
+    _compiler = _CompilerFlag()
 _Tensor = torch.Tensor
 
 
@@ -71,13 +90,26 @@ class _Thread:
     nodes claimed during the current outermost forward), the backward pass
     (graph task) last seen."""
 
-    __slots__ = ("stack", "claimed", "claim", "task")
+    __slots__ = ("stack", "claimed", "_claim", "task")
 
     def __init__(self) -> None:
         self.stack: list[tuple] = []
         self.claimed: dict[Any, int] = {}
         self.claim = partial(_claim_in_python, self.claimed)
         self.task = -1
+
+    @property
+    def claim(self) -> Any:
+        return self._claim
+
+    @claim.setter
+    def claim(self, fn: Any) -> None:
+        # Set on its own thread only: a thread on the C++ claim() gets the C++
+        # forward hooks' fast paths (their per-thread entry is this stack).
+        self._claim = fn
+        native = _hooks.native_module
+        if native is not None:
+            native.bind_thread(self.stack if fn is native.claim else None)
 
 
 _local = threading.local()  # .s: this thread's _Thread (one local lookup per hook)
@@ -106,6 +138,11 @@ class _Hooks:
         # switch to them at their next outermost forward.
         self.native = NativeHooks(self.mark_backward_start, self.use_native)
         self.native_claim: Any = None
+        self.native_module: Any = None
+        # Their forward hooks' common case (a named module inside a running
+        # one), on threads that claim with native_claim.
+        self.native_enter: Any = None
+        self.native_exit: Any = None
 
     # -- installing -------------------------------------------------------------
     def add(self, source: ContextSource) -> None:
@@ -149,7 +186,10 @@ class _Hooks:
     # -- forward ----------------------------------------------------------------
     # The two hooks below run for every module call: written for speed.
     def forward_pre(self, module: Any, args: tuple) -> None:
-        if _is_compiling():
+        if _dynamo_compiling() or _compiler._is_compiling_flag:
+            return
+        enter = self.native_enter
+        if enter is not None and enter(module, args):
             return
         try:
             t = _thread()
@@ -192,8 +232,19 @@ class _Hooks:
     def forward_post(self, module: Any, args: tuple, *rest: Any) -> None:
         # (kwargs, result); torch calls an always-called hook with (result) alone
         # when the forward raised.
-        if _is_compiling():
+        if _dynamo_compiling() or _compiler._is_compiling_flag:
             return
+        leave = self.native_exit
+        if leave is not None:
+            done = leave(module, rest[-1])
+            if done is True:
+                return
+            if done is not False:  # popped; the result's tensors are nested
+                try:
+                    _thread().claim(list(tensors_in(rest[-1])), done)
+                except Exception:
+                    pass
+                return
         try:
             t = _thread()
             stack = t.stack
@@ -221,7 +272,10 @@ class _Hooks:
 
     def use_native(self, native: Any) -> None:
         use_native_storage_marks(native.storage_marks)
+        self.native_module = native
         self.native_claim = native.claim
+        self.native_enter = native.forward_enter
+        self.native_exit = native.forward_exit
 
     def mark_backward_start(self, task: int, ctx: int) -> None:
         # What the C++ hooks call on a pass's first claimed node (they restore
