@@ -122,10 +122,23 @@ def write_trace(path: str, n_events: int) -> None:
           f"{time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def _has_copies(path: str) -> bool:
+    """Whether the cached trace keeps its chunks' copies (``event_columns``): one
+    written before them measures the old reads, so it is written again."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger' "
+                           "AND name LIKE 'event_columns_on_%'").fetchone()[0] == 3
+    finally:
+        con.close()
+
+
 def trace_for(cache: str, label: str) -> str:
     os.makedirs(cache, exist_ok=True)
     path = os.path.join(cache, f"mlp-{label}.db")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or not _has_copies(path):
         write_trace(path, SIZES[label])
     return path
 

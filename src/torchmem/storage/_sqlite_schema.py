@@ -28,6 +28,7 @@ from .base import TraceFormatError, TraceLockedError
 # The writer process imports nothing from torchmem, so the schema lives in
 # _writer.py; this module checks it against the binary layouts.
 from ._writer import (  # noqa: E402
+    COPY_TRIGGERS,
     EVENT_COLUMNS,
     FORMAT,
     GC_COLUMNS,
@@ -370,7 +371,7 @@ def query_events(con: sqlite3.Connection, *, before_seq: int | None = None,
         hi = min(hi, int(before_seq) - 1)
     if lo > hi:
         return empty_events()
-    where, args = ["seq BETWEEN ? AND ?"], [lo, hi]
+    where, args = ["seq BETWEEN ? AND ?"], []
     if start_step is not None:
         where.append("step >= ?")
         args.append(int(start_step))
@@ -380,26 +381,92 @@ def query_events(con: sqlite3.Connection, *, before_seq: int | None = None,
     if since_ns is not None:
         where.append("timestamp_ns >= ?")
         args.append(int(since_ns))
-    sql = f"SELECT {_event_select(con)} FROM events WHERE {' AND '.join(where)}"
+    sql = f"SELECT {_event_select(con)} FROM events WHERE {' AND '.join(where)} ORDER BY seq"
     with _snapshot(con):  # rows and chunks as of one commit: the writer moves events
-        rows = fetch_events(con.execute(sql + " ORDER BY seq", args))
-        if "event_chunks" not in _tables(con):  # schema 1 and 2
-            return rows
-        chunks = chunk_events(con, lo, hi)
-    if not len(chunks):
-        return rows
-    keep = (chunks["seq"] >= lo) & (chunks["seq"] <= hi)
-    if start_step is not None:
-        keep &= chunks["step"] >= int(start_step)
-    if end_step is not None and end_step < 2**63:
-        keep &= chunks["step"] <= int(end_step)
-    if since_ns is not None:
-        keep &= chunks["timestamp_ns"] >= int(since_ns)
-    out = np.concatenate([rows, chunks[keep]])
-    out = out[np.argsort(out["seq"], kind="stable")]
-    if len(out) > 1 and not (np.diff(out["seq"].astype(np.int64)) != 0).all():
-        raise ValueError("an event is stored both as a row and in a chunk")
+        tables = _tables(con)
+        copies, spans = column_copies(con, tables, lo, hi)
+        rows = [fetch_events(con.execute(sql, [a, b, *args])) for a, b in spans]
+        chunks = [chunk_events(con, lo, hi)] if "event_chunks" in tables else []  # schema 3+
+    # Rows come filtered from their SELECTs; chunks whole, copies within [lo, hi].
+    parts = [r for r in rows if len(r)]
+    for part, whole in [*((c, True) for c in chunks), (copies, False)]:
+        if part is None or not len(part):
+            continue
+        keep = _selected(part, lo if whole else None, hi if whole else None,
+                         start_step, end_step, since_ns)
+        parts.append(part if keep is None else part[keep])
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return empty_events()
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    seqs = out["seq"].astype(np.int64)
+    if len(out) > 1 and not (np.diff(seqs) > 0).all():
+        out = out[np.argsort(seqs, kind="stable")]
+        if not (np.diff(out["seq"].astype(np.int64)) != 0).all():
+            raise ValueError("an event is stored both as a row and in a chunk")
     return out
+
+
+def _selected(events: np.ndarray, lo: int | None, hi: int | None, start_step: int | None,
+              end_step: int | None, since_ns: int | None) -> np.ndarray | None:
+    """The mask of ``events`` that the filters keep; None when they keep every one."""
+    keep = None
+    for on, column, test in ((lo is not None, "seq", lambda v: v >= lo),
+                             (hi is not None, "seq", lambda v: v <= hi),
+                             (start_step is not None, "step", lambda v: v >= int(start_step)),
+                             (end_step is not None and end_step < 2**63, "step",
+                              lambda v: v <= int(end_step)),
+                             (since_ns is not None, "timestamp_ns",
+                              lambda v: v >= int(since_ns))):
+        if on:
+            mask = test(events[column])
+            keep = mask if keep is None else keep & mask
+    return None if keep is None or keep.all() else keep
+
+
+def column_copies(con: sqlite3.Connection, tables: set[str], lo: int,
+                  hi: int) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
+    """The events of seqs ``[lo, hi]`` that ``event_columns`` holds, decoded, and the
+    seq spans left to read from ``events`` rows.
+
+    The copies are used only while every one of the writer's COPY_TRIGGERS
+    exists (each drops the copy of a chunk whose rows change, so what is
+    left matches the rows); a copy that does not decode is left to its
+    rows too. Without usable copies the one span is ``[lo, hi]``.
+    """
+    if "event_columns" not in tables or not _copies_guarded(con):
+        return None, [(lo, hi)]
+    found = []
+    for first, n, blob, layout in con.execute(
+            "SELECT first_seq, n, rows, layout FROM event_columns WHERE first_seq <= ? "
+            "AND first_seq + n > ? ORDER BY first_seq", (hi, lo)):
+        try:
+            chunk = _parse_chunk(first, n, blob, layout)
+        except (ValueError, TypeError, OverflowError):
+            continue  # its rows are read instead
+        found.append(chunk)
+    # Only the seqs asked for are decoded, each straight into its place.
+    pieces = [(c, max(lo, c.first) - c.first, min(hi + 1, c.first + c.n) - c.first)
+              for c in found]
+    out = np.zeros(sum(j - i for _, i, j in pieces), EVENT_DTYPE)
+    spans, at, pos = [], lo, 0
+    for chunk, i, j in pieces:
+        try:
+            _decode_into(chunk, i, j, out[pos:pos + j - i])
+        except (ValueError, TypeError, OverflowError):
+            continue
+        if chunk.first + i > at:
+            spans.append((at, chunk.first + i - 1))
+        at, pos = chunk.first + j, pos + j - i
+    if at <= hi:
+        spans.append((at, hi))
+    return (out[:pos] if pos else None), spans
+
+
+def _copies_guarded(con: sqlite3.Connection) -> bool:
+    names = {r[0] for r in con.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'events'")}
+    return names >= COPY_TRIGGERS.keys()
 
 
 class _snapshot:
@@ -430,19 +497,40 @@ def chunk_events(con: sqlite3.Connection, lo: int = 0, hi: int = 2**63 - 1) -> n
     for first, n, blob, kind in con.execute(
             f"SELECT first_seq, n, rows, {layout} FROM event_chunks WHERE first_seq <= ? "
             "AND first_seq + n > ? ORDER BY first_seq", (hi, lo)):
-        if not isinstance(first, int) or not isinstance(n, int) or not isinstance(blob, bytes):
-            raise ValueError(f"event chunk {first!r}: wrong column types")
-        try:
-            chunk = _chunks.parse(blob, kind)
-        except ValueError as exc:
-            raise ValueError(f"event chunk {first}: {exc}") from None
-        if chunk.n != n or chunk.first != first:
-            raise ValueError(f"event chunk {first}: it holds seqs {chunk.first}.."
-                             f"{chunk.first + chunk.n - 1}, its row says {first}..{first + n - 1}")
-        events = (_rows_chunk(chunk) if isinstance(chunk, _chunks.RowChunk)
-                  else _columns_chunk(chunk))
-        parts.append(events)
+        parts.append(_decode_chunk(first, n, blob, kind))
     return np.concatenate(parts) if parts else empty_events()
+
+
+def _parse_chunk(first: Any, n: Any, blob: Any, layout: Any) -> _chunks.RowChunk | _chunks.ColumnChunk:
+    """One chunk row (``event_chunks`` or ``event_columns``) checked against its BLOB;
+    ValueError when they disagree."""
+    if not isinstance(first, int) or not isinstance(n, int) or not isinstance(blob, bytes):
+        raise ValueError(f"event chunk {first!r}: wrong column types")
+    try:
+        chunk = _chunks.parse(blob, layout)
+    except ValueError as exc:
+        raise ValueError(f"event chunk {first}: {exc}") from None
+    if chunk.n != n or chunk.first != first:
+        raise ValueError(f"event chunk {first}: it holds seqs {chunk.first}.."
+                         f"{chunk.first + chunk.n - 1}, its row says {first}..{first + n - 1}")
+    return chunk
+
+
+def _decode_chunk(first: Any, n: Any, blob: Any, layout: Any) -> np.ndarray:
+    """Every event of one chunk row, decoded."""
+    chunk = _parse_chunk(first, n, blob, layout)
+    out = np.zeros(chunk.n, EVENT_DTYPE)  # padding zeroed, as rows from ``events`` have it
+    _decode_into(chunk, 0, chunk.n, out)
+    return out
+
+
+def _decode_into(chunk: _chunks.RowChunk | _chunks.ColumnChunk, i: int, j: int,
+                 out: np.ndarray) -> None:
+    """Writes the chunk's events ``[i, j)`` into ``out`` (zeroed, ``j - i`` long)."""
+    if isinstance(chunk, _chunks.RowChunk):
+        _rows_chunk(chunk, i, j, out)
+    else:
+        _columns_chunk(chunk, i, j, out)
 
 
 def _columns(con: sqlite3.Connection, table: str) -> set[str]:
@@ -456,31 +544,42 @@ def _event_select(con: sqlite3.Connection) -> str:
     return ", ".join(c if c in have else f"0 AS {c}" for c in EVENT_COLUMNS)
 
 
-def _rows_chunk(chunk: _chunks.RowChunk) -> np.ndarray:
+def _rows_chunk(chunk: _chunks.RowChunk, i: int, j: int, out: np.ndarray) -> None:
+    """Events ``[i, j)`` of a ROWS chunk into ``out``."""
     raw = np.frombuffer(chunk.data, dtype=EVENT_DTYPE)
     if chunk.n > 1 and not (np.diff(raw["seq"]) == 1).all():
         raise ValueError(f"event chunk {chunk.first}: its seqs are not consecutive")
-    events = np.zeros(chunk.n, EVENT_DTYPE)  # padding zeroed, as rows from ``events`` have it
     for name in EVENT_COLUMNS:
-        events[name] = raw[name]
-    return events
+        out[name] = raw[name][i:j]
 
 
-def _columns_chunk(chunk: _chunks.ColumnChunk) -> np.ndarray:
+def _columns_chunk(chunk: _chunks.ColumnChunk, i: int = 0, j: int | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """Events ``[i, j)`` (default: all) of a COLUMNS chunk, written into ``out`` (zeroed,
+    ``j - i`` long) or a new array; returns it."""
     n = chunk.n
-    events = np.zeros(n, EVENT_DTYPE)
+    j = n if j is None else j
+    if out is None:
+        out = np.zeros(j - i, EVENT_DTYPE)
+    ts = None
     for name, (offset, code, full) in chunk.parts.items():
         values = np.frombuffer(chunk.data, np.dtype("<" + code), n if full else 1, offset)
-        events[name] = values if full else values[0]
-    ts = events["timestamp_ns"]
+        if name == "timestamp_ns":
+            ts = values
+        out[name] = values[i:j] if full else values[0]
     if (int(ts.min()), int(ts.max())) != (chunk.min_timestamp, chunk.max_timestamp):
         raise ValueError(f"event chunk {chunk.first}: its times are not those of its header")
-    events["seq"] = np.arange(chunk.first, chunk.first + n, dtype=np.uint64)
-    kind, size = events["kind"], events["size"]
+    out["seq"] = np.arange(chunk.first + i, chunk.first + j, dtype=np.uint64)
+    kind = np.frombuffer(chunk.data, np.uint8, n if chunk.parts["kind"][2] else 1,
+                         chunk.parts["kind"][0])
+    o, code, full = chunk.parts["size"]
+    size = np.frombuffer(chunk.data, np.dtype("<" + code), n if full else 1, o)
+    kind, size = np.broadcast_to(kind, n)[:j], np.broadcast_to(size, n)[:j]
     for column, base, adds in (("total_allocated", chunk.allocated_before, _ADDS_ALLOCATED),
                                ("total_freed", chunk.freed_before, _ADDS_FREED)):
-        events[column] = base + np.cumsum(np.where(adds[kind], size, 0), dtype=np.uint64)
-    return events
+        sums = np.cumsum(np.where(adds[kind], size, 0), dtype=np.uint64)
+        out[column] = np.uint64(base) + sums[i:j]
+    return out
 
 
 def read_delta(con: sqlite3.Connection, since: dict[str, int] | None = None,

@@ -90,6 +90,8 @@ CREATE TABLE events (
   device INTEGER NOT NULL, kind INTEGER NOT NULL, context_id INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE event_chunks (first_seq INTEGER PRIMARY KEY, n INTEGER NOT NULL,
   rows BLOB NOT NULL, layout INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE event_columns (first_seq INTEGER PRIMARY KEY, n INTEGER NOT NULL,
+  rows BLOB NOT NULL, layout INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE step_index (step INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL,
   last_seq INTEGER NOT NULL);
 CREATE TABLE time_index (first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL,
@@ -113,6 +115,23 @@ CREATE TABLE ooms (oom_index INTEGER PRIMARY KEY,
   {", ".join(c + " INTEGER" for c in OOM_COLUMNS)}, extra TEXT);
 CREATE TABLE anomalies (kind TEXT PRIMARY KEY, count INTEGER NOT NULL);
 """
+
+#: ``event_columns`` keeps each expanded chunk as a copy of its rows, which
+#: readers decode with numpy at ~50x the speed of fetching rows through
+#: sqlite3 (issue 12). These triggers, made when the writer finishes, drop
+#: the copy of any chunk whose rows change afterwards, whoever changes them:
+#: the rows stay the truth, and readers use the copies only while all three
+#: triggers exist (COPY_TRIGGERS).
+_COVERING = ("DELETE FROM event_columns WHERE first_seq = (SELECT MAX(first_seq) FROM "
+             "event_columns WHERE first_seq <= {0}.seq) AND first_seq + n > {0}.seq;")
+COPY_TRIGGERS = {
+    "event_columns_on_insert": ("INSERT", _COVERING.format("NEW")),
+    "event_columns_on_update": ("UPDATE", _COVERING.format("OLD") + " " + _COVERING.format("NEW")),
+    "event_columns_on_delete": ("DELETE", _COVERING.format("OLD")),
+}
+TRIGGERS_SQL = "".join(f"CREATE TRIGGER IF NOT EXISTS {name} AFTER {when} ON events "
+                       f"BEGIN {body} END;\n"
+                       for name, (when, body) in COPY_TRIGGERS.items())
 
 HEADER = struct.Struct(_chunks.FORMAT["frame_header"])  # frame kind, payload bytes
 EVENTS, COLUMNS, SIDE, FLUSH, CLOSE = (_chunks.FORMAT["frame_kinds"][k].encode()
@@ -382,6 +401,8 @@ class TraceWriter:
                 (chunks,)).fetchall()
             for first, data, layout in found:
                 self._insert(_chunks.parse(data, layout))
+                self.con.execute("INSERT OR REPLACE INTO event_columns "
+                                 "SELECT * FROM event_chunks WHERE first_seq = ?", (first,))
                 self.con.execute("DELETE FROM event_chunks WHERE first_seq = ?", (first,))
         except (sqlite3.Error, OSError, ValueError, OverflowError, struct.error) as exc:
             self._fail(exc)
@@ -391,13 +412,16 @@ class TraceWriter:
             self.backlog = 0
 
     def finish(self) -> None:
-        """Expands every chunk left and marks the ``events`` table complete (``expanded``)."""
+        """Expands every chunk left, guards the copies kept in ``event_columns`` with
+        COPY_TRIGGERS, and marks the ``events`` table complete (``expanded``)."""
         self.commit()
         while self.error is None and self.backlog:
             self.expand(8)
         if self.error is None:
             self._begin()
             try:
+                for statement in TRIGGERS_SQL.splitlines():
+                    self.con.execute(statement)
                 self.con.execute("INSERT OR REPLACE INTO metadata VALUES ('expanded', '1')")
             except (sqlite3.Error, OSError) as exc:
                 self._fail(exc)
