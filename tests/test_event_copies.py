@@ -154,3 +154,22 @@ def test_a_loaded_trace_gives_the_same_answers_with_and_without_the_copies(copy_
     assert (without.get_statistics(), without.detect_potential_leaks(top=5),
             without.breakdown(by="site", at="peak")) == expected
     without.close()
+
+
+def test_overlapping_copies_are_not_used_where_they_overlap(copy_of, monkeypatch):
+    path = copy_of()
+    # A copy of seqs 8192.. renumbered to start inside the copy before it.
+    con = sqlite3.connect(path)
+    first, n, blob, layout = con.execute(
+        f"SELECT * FROM event_columns WHERE first_seq = {CHUNK_EVENTS}").fetchone()
+    con.close()
+    _sql(path, f"DELETE FROM event_columns WHERE first_seq = {CHUNK_EVENTS}")
+    shifted = CHUNK_EVENTS - 100
+    con = sqlite3.connect(path)
+    blob = shifted.to_bytes(8, "little") + blob[8:]  # first_seq is the header's first field
+    con.execute("INSERT INTO event_columns VALUES (?, ?, ?, ?)", (shifted, n, blob, layout))
+    con.commit()
+    con.close()
+    events, fetched = _read(path, monkeypatch)
+    assert fetched == CHUNK_EVENTS  # seqs 8192..16383 from their rows
+    assert np.array_equal(events, _rows(path))

@@ -451,9 +451,12 @@ def column_copies(con: sqlite3.Connection, tables: set[str], lo: int,
     out = np.zeros(sum(j - i for _, i, j in pieces), EVENT_DTYPE)
     spans, at, pos = [], lo, 0
     for chunk, i, j in pieces:
+        if chunk.first + i < at:
+            continue  # overlaps the copy before it (no writer makes that): rows instead
         try:
             _decode_into(chunk, i, j, out[pos:pos + j - i])
         except (ValueError, TypeError, OverflowError):
+            out[pos:pos + j - i] = 0  # the next copy may not write every column
             continue
         if chunk.first + i > at:
             spans.append((at, chunk.first + i - 1))
