@@ -125,12 +125,11 @@ def write_trace(path: str, n_events: int) -> None:
 def _has_copies(path: str) -> bool:
     """Whether the cached trace keeps its chunks' copies (``event_columns``): one
     written before them measures the old reads, so it is written again."""
-    import sqlite3
+    from torchmem.storage import _sqlite_schema
 
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    con = _sqlite_schema.connect(path)
     try:
-        return con.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger' "
-                           "AND name LIKE 'event_columns_on_%'").fetchone()[0] == 3
+        return _sqlite_schema._copies_guarded(con)
     finally:
         con.close()
 

@@ -21,6 +21,19 @@ _HIGH = np.dtype([("key", "<i8"), ("usage", "<i8"), ("seq", "<i8"), ("timestamp_
                   ("step", "<i8")])
 
 
+def _run_starts(keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal ``keys`` begins (``keys`` not empty)."""
+    return np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+
+
+def _first_at_max(values: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per run beginning at ``starts``: its largest value, and the index of the first
+    value equal to it."""
+    maxes = np.maximum.reduceat(values, starts)
+    at_max = np.flatnonzero(values == np.repeat(maxes, np.diff(np.r_[starts, len(values)])))
+    return maxes, at_max[np.searchsorted(at_max, starts)]
+
+
 class _Highest:
     """Per key (keys come in runs, in seq order), the first event of the highest
     live bytes, as arrays (a few bytes per key, whatever the number of keys)."""
@@ -29,10 +42,8 @@ class _Highest:
         self.chunks: list[np.ndarray] = []
 
     def feed(self, keys: np.ndarray, usage: np.ndarray, rows: np.ndarray) -> None:
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-        maxes = np.maximum.reduceat(usage, starts)
-        at_max = np.flatnonzero(usage == np.repeat(maxes, np.diff(np.r_[starts, len(keys)])))
-        first = at_max[np.searchsorted(at_max, starts)]  # the first moment at each run's max
+        starts = _run_starts(keys)
+        maxes, first = _first_at_max(usage, starts)
         out = np.zeros(len(starts), _HIGH)
         out["key"], out["usage"] = keys[starts], maxes
         for name in ("seq", "timestamp_ns", "step"):
@@ -145,16 +156,12 @@ def _step_peaks(rows: np.ndarray, steps: np.ndarray, usage: np.ndarray,
     """Per run of one step in the batch: its peak (live bytes after an event), the seq
     of the first event at it, and the peak after the events of each phase
     (-1 where none); a step cut by the batch's edge is joined by _merge_steps."""
-    n = len(steps)
-    starts = np.flatnonzero(np.r_[True, steps[1:] != steps[:-1]])
-    lengths = np.diff(np.r_[starts, n])
-    peaks = np.maximum.reduceat(usage, starts)
-    at_peak = np.flatnonzero(usage == np.repeat(peaks, lengths))
-    first = at_peak[np.searchsorted(at_peak, starts)]
+    starts = _run_starts(steps)
+    peaks, first = _first_at_max(usage, starts)
     out = np.zeros(len(starts), _STEP)
     out["step"], out["peak_bytes"] = steps[starts], peaks
     out["peak_seq"] = rows["seq"][first]
-    run = np.repeat(np.arange(len(starts)), lengths)
+    run = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(steps)]))
     low = np.iinfo(np.int64).min
     by_phase = np.full((len(starts), len(_PHASES)), low, np.int64)
     for k in range(len(_PHASES)):
@@ -167,13 +174,10 @@ def _step_peaks(rows: np.ndarray, steps: np.ndarray, usage: np.ndarray,
 
 def _merge_steps(parts: np.ndarray) -> np.ndarray:
     """One _STEP record per step from runs in order (a step's runs are adjacent)."""
-    starts = np.flatnonzero(np.r_[True, parts["step"][1:] != parts["step"][:-1]])
+    starts = _run_starts(parts["step"])
     if len(starts) == len(parts):
         return parts
-    lengths = np.diff(np.r_[starts, len(parts)])
-    peaks = np.maximum.reduceat(parts["peak_bytes"], starts)
-    at_peak = np.flatnonzero(parts["peak_bytes"] == np.repeat(peaks, lengths))
-    first = at_peak[np.searchsorted(at_peak, starts)]  # the earliest run at the peak
+    _, first = _first_at_max(parts["peak_bytes"], starts)  # the earliest run at the peak
     out = parts[first].copy()
     out["phase_bytes"] = np.maximum.reduceat(parts["phase_bytes"], starts, axis=0)
     return out

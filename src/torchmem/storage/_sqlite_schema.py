@@ -1,9 +1,10 @@
 """The SQLite trace schema (from ``_writer``), ``TraceReader``, and rows back into a TraceDelta.
 
-Over 400 lines for now: the schema's checks, its queries and the decoders of
-its chunk layouts read one file format together; the decoders change with the
-trace-format work (constants exported from C++), after which the reader
-(``TraceReader`` and the file checks) can move to a module of its own.
+Over 400 lines, and due a split: the file checks, the side-record reads, and
+the event reads (rows, chunks and their column copies, the chunk decoders)
+read one file format together, but the event reads (``query_events`` down to
+``_columns_chunk``, about 300 lines) are one job of their own and can move to
+a module beside this one, with ``TraceReader`` calling them.
 
 Shared by ``SQLiteStorage`` (its reads) and ``load`` (via ``TraceReader``).
 docs/trace-format.md documents the same schema for plain SQL; change both.
@@ -388,7 +389,7 @@ def query_events(con: sqlite3.Connection, *, before_seq: int | None = None,
         rows = [fetch_events(con.execute(sql, [a, b, *args])) for a, b in spans]
         chunks = [chunk_events(con, lo, hi)] if "event_chunks" in tables else []  # schema 3+
     # Rows come filtered from their SELECTs; chunks whole, copies within [lo, hi].
-    parts = [r for r in rows if len(r)]
+    parts = list(rows)
     for part, whole in [*((c, True) for c in chunks), (copies, False)]:
         if part is None or not len(part):
             continue
@@ -564,20 +565,16 @@ def _columns_chunk(chunk: _chunks.ColumnChunk, i: int = 0, j: int | None = None,
     j = n if j is None else j
     if out is None:
         out = np.zeros(j - i, EVENT_DTYPE)
-    ts = None
+    columns = {}  # name -> its n values (a shared value broadcast, not copied)
     for name, (offset, code, full) in chunk.parts.items():
         values = np.frombuffer(chunk.data, np.dtype("<" + code), n if full else 1, offset)
-        if name == "timestamp_ns":
-            ts = values
+        columns[name] = np.broadcast_to(values, n)
         out[name] = values[i:j] if full else values[0]
+    ts = columns["timestamp_ns"]
     if (int(ts.min()), int(ts.max())) != (chunk.min_timestamp, chunk.max_timestamp):
         raise ValueError(f"event chunk {chunk.first}: its times are not those of its header")
     out["seq"] = np.arange(chunk.first + i, chunk.first + j, dtype=np.uint64)
-    kind = np.frombuffer(chunk.data, np.uint8, n if chunk.parts["kind"][2] else 1,
-                         chunk.parts["kind"][0])
-    o, code, full = chunk.parts["size"]
-    size = np.frombuffer(chunk.data, np.dtype("<" + code), n if full else 1, o)
-    kind, size = np.broadcast_to(kind, n)[:j], np.broadcast_to(size, n)[:j]
+    kind, size = columns["kind"][:j], columns["size"][:j]
     for column, base, adds in (("total_allocated", chunk.allocated_before, _ADDS_ALLOCATED),
                                ("total_freed", chunk.freed_before, _ADDS_FREED)):
         sums = np.cumsum(np.where(adds[kind], size, 0), dtype=np.uint64)
