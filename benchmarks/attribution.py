@@ -182,6 +182,40 @@ def alloc_loop(name: str, n: int = 20_000) -> float:
     return per
 
 
+def step_end_marks(make, shape, rounds: int = 7, n: int = 200) -> dict[str, float]:
+    """Thread CPU seconds of attribution's work at an optimizer step's end (the
+    step post-hook: every parameter, gradient, buffer and state tensor marked,
+    the new marks sent), with the C marks (tensor_marks.cpp) and with the
+    Python ones, alternating in one process: best of ``rounds`` means of ``n``."""
+    from torchmem.sources import _marks, context
+
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(*shape)
+    opt = torch.optim.Adam(model.parameters())
+    prof = MemoryProfiler(auto_snapshot=False)
+    out = {"C": float("inf"), "Python": float("inf")}
+    with CPUAllocatorHook(prof, adopt_existing=False), ContextSource(prof):
+        if context.build_autograd_hooks(wait_s=300) != "native":
+            return {}
+        native = _marks._native
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            model(x).sum().backward()
+            opt.step()
+        try:
+            for r in range(2 * rounds):
+                which = "C" if r % 2 == 0 else "Python"
+                _marks.use_native_marks(native if which == "C" else None)
+                t = time.thread_time()
+                for _ in range(n):
+                    context._hooks.step_post(opt, (), {})
+                out[which] = min(out[which], (time.thread_time() - t) / n)
+        finally:
+            _marks.use_native_marks(native)
+    prof.close()
+    return out
+
+
 def _counted_iterations(name: str, grad: bool) -> None:
     """The child of --instructions: 2 warm-up iterations, then callgrind counts
     1 iteration (dump 1) and 4 more (dump 2)."""
@@ -280,6 +314,12 @@ def main() -> None:
                              for k in ("step", "fwd+bwd", "fwd"))
             per = [(best[n][k] - best["off"][k]) / calls * 1e6 for k in ("fwd+bwd", "fwd")]
             print(f"{n:>6} {cells} {per[0]:16.2f} {per[1]:12.2f}")
+        ends = step_end_marks(make, shape)
+        if ends:
+            tensors = 4 * sum(1 for _ in make().parameters())  # parameter, gradient, Adam's two
+            print(f"  the optimizer step's end (marks of ~{tensors} tensors): C "
+                  f"{ends['C'] * 1e6:.1f} us, Python {ends['Python'] * 1e6:.1f} us a step "
+                  f"({(ends['Python'] - ends['C']) / calls * 1e6:.2f} us per module call less)")
     pairs = {"off": [], "on": []}
     for r in range(args.repeats):
         for n in (("off", "on") if r % 2 == 0 else ("on", "off")):

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 from functools import partial
+from typing import Any
 
 import pytest
 import torch
@@ -246,6 +247,19 @@ def test_the_environment_variable_keeps_the_python_hooks():
     assert out.strip().splitlines()[-1] == "python: TORCHMEM_AUTOGRAD_HOOKS=python"
 
 
+@contextlib.contextmanager
+def python_marks():
+    """Marks made by _marks.py's Python code while inside."""
+    from torchmem.sources import _marks
+
+    saved = _marks._native
+    _marks.use_native_marks(None)
+    try:
+        yield
+    finally:
+        _marks.use_native_marks(saved)
+
+
 def test_native_storage_marks_are_the_python_ones():
     _native_or_skip()
     from torchmem.sources import _marks
@@ -258,12 +272,8 @@ def test_native_storage_marks_are_the_python_ones():
              (torch.empty(2, device="meta"), "input", 0), (torch.ones(5, dtype=torch.int8)[3:],
                                                            "optimizer_state", 7)]
     native = load().storage_marks(list(marks))
-    saved = _marks._native_storage_marks
-    _marks.use_native_storage_marks(None)
-    try:
+    with python_marks():
         python = _marks.storage_marks(list(marks))
-    finally:
-        _marks.use_native_storage_marks(saved)
     assert native == python
     start = base.untyped_storage().data_ptr()
     assert native[:4] == [(start, "parameter", 1), (start, "gradient", 2), (start, "buffer", 3),
@@ -271,6 +281,137 @@ def test_native_storage_marks_are_the_python_ones():
     assert len(native) == 5  # the empty and the meta tensor have no storage memory
     with pytest.raises(TypeError):
         load().storage_marks(tuple(marks))
+
+
+class _Tied(nn.Module):
+    """Two Linears sharing one weight, a BatchNorm (buffers), a frozen Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+        self.bn = nn.BatchNorm1d(6)
+        self.frozen = nn.Linear(6, 6)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frozen(self.bn(self.b(self.a(x))))
+
+
+def _owned_marks_both_ways(model: nn.Module, opt: Any) -> tuple[list, list, dict, dict]:
+    from torchmem.sources._marks import Owners
+    from torchmem.sources._modules import Anchor
+
+    owned = Anchor(model, type(model).__name__).owners()
+    native_owners, python_owners = Owners(), Owners()
+    native = native_owners.owned_marks(opt, owned)
+    with python_marks():
+        python = python_owners.owned_marks(opt, owned)
+    by_id = lambda o: {k: (ref(), ctx) for k, (ref, ctx) in o._by_id.items()}  # noqa: E731
+    return native, python, by_id(native_owners), by_id(python_owners)
+
+
+def test_native_owned_marks_are_the_python_ones():
+    _native_or_skip()
+    torch.manual_seed(0)
+    model = _Tied()
+    extra = nn.Parameter(torch.randn(3))  # in the optimizer, in no model: an unowned gradient
+    opt = torch.optim.Adam([*[p for p in model.parameters() if p.requires_grad], extra])
+    for _ in range(2):
+        opt.zero_grad()
+        (model(torch.randn(4, 6)).sum() + extra.sum()).backward()
+        opt.step()
+    native, python, native_by_id, python_by_id = _owned_marks_both_ways(model, opt)
+    assert native == python
+    assert native_by_id == python_by_id
+    address = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    state = [address(v) for s in opt.state.values() for v in s.values()
+             if isinstance(v, torch.Tensor)]
+    # State first (step counts are tensors too), then the model, then the extra gradient.
+    assert [m[0] for m in native[:len(state)]] == state
+    assert {m[1] for m in native[:len(state)]} == {"optimizer_state"}
+    params = [(address(p), "parameter") for p in model.parameters()]  # the tied weight once
+    model_part = native[len(state):-1]
+    assert [(a, c) for a, c, _ in model_part if c == "parameter"] == params
+    assert sorted(a for a, c, _ in model_part if c == "gradient") == sorted(
+        address(p.grad) for p in model.parameters() if p.grad is not None)
+    assert sorted(a for a, c, _ in model_part if c == "buffer") == sorted(
+        address(b) for b in model.buffers())
+    assert native[-1] == (address(extra.grad), "gradient", 0)
+    # The tied weight is owned by the first module holding it.
+    assert native_by_id[id(model.b.weight)][1] == native_by_id[id(model.a.bias)][1]
+
+
+def test_native_owned_marks_without_an_optimizer_and_with_sparse_gradients():
+    _native_or_skip()
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    native, python, native_by_id, python_by_id = _owned_marks_both_ways(emb, opt)
+    assert native == python  # a sparse gradient has no storage memory of its own: left out
+    assert [c for _, c, _ in native] == ["parameter"]
+    assert native_by_id == python_by_id
+    native, python, _, _ = _owned_marks_both_ways(emb, None)
+    assert native == python == [(emb.weight.untyped_storage().data_ptr(), "parameter",
+                                 native[0][2])]
+
+
+def test_native_owned_marks_read_an_unusual_optimizer_in_python():
+    _native_or_skip()
+    from torchmem.sources._autograd_hook import load
+
+    p = nn.Parameter(torch.ones(2))
+    m = torch.ones(2)
+
+    class State:  # not a dict: the C version declines (None), Python reads .items()
+        def items(self) -> list:
+            return [(p, {"m": m})]
+
+    class Odd:
+        state = State()
+        param_groups = [{"params": [p]}]
+
+    assert load().owned_marks(Odd(), [], {}) is None
+    native, python, _, _ = _owned_marks_both_ways(nn.ReLU(), Odd())
+    assert native == python == [(m.untyped_storage().data_ptr(), "optimizer_state", 0)]
+    with pytest.raises(TypeError):
+        load().owned_marks(None, (), {})
+
+
+def test_native_fresh_marks_are_the_python_ones():
+    _native_or_skip()
+    from torchmem.sources._autograd_hook import load
+    from torchmem.sources._marks import fresh_marks
+
+    gone = 2**64 - 1
+    calls = [
+        # (marks, found, withdraw)
+        ([(16, "parameter", 3), (32, "gradient", 3), (16, "buffer", 4), (48, "gradient", 5)],
+         [(1, 0), (2, 0), (1, 0), (gone, 0)], "gradient"),
+        ([(16, "parameter", 3), (32, "gradient", 3)], [(1, 0), (2, 0)], "gradient"),  # nothing new
+        ([(16, "parameter", 3), (64, "gradient", 3)], [(1, 0), (9, 0)], "gradient"),  # 32 is stale
+        ([(16, "parameter", 7), (64, "gradient", 3)], [(1, 0), (10, 0)], None),  # ctx, seq changed
+        ([], [], "gradient"),
+    ]
+    native_sent: dict = {}
+    python_sent: dict = {}
+    results = []
+    for marks, found, withdraw in calls:
+        n = load().fresh_marks(list(marks), list(found), native_sent, withdraw)
+        p = fresh_marks(list(marks), list(found), python_sent, withdraw)
+        assert (list(n[0]), list(n[1])) == (p[0], p[1])
+        assert native_sent == python_sent
+        results.append(p)
+    assert results[0] == ([(16, "parameter", 3), (32, "gradient", 3)], [])
+    assert results[1] == ([], [])
+    assert results[2] == ([(64, "gradient", 3)], [32])
+    assert results[3] == ([(16, "parameter", 7), (64, "gradient", 3)], [])
+    assert results[4] == ([], [32, 64])
+    assert python_sent == {16: (1, "parameter", 7), 32: (2, "gradient", 3),
+                           64: (10, "gradient", 3)}
+    with pytest.raises(TypeError):
+        load().fresh_marks([(1, "x", 0)], [], {}, None)  # a found row missing
 
 
 def test_compiled_autograd_runs_with_the_native_hooks():

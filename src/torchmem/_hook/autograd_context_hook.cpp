@@ -28,6 +28,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <c10/core/GradMode.h>
 
+#include "tensor_marks.h"
+
 #include <cstdint>
 #include <memory>
 #include <thread>
@@ -421,6 +423,12 @@ PyMethodDef kMethods[] = {
      "bind_thread(stack or None): this thread's running modules, for the fast paths"},
     {"storage_marks", storage_marks, METH_O,
      "storage_marks(list of (tensor, category, ctx)) -> list of (address, category, ctx)"},
+    {"owned_marks",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(torchmem_marks::owned_marks)),
+     METH_FASTCALL, "owned_marks(optimizer or None, owned, by_id) -> list of marks or None"},
+    {"fresh_marks",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(torchmem_marks::fresh_marks)),
+     METH_FASTCALL, "fresh_marks(marks, found, sent, withdraw) -> (new, stale)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "torchmem_autograd_context_hook",
@@ -434,7 +442,7 @@ PyMODINIT_FUNC PyInit_torchmem_autograd_context_hook() {
   if (m == nullptr) return nullptr;
   g_thread_key = PyUnicode_InternFromString("torchmem.context.stack");
   g_name_names = PyUnicode_InternFromString("names");
-  if (!g_thread_key || !g_name_names) {
+  if (!g_thread_key || !g_name_names || !torchmem_marks::init()) {
     Py_DECREF(m);
     return nullptr;
   }

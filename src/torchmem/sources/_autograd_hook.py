@@ -2,7 +2,9 @@
 the installed torch at first use (``torchmem/_hook/autograd_context_hook.cpp``).
 
 ``load()`` returns the extension module (``claim(value, ctx)``, ``install``,
-``is_claimed``, ``storage_marks``) or raises BuildUnavailable; context.py
+``is_claimed``, ``storage_marks``, the forward hooks' fast paths and
+an optimizer step's marks, ``owned_marks`` and ``fresh_marks``:
+``tensor_marks.cpp``) or raises BuildUnavailable; context.py
 then keeps its Python node hooks, which do the same at several µs more per
 module call.
 :class:`NativeHooks` builds and installs it in the background (about 15 s
@@ -40,7 +42,9 @@ def _check() -> None:
 def _spec() -> _build.ModuleSpec:
     return _build.ModuleSpec(
         name="autograd_context_hook", what="the autograd context hook module",
-        sources=(_build.HOOK_DIR / "autograd_context_hook.cpp",),
+        sources=(_build.HOOK_DIR / "autograd_context_hook.cpp",
+                 _build.HOOK_DIR / "tensor_marks.cpp"),
+        headers=(_build.HOOK_DIR / "tensor_marks.h", _build.HOOK_DIR / "key_set.h"),
         include_dirs=(sysconfig.get_paths()["include"],),
         libraries=("c10", "torch_cpu", "torch_python"), check=_check)
 

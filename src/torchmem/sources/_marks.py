@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from ._modules import Anchor, tensors_in
+from ._modules import tensors_in
 
-__all__ = ["MarkSender", "Owners", "input_marks", "storage_marks", "use_native_storage_marks"]
+__all__ = ["MarkSender", "Owners", "fresh_marks", "input_marks", "storage_marks",
+           "use_native_marks"]
 
 _NOT_LIVE = 2**64 - 1
 _Tensor = torch.Tensor
@@ -31,14 +32,15 @@ class Owners:
         entry = self._by_id.get(id(p))
         return entry[1] if entry is not None and entry[0]() is p else 0
 
-    def model_marks(self, anchor: Anchor) -> list:
-        """Parameters, buffers and gradients below ``anchor``, each owned by the
-        module holding it (a shared one by the first, as named_parameters() names
-        it), read from the modules' own dicts (no walk of the tree)."""
+    def model_marks(self, owned: list[tuple[Any, int]]) -> list:
+        """Parameters, buffers and gradients of ``owned`` (an Anchor's owners():
+        (module weakref, owner ctx) each), each owned by the module holding it
+        (a shared one by the first, as named_parameters() names it), read from
+        the modules' own dicts (no walk of the tree)."""
         marks: list[tuple[Any, str, int]] = []
         owners = self._by_id
         seen: set[int] = set()
-        for ref, ctx in anchor.owners():
+        for ref, ctx in owned:
             module = ref()
             if module is None:
                 continue
@@ -56,6 +58,22 @@ class Owners:
                 if b is not None:
                     marks.append((b, "buffer", ctx))
         return marks
+
+    def owned_marks(self, optimizer: Any, owned: list[tuple[Any, int]]
+                    ) -> list[tuple[int, str, int]]:
+        """The storage marks (address, category, ctx) of ``optimizer``'s state (None:
+        no optimizer), then of ``owned``'s parameters, buffers and gradients
+        (model_marks), then of the optimizer's gradients no model owns."""
+        native = _native
+        if native is not None:
+            out = native.owned_marks(optimizer, owned, self._by_id)
+            if out is not None:  # None: an optimizer whose state is not plain dicts
+                return out
+        marks = self.state_marks(optimizer) if optimizer is not None else []
+        marks += self.model_marks(owned)
+        if optimizer is not None:
+            marks += self.unowned_grads(optimizer)
+        return storage_marks(marks)
 
     def state_marks(self, optimizer: Any) -> list:
         """The tensors in ``optimizer.state``, owned by their parameter's module."""
@@ -82,21 +100,25 @@ def input_marks(args: tuple, kwargs: dict | None) -> list:
     return [(x, "input", 0) for x in tensors]
 
 
-# The C++ version (sources/_autograd_hook), ~5x faster, once it is built.
-_native_storage_marks: Any = None
+# The C++ versions of storage_marks, Owners.owned_marks and MarkSender's
+# comparison (sources/_autograd_hook: tensor_marks.cpp), once built: about
+# 0.7 us a tensor less, on every tensor of every optimizer step.
+_native: Any = None
 
 
-def use_native_storage_marks(fn: Any) -> None:
-    global _native_storage_marks
-    _native_storage_marks = fn
+def use_native_marks(module: Any) -> None:
+    """Marks are made by ``module`` (the autograd hook extension), or in Python
+    (None)."""
+    global _native
+    _native = module
 
 
 def storage_marks(marks: list) -> list[tuple[int, str, int]]:
     """``(tensor, category, ctx)`` as ``(storage address, category, ctx)``; tensors
     without storage memory are left out."""
-    native = _native_storage_marks
+    native = _native
     if native is not None:
-        return native(marks)
+        return native.storage_marks(marks)
     out = []
     for x, category, ctx in marks:
         try:
@@ -131,30 +153,21 @@ class MarkSender:
         if not marks and not (withdraw and self._sent):
             return
         found = prof.live_seqs([m[0] for m in marks])
-        new = []
-        seen = set()
-        phases = None
+        if only_outside_modules and any(actx for _, actx in found):
+            phases = prof.context_table()
+            keep = [i for i, (_, actx) in enumerate(found)
+                    if not actx or actx >= len(phases) or phases[actx][1] == "other"]
+            if len(keep) < len(marks):
+                marks, found = [marks[i] for i in keep], [found[i] for i in keep]
         sent = self._sent
-        for (address, category, ctx), (seq, actx) in zip(marks, found):
-            if seq == _NOT_LIVE or address in seen:
-                continue
-            seen.add(address)
-            if only_outside_modules and actx:
-                if phases is None:
-                    phases = prof.context_table()
-                if actx < len(phases) and phases[actx][1] != "other":
-                    continue
-            state = (seq, category, ctx)
-            if sent.get(address) != state:
-                sent[address] = state
-                new.append((address, category, ctx))
-        if withdraw:
-            stale = [a for a, (_, c, _) in sent.items() if c == withdraw and a not in seen]
-            if stale:
-                for address, (seq, _) in zip(stale, prof.live_seqs(stale)):
-                    if seq == sent[address][0]:
-                        new.append((address, "none", 0))
-                    del sent[address]
+        native = _native
+        new, stale = (native.fresh_marks(marks, found, sent, withdraw) if native is not None
+                      else fresh_marks(marks, found, sent, withdraw))
+        if stale:
+            for address, (seq, _) in zip(stale, prof.live_seqs(stale)):
+                if seq == sent[address][0]:
+                    new.append((address, "none", 0))
+                del sent[address]
         prof.add_marks(new)
         if len(sent) > self._prune_at:  # forget allocations freed since
             keys = list(sent)
@@ -162,3 +175,26 @@ class MarkSender:
                 if seq != sent[address][0]:
                     del sent[address]
             self._prune_at = max(4096, 2 * len(sent))
+
+
+def fresh_marks(marks: list[tuple[int, str, int]], found: list[tuple[int, int]],
+                sent: dict[int, tuple[int, str, int]], withdraw: str | None
+                ) -> tuple[list[tuple[int, str, int]], list[int]]:
+    """MarkSender's comparison: (the marks that say something new, recorded in
+    ``sent``; the addresses in ``sent`` of category ``withdraw`` not marked).
+    ``found``: live_seqs' (seq, ctx) of each mark's address; an address not
+    live, or seen earlier in ``marks``, is skipped."""
+    new = []
+    seen = set()
+    for mark, (seq, _) in zip(marks, found):
+        address, category, ctx = mark
+        if seq == _NOT_LIVE or address in seen:
+            continue
+        seen.add(address)
+        state = (seq, category, ctx)
+        if sent.get(address) != state:
+            sent[address] = state
+            new.append(mark)
+    stale = ([a for a, (_, c, _) in sent.items() if c == withdraw and a not in seen]
+             if withdraw else [])
+    return new, stale

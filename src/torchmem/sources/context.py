@@ -46,7 +46,7 @@ import torch
 
 from .. import _recorder
 from ._autograd_hook import NativeHooks
-from ._marks import MarkSender, Owners, input_marks, storage_marks, use_native_storage_marks
+from ._marks import MarkSender, Owners, input_marks, storage_marks, use_native_marks
 from ._modules import Anchor, module_path_name, tensors_in
 from .._contexts import PHASE_INDEX
 
@@ -271,7 +271,7 @@ class _Hooks:
             pass
 
     def use_native(self, native: Any) -> None:
-        use_native_storage_marks(native.storage_marks)
+        use_native_marks(native)
         self.native_module = native
         self.native_claim = native.claim
         self.native_enter = native.forward_enter
@@ -340,30 +340,28 @@ class _Hooks:
             # The step's end: its state, and every model's parameters, buffers
             # and gradients (parameters may have been replaced; a .grad set
             # to None but kept alive elsewhere is no longer a gradient).
-            owners = self.owners
-            marks = owners.state_marks(optimizer)
+            owned: list[tuple[Any, int]] = []
             for root in list(self.roots):
-                marks += owners.model_marks(self.anchor(root, module_path_name(root)))
-            marks += owners.unowned_grads(optimizer)
-            self.emit_tensors(marks, withdraw="gradient")
+                owned += self.anchor(root, module_path_name(root)).owners()
+            self.send(self.owners.owned_marks(optimizer, owned), withdraw="gradient")
         except Exception:
             pass
 
     # -- marks (torchmem.sources._marks) ----------------------------------------
     def mark_model(self, root: Any, anchor: Anchor) -> None:
-        self.emit_tensors(self.owners.model_marks(anchor))
+        self.send(self.owners.owned_marks(None, anchor.owners()))
 
     def mark_inputs(self, args: tuple, kwargs: dict | None) -> None:
         marks = input_marks(args, kwargs)
         if marks:
-            self.emit_tensors(marks, only_outside_modules=True)
+            self.send(storage_marks(marks), only_outside_modules=True)
 
-    def emit_tensors(self, marks: list, withdraw: str | None = None,
-                     only_outside_modules: bool = False) -> None:
-        """Marks for the storages of ``(tensor, category, ctx)``; see MarkSender.note."""
-        out = storage_marks(marks)
+    def send(self, marks: list[tuple[int, str, int]], withdraw: str | None = None,
+             only_outside_modules: bool = False) -> None:
+        """Storage marks (address, category, ctx) to every source, each sending its
+        profiler what is new (MarkSender.note)."""
         for source in list(self.sources):
-            source.sender.note(out, withdraw, only_outside_modules)
+            source.sender.note(marks, withdraw, only_outside_modules)
 
     def emit(self, marks: list[tuple[int, str, int]]) -> None:
         for source in list(self.sources):
