@@ -135,12 +135,30 @@ def test_without_the_triggers_the_copies_are_not_used(copy_of, monkeypatch):
     assert int(events["size"][5]) == 777
 
 
-def test_a_copy_that_does_not_decode_is_read_from_its_rows(copy_of, monkeypatch):
+@pytest.mark.parametrize("value", ["X'00'", "'not a blob'", "12"])
+def test_a_copy_that_does_not_decode_is_read_from_its_rows(copy_of, monkeypatch, value):
     path = copy_of()
-    _sql(path, f"UPDATE event_columns SET rows = X'00' WHERE first_seq = {CHUNK_EVENTS}")
+    _sql(path, f"UPDATE event_columns SET rows = {value} WHERE first_seq = {CHUNK_EVENTS}")
     events, fetched = _read(path, monkeypatch)
     assert fetched == CHUNK_EVENTS
     assert np.array_equal(events, _rows(path))
+
+
+def test_the_copies_read_the_same_without_incremental_blob_io(trace):
+    con = sqlite3.connect(f"file:{trace}?mode=ro", uri=True)
+
+    class WithoutBlobopen:  # Python 3.10's sqlite3.Connection
+        def execute(self, *args):
+            return con.execute(*args)
+
+    firsts = [r[0] for r in con.execute("SELECT first_seq FROM event_columns")]
+    assert len(firsts) == 5
+    for first in firsts:
+        (direct,) = con.execute("SELECT rows FROM event_columns WHERE first_seq = ?",
+                                (first,)).fetchone()
+        assert _sqlite_schema._copy_blob(con, first) == direct
+        assert _sqlite_schema._copy_blob(WithoutBlobopen(), first) == direct
+    con.close()
 
 
 def test_a_loaded_trace_gives_the_same_answers_with_and_without_the_copies(copy_of):

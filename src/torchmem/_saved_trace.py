@@ -48,6 +48,7 @@ class SavedTraceProfiler(MemoryProfiler):
     the events. The answers are those of ``from_trace`` over the same trace.
     """
 
+    events_are_final = True
     _saved: Any = None
     _passed = False
     _in_pass = False
@@ -98,7 +99,7 @@ class SavedTraceProfiler(MemoryProfiler):
                         if int(rows["seq"][0]) <= last:
                             raise ValueError("event seq numbers are not increasing")
                         last = int(rows["seq"][-1])
-                        self._replay(np.ascontiguousarray(rows).tobytes())
+                        self._replay(np.ascontiguousarray(rows))
                         self._set_consumer_seq(self._next_seq())  # the ring keeps one chunk
                         sums.append(allocation_sums(rows))
                         if not stopped:

@@ -120,6 +120,9 @@ class MemoryProfiler(_recorder.Recorder):
     #: torchmem.analysis.breakdown sets it when imported (``import torchmem``
     #: does), since the profiler imports nothing above it.
     queries: ClassVar[Any] = None
+    #: True for a loaded trace: no event is added, and allocation_totals_by_stack
+    #: covers every event iter_event_rows gives (a reader need not sum them).
+    events_are_final: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -890,4 +893,4 @@ class MemoryProfiler(_recorder.Recorder):
                           f"({said}); everything else loaded (profiler.skipped_side_records)",
                           RuntimeWarning, stacklevel=3)
         self.skipped_side_records = skipped
-        self._replay(np.ascontiguousarray(events).tobytes())
+        self._replay(np.ascontiguousarray(events))

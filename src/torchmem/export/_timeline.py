@@ -103,6 +103,8 @@ class Timeline:
         self._offset: dict[int, float] = {}
         self._prev_step: int | None = None
         self._sums: list[Any] = []
+        # A loaded trace's pass sums them already (the first read is its pass).
+        self._own_sums = not getattr(profiler, "events_are_final", False)
 
     @classmethod
     def of(cls, profiler: Any) -> "Timeline":
@@ -145,13 +147,15 @@ class Timeline:
                                       steps[1:] != steps[:-1]])
         self.step_starts.extend(t[change].tolist())
         self._prev_step = int(steps[-1])
-        self._sums.append(allocation_sums(rows))
+        if self._own_sums:
+            self._sums.append(allocation_sums(rows))
         if len(self._sums) > 64:  # keep the per-batch sums few
             self._sums = [merge_key_sums(self._sums)]
 
     def finish(self) -> "Timeline":
         """Completes the lines and sums; returns self."""
-        self.site_sums = merge_key_sums(self._sums)
+        self.site_sums = (merge_key_sums(self._sums) if self._own_sums
+                          else self._profiler.allocation_totals_by_stack())
         self._sums = []
         if self._total is not None:
             self.series.append(("total", *self._total.points()))

