@@ -13,6 +13,9 @@ Patterns, ``--n`` allocate/free pairs each (addresses reused):
       frames do not change, as in a training step's inner loop),
   outer moves: the frame above the loop alternates between 2 call sites
       every 64 pairs (the outer frames change too).
+Stacks are walked two ways, both timed: the interpreter's frames (CPython
+3.11, csrc/frame_walk.cpp) and frame objects (PyEval_GetFrame /
+PyFrame_GetBack, every other version; the baseline).
 Cost per captured allocation = (CPU time with stacks - without) / pairs,
 ``time.thread_time`` of this thread, best of ``--repeat``, both measured in
 the same run. Thread CPU time, not wall time: the machine is shared.
@@ -89,23 +92,32 @@ def timed(prof, chain, n: int, pattern: str) -> float:
         gc.enable()
 
 
-def measure(depth: int, pattern: str, n: int, repeat: int) -> tuple[float, float, int]:
+def measure(depth: int, pattern: str, n: int, repeat: int) -> tuple[float, dict[str, float], int]:
+    """Best thread CPU seconds without stacks, and with them per walk (the
+    interpreter's frames where this Python has them, frame objects)."""
+    from torchmem import _native
+
     chain = build_chain(depth)
-    best_off = best_on = float("inf")
+    best_off = float("inf")
+    walks = {w: float("inf") for w in ("interpreter frames", "frame objects")}
     got = 0
-    for _ in range(repeat):  # alternating, so drift hits both alike
+    for _ in range(repeat):  # alternating, so drift hits every configuration alike
         off = torchmem.MemoryProfiler(auto_snapshot=False, capture_stack_traces=False,
                                       retention_events=1 << 16)
         best_off = min(best_off, timed(off, chain, n, pattern))
         off.close()
-        on = torchmem.MemoryProfiler(auto_snapshot=False, capture_stack_traces=True,
-                                     max_stack_trace_depth=depth,
-                                     retention_events=1 << 16)
-        best_on = min(best_on, timed(on, chain, n, pattern))
-        rows = on.read_rows()
-        got = len(on.resolve_stack(int(rows["stack_id"][0])).frames)
-        on.close()
-    return best_off, best_on, got
+        for walk in walks:
+            if _native.stack_walk(walk == "interpreter frames") != walk:
+                continue  # this Python walks frame objects only
+            on = torchmem.MemoryProfiler(auto_snapshot=False, capture_stack_traces=True,
+                                         max_stack_trace_depth=depth,
+                                         retention_events=1 << 16)
+            walks[walk] = min(walks[walk], timed(on, chain, n, pattern))
+            rows = on.read_rows()
+            got = len(on.resolve_stack(int(rows["stack_id"][0])).frames)
+            on.close()
+    _native.stack_walk(True)
+    return best_off, {w: t for w, t in walks.items() if t != float("inf")}, got
 
 
 def main() -> None:
@@ -116,13 +128,15 @@ def main() -> None:
     args = ap.parse_args()
     print(f"torchmem {torchmem.__version__}, Python {sys.version.split()[0]}, {args.n} pairs, "
           f"best of {args.repeat}, thread CPU time, load average {os.getloadavg()[0]:.1f}")
-    print(f"\n{'depth':>5} {'pattern':12} {'frames':>6} {'no stacks':>10} {'stacks':>10} "
-          f"{'ns/captured allocation':>23}")
+    print(f"\n{'depth':>5} {'pattern':12} {'frames':>6} {'no stacks':>10}   "
+          "ns per captured allocation: interpreter frames / frame objects (the baseline)")
     for depth in (int(d) for d in args.depths.split(",")):
         for pattern in ("same line", "4 lines", "outer moves"):
-            off, on, got = measure(depth, pattern, args.n, args.repeat)
-            print(f"{depth:5d} {pattern:12} {got:6d} {off * 1e3:8.1f}ms {on * 1e3:8.1f}ms "
-                  f"{(on - off) / args.n * 1e9:23.0f}")
+            off, walks, got = measure(depth, pattern, args.n, args.repeat)
+            cost = {w: (t - off) / args.n * 1e9 for w, t in walks.items()}
+            cells = " / ".join(f"{cost[w]:5.0f}" if w in cost else "    -"
+                               for w in ("interpreter frames", "frame objects"))
+            print(f"{depth:5d} {pattern:12} {got:6d} {off * 1e3:8.1f}ms   {cells}")
     print(f"(load average at the end {os.getloadavg()[0]:.1f})")
 
 

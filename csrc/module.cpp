@@ -114,6 +114,7 @@ void raise_if_errno(int err) {
 
 void bind_cuda(nanobind::module_& m);  // csrc/cuda_bindings.cpp
 void bind_heap_walk(nanobind::module_& m);  // csrc/heap_walk.cpp
+void bind_stacks(nanobind::module_& m);  // csrc/stack_bindings.cpp
 
 NB_MODULE(_native, m) {
   m.doc() = "torchmem's native recorder (C++): live map, counters, event log, stacks.";
@@ -322,18 +323,6 @@ NB_MODULE(_native, m) {
   if (!add_fast_methods(reinterpret_cast<PyTypeObject*>(cls.ptr()), handle_of))
     throw nb::python_error();
 
-  m.def("resolve_stack", [](uint32_t id) {
-    std::vector<std::tuple<std::string, int, std::string>> out;
-    for (const FrameInfo& f : stack_table().resolve(id))
-      out.emplace_back(f.filename, f.lineno, f.function);
-    return out;
-  }, "Frames of an interned stack, innermost first: (filename, lineno, function).");
-  m.def("stack_frames_since", [](uint32_t first) {
-    std::vector<std::tuple<std::string, int, std::string>> out;
-    for (const FrameInfo& f : stack_table().frames_since(first))
-      out.emplace_back(f.filename, f.lineno, f.function);
-    return out;
-  });
   m.def("stack_nodes_since", [](uint32_t first) {
     return as_bytes(stack_table().nodes_since(first));
   }, "Prefix-tree nodes from `first` on as (parent u32, frame u32) pairs.");
@@ -358,9 +347,6 @@ NB_MODULE(_native, m) {
     for (const ContextInfo& c : context_table().since(first)) out.emplace_back(c.module, c.phase);
     return out;
   }, nb::arg("first"), "Interned contexts from id `first` on: (module path, phase index).");
-  m.def("set_skip_prefixes", &set_skip_prefixes);
-  m.def("set_stack_capture", &set_stack_capture, nb::arg("enabled"), nb::arg("depth"));
-  m.def("capture_stack", &capture_python_stack, nb::arg("max_depth"));
   // None, or a Recorder (a MemoryProfiler): the recorder an allocator hook feeds.
   auto recorder_or_null = [](nb::handle recorder) -> std::shared_ptr<Recorder> {
     if (recorder.is_none()) return nullptr;
@@ -394,4 +380,5 @@ NB_MODULE(_native, m) {
   }, "Addresses of torchmem_host_alloc and torchmem_host_free, for the CPU allocator hook.");
   bind_cuda(m);
   bind_heap_walk(m);
+  bind_stacks(m);
 }

@@ -1,5 +1,7 @@
 #include "stack_capture.hpp"
 
+#include "frame_walk.hpp"
+
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <frameobject.h>
@@ -102,6 +104,9 @@ inline size_t frame_slot(uintptr_t code, int lasti) {
   return static_cast<size_t>(h >> 32) & (kFrameCacheSize - 1);
 }
 
+// `frame`: its frame object, or nullptr where the interpreter's frames are read
+// (the line then comes from the code object and the offset, as
+// PyFrame_GetLineNumber computes it when no tracer set one).
 uint32_t frame_id_of(CaptureCache& c, StackTable& table, PyCodeObject* code, int lasti,
                      PyFrameObject* frame, bool* skip) {
   uintptr_t key = reinterpret_cast<uintptr_t>(code);
@@ -123,7 +128,8 @@ uint32_t frame_id_of(CaptureCache& c, StackTable& table, PyCodeObject* code, int
         if (!filename || !name) PyErr_Clear();
         info->filename = utf8(filename);
         info->function = utf8(name);
-        info->lineno = PyFrame_GetLineNumber(frame);
+        info->lineno = frame != nullptr ? PyFrame_GetLineNumber(frame)
+                                        : PyCode_Addr2Line(code, lasti);
         Py_XDECREF(filename);
         Py_XDECREF(name);
         *is_skipped = skipped(info->filename);
@@ -136,30 +142,9 @@ uint32_t frame_id_of(CaptureCache& c, StackTable& table, PyCodeObject* code, int
   e.skip = *skip;
   return id;
 }
-}  // namespace
 
-uint32_t capture_python_stack(int max_depth) {
-  if (max_depth <= 0) return 0;
-  if (max_depth > kMaxDepth) max_depth = kMaxDepth;
-  uint32_t ids[kMaxDepth];
-  int n = 0;
-  StackTable& table = stack_table();
-  CaptureCache& c = cache();
-  PyFrameObject* frame = PyEval_GetFrame();  // borrowed
-  Py_XINCREF(frame);
-  // A bounded walk: skipped frames (torchmem's own) do not count towards the
-  // depth, but a pathological stack cannot make us walk forever.
-  for (int walked = 0; frame && n < max_depth && walked < 4 * kMaxDepth; ++walked) {
-    PyCodeObject* code = PyFrame_GetCode(frame);  // new reference
-    bool skip = false;
-    uint32_t id = frame_id_of(c, table, code, PyFrame_GetLasti(frame), frame, &skip);
-    Py_DECREF(code);
-    if (!skip) ids[n++] = id;
-    PyFrameObject* back = PyFrame_GetBack(frame);  // new reference
-    Py_DECREF(frame);
-    frame = back;
-  }
-  Py_XDECREF(frame);
+// The stack node of frame ids `ids` (innermost first).
+uint32_t intern_stack(CaptureCache& c, StackTable& table, const uint32_t* ids, int n) {
   if (n == 0) return 0;
   // The tree is rooted at the outermost captured frame: compare with the
   // last stack from the outside in, and intern only below the shared prefix.
@@ -176,6 +161,43 @@ uint32_t capture_python_stack(int max_depth) {
   for (int i = same; i < n; ++i) c.path_frames[i] = outer_first[i];
   c.path_n = n;
   return node;
+}
+}  // namespace
+
+uint32_t capture_python_stack(int max_depth) {
+  if (max_depth <= 0) return 0;
+  if (max_depth > kMaxDepth) max_depth = kMaxDepth;
+  uint32_t ids[kMaxDepth];
+  int n = 0;
+  StackTable& table = stack_table();
+  CaptureCache& c = cache();
+  // A bounded walk: skipped frames (torchmem's own) do not count towards the
+  // depth, but a pathological stack cannot make us walk forever.
+  if (interpreter_frames_readable()) {
+    const void* f = innermost_frame();
+    for (int walked = 0; f && n < max_depth && walked < 4 * kMaxDepth; ++walked) {
+      PyCodeObject* code = frame_code(f);
+      bool skip = false;
+      uint32_t id = frame_id_of(c, table, code, frame_lasti(f), nullptr, &skip);
+      if (!skip) ids[n++] = id;
+      f = calling_frame(f);
+    }
+    return intern_stack(c, table, ids, n);
+  }
+  PyFrameObject* frame = PyEval_GetFrame();  // borrowed
+  Py_XINCREF(frame);
+  for (int walked = 0; frame && n < max_depth && walked < 4 * kMaxDepth; ++walked) {
+    PyCodeObject* code = PyFrame_GetCode(frame);  // new reference
+    bool skip = false;
+    uint32_t id = frame_id_of(c, table, code, PyFrame_GetLasti(frame), frame, &skip);
+    Py_DECREF(code);
+    if (!skip) ids[n++] = id;
+    PyFrameObject* back = PyFrame_GetBack(frame);  // new reference
+    Py_DECREF(frame);
+    frame = back;
+  }
+  Py_XDECREF(frame);
+  return intern_stack(c, table, ids, n);
 }
 
 // torch calls allocators with the GIL released (its op bindings drop it),

@@ -32,7 +32,7 @@ LIBS=()
 PLUGIN=(csrc/cuda_plugin.cpp csrc/cuda_plugin_stats.cpp csrc/cuda_backends.cpp
         csrc/cuda_backends_cuda.cpp csrc/cuda_runtime.cpp csrc/cuda_trace.cpp
         csrc/cuda_pinned_bridge.cpp
-        csrc/stack_capture.cpp csrc/stack_table.cpp csrc/host_bridge.cpp)
+        csrc/stack_capture.cpp csrc/frame_walk.cpp csrc/stack_table.cpp csrc/host_bridge.cpp)
 PY=${PYTHON:-python3}
 have_plugin=1
 for f in "${PLUGIN[@]}"; do [ -f "$f" ] || have_plugin=0; done
