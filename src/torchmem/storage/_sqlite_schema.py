@@ -639,19 +639,9 @@ def _read_delta(con: sqlite3.Connection, since: dict[str, int],
     # Side records are built as they are, whatever their values: from_trace
     # keeps the well-formed ones (torchmem._records) and counts the rest.
     d.gc_start = since.get("gc", 0)
-    d.gc_records = _by_index(con.execute(
-        f"SELECT gc_index, {', '.join(GC_COLUMNS)} FROM gc_records WHERE gc_index >= ? "
-        "ORDER BY gc_index", (d.gc_start,)).fetchall(), GCRecord, d.gc_start)
+    d.gc_records = _side_range(con, "gc", d.gc_start)
     d.snapshots_start = since.get("snapshots", 0)
-    d.snapshots = _by_index(con.execute(
-        "SELECT snapshot_index, timestamp_ns, step, current_usage_bytes, peak_usage_bytes, "
-        "usage_by_type, usage_by_device, devices FROM snapshots WHERE snapshot_index >= ? "
-        "ORDER BY snapshot_index", (d.snapshots_start,)).fetchall(),
-        lambda ts, step, cur, peak, by_type, by_dev, devices: Snapshot(
-            timestamp_ns=ts, step=step, current_usage_bytes=cur, peak_usage_bytes=peak,
-            usage_by_type=_json_or(by_type, None),
-            usage_by_device=_int_keys(_json_or(by_dev, None)),
-            devices=_devices_from_json(devices)), d.snapshots_start)
+    d.snapshots = _side_range(con, "snapshots", d.snapshots_start)
     d.ooms_start = since.get("ooms", 0)
     d.ooms = _by_index(con.execute(
         f"SELECT oom_index, {', '.join(OOM_COLUMNS)}, extra FROM ooms WHERE oom_index >= ? "
@@ -660,6 +650,52 @@ def _read_delta(con: sqlite3.Connection, since: dict[str, int],
     row = con.execute("SELECT value FROM metadata WHERE key = 'anomaly_examples'").fetchone()
     d.anomaly_examples = _json_or(row[0] if row else None, [])
     return d
+
+
+def _snapshot_from_row(ts: Any, step: Any, cur: Any, peak: Any, by_type: Any, by_dev: Any,
+                       devices: Any) -> Snapshot:
+    return Snapshot(timestamp_ns=ts, step=step, current_usage_bytes=cur, peak_usage_bytes=peak,
+                    usage_by_type=_json_or(by_type, None),
+                    usage_by_device=_int_keys(_json_or(by_dev, None)),
+                    devices=_devices_from_json(devices))
+
+
+# kind -> (SELECT of the index column first and the record's columns, the index
+# column, the builder of a record from the columns after the index)
+_SIDE_SELECTS: dict[str, tuple[str, str, Any]] = {
+    "gc": (f"SELECT gc_index, {', '.join(GC_COLUMNS)} FROM gc_records", "gc_index", GCRecord),
+    "snapshots": ("SELECT snapshot_index, timestamp_ns, step, current_usage_bytes, "
+                  "peak_usage_bytes, usage_by_type, usage_by_device, devices FROM snapshots",
+                  "snapshot_index", _snapshot_from_row),
+}
+
+
+def _side_range(con: sqlite3.Connection, kind: str, start: int,
+                end: int | None = None) -> list[Any]:
+    """The ``kind`` records (``"gc"``, ``"snapshots"``) with index in [start, end),
+    placed by index as ``_by_index`` places them."""
+    select, column, build = _SIDE_SELECTS[kind]
+    where, args = f" WHERE {column} >= ?", [start]
+    if end is not None:
+        where, args = where + f" AND {column} < ?", args + [end]
+    rows = con.execute(select + where + f" ORDER BY {column}", args).fetchall()
+    return _by_index(rows, build, start)
+
+
+def read_side_records(con: sqlite3.Connection, kind: str, start: int, end: int) -> list[Any]:
+    """Side records with index in [start, end) of a trace (what a live profiler
+    released from memory once stored): ``"marks"`` as ``(seq, address,
+    category, context_id)`` tuples, ``"gc"`` as GCRecords, ``"snapshots"`` as
+    Snapshots; a record not stored (yet) is missing, so the list may be short
+    (marks) or hold None (the others)."""
+    with _snapshot(con):
+        if kind == "marks":
+            if "marks" not in _tables(con):
+                return []
+            return [(int(a), int(b), str(c), int(e)) for a, b, c, e in con.execute(
+                "SELECT seq, address, category, context_id FROM marks WHERE mark_index >= ? "
+                "AND mark_index < ? ORDER BY mark_index", (start, end))]
+        return _side_range(con, kind, start, end)
 
 
 def end_seq(con: sqlite3.Connection) -> int:

@@ -67,6 +67,14 @@ class InMemoryStorage:
         return select_events(events, before_seq=before_seq, start_step=start_step,
                              end_step=end_step, since_ns=since_ns)
 
+    def read_side_records(self, kind: str, start: int, end: int) -> list[Any]:
+        """Stored side records with index in [start, end): ``"marks"`` as
+        ``(seq, address, category, context_id)`` tuples, ``"gc"`` GCRecords,
+        ``"snapshots"`` Snapshots (see SQLiteStorage.read_side_records)."""
+        d = self._all()
+        records = {"marks": d.marks, "gc": d.gc_records, "snapshots": d.snapshots}[kind]
+        return list(records[start:end])
+
     def read_trace(self) -> TraceDelta:
         """Everything stored, as one delta."""
         return self._all()
