@@ -50,7 +50,7 @@ from ._events import (
     allocation_sums,
     to_memory_events,
 )
-from ._contexts import MARK_INDEX, LiveContexts, MarkLog, SavedContexts, marks_array
+from ._contexts import MARK_INDEX, LiveContexts, MarkLog, SavedContexts
 from ._records import (
     SIDE_RECORD_KINDS,
     anomaly_example_ok,
@@ -725,7 +725,7 @@ class MemoryProfiler(_recorder.Recorder):
             held = self._marks.array(start)
         if start >= first:
             return held
-        older = marks_array(self.storage.read_side_records("marks", start, first))
+        older = self.storage.read_side_records("marks", start, first)
         return np.concatenate([older, held]) if len(held) else older
 
     def live_attribution_marks(self) -> np.ndarray:

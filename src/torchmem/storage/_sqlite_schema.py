@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .._contexts import MARK_CATEGORIES, MARK_DTYPE
 from .._events import EVENT_DTYPE, STACK_NODE_DTYPE, empty_events
 from .._types import DeviceMemory, GCRecord, NvmlUnavailable, Snapshot
 from ..trace import TraceDelta
@@ -682,19 +683,27 @@ def _side_range(con: sqlite3.Connection, kind: str, start: int,
     return _by_index(rows, build, start)
 
 
-def read_side_records(con: sqlite3.Connection, kind: str, start: int, end: int) -> list[Any]:
+# A mark's category text as its MARK_CATEGORIES code (unknown: 0, "none"), in SQL.
+_CATEGORY_CODE = ("CASE category " + " ".join(
+    f"WHEN '{c}' THEN {i}" for i, c in enumerate(MARK_CATEGORIES)) + " ELSE 0 END")
+
+
+def read_side_records(con: sqlite3.Connection, kind: str, start: int, end: int) -> Any:
     """Side records with index in [start, end) of a trace (what a live profiler
-    released from memory once stored): ``"marks"`` as ``(seq, address,
-    category, context_id)`` tuples, ``"gc"`` as GCRecords, ``"snapshots"`` as
-    Snapshots; a record not stored (yet) is missing, so the list may be short
-    (marks) or hold None (the others)."""
+    released from memory once stored): ``"marks"`` as a MARK_DTYPE array,
+    ``"gc"`` as GCRecords, ``"snapshots"`` as Snapshots; a record not stored
+    (yet) is missing, so the array may be short (marks) or the list hold None
+    (the others)."""
     with _snapshot(con):
         if kind == "marks":
             if "marks" not in _tables(con):
-                return []
-            return [(int(a), int(b), str(c), int(e)) for a, b, c, e in con.execute(
-                "SELECT seq, address, category, context_id FROM marks WHERE mark_index >= ? "
-                "AND mark_index < ? ORDER BY mark_index", (start, end))]
+                return np.zeros(0, MARK_DTYPE)
+            # The category as its code in SQL and the rows straight into the
+            # array: 4 us a mark through tuples and marks_array, ~1 us so.
+            return np.array(con.execute(
+                f"SELECT seq, address, {_CATEGORY_CODE}, context_id FROM marks "
+                "WHERE mark_index >= ? AND mark_index < ? ORDER BY mark_index",
+                (start, end)).fetchall(), MARK_DTYPE)
         return _side_range(con, kind, start, end)
 
 

@@ -74,8 +74,8 @@ class StorageBackend(Protocol):
 
         Optional: a backend class may also define
         ``read_side_records(kind, start, end)`` (``"marks"``, ``"gc"``,
-        ``"snapshots"``: the records with index in [start, end), as
-        TraceDelta holds them); a live profiler then keeps only the latest
+        ``"snapshots"``: the records with index in [start, end); marks as a
+        MARK_DTYPE array, the others as lists); a live profiler then keeps only the latest
         of those in memory once the backend has them, and reads the rest
         back (SQLiteStorage, InMemoryStorage).
         """

@@ -349,10 +349,10 @@ class SQLiteStorage:
                                        start_step=start_step, end_step=end_step,
                                        since_ns=since_ns)
 
-    def read_side_records(self, kind: str, start: int, end: int) -> list[Any]:
+    def read_side_records(self, kind: str, start: int, end: int) -> Any:
         """Committed side records with index in [start, end) (after a flush):
-        ``"marks"`` as ``(seq, address, category, context_id)`` tuples,
-        ``"gc"`` GCRecords, ``"snapshots"`` Snapshots. The profiler reads back
+        ``"marks"`` as a MARK_DTYPE array (torchmem._contexts), ``"gc"`` a list
+        of GCRecords, ``"snapshots"`` of Snapshots. The profiler reads back
         with it what it released from memory once stored."""
         self.flush()
         with self._read_lock:
