@@ -121,3 +121,32 @@ def test_a_training_run_answers_the_same_with_its_marks_released(tmp_path, monke
     assert len(released[3]) == len(all_marks[3])
     assert [b for _, b in released[3]] == [b for _, b in all_marks[3]]
     assert released[4] == all_marks[4]
+
+
+class _FailedStorage(InMemoryStorage):
+    write_error = "given up: a test"  # what SQLiteStorage says once it stopped storing
+
+
+def test_a_storage_that_stopped_storing_keeps_everything_in_memory(small_bounds):
+    p = MemoryProfiler(storage=_FailedStorage(), auto_snapshot=False)
+    gcs, snaps, marks = _run(p)
+    assert p._gc_first == p._snapshots_first == p._marks.first == 0
+    assert len(p._gc_records) == len(p._snapshots) == N
+    assert p.gc_records == gcs and p.snapshots == snaps
+    assert _tuples(p.attribution_marks()) == marks
+    p.close()
+
+
+def test_marker_details_read_back_in_blocks(tmp_path, small_bounds, monkeypatch):
+    monkeypatch.setattr(MemoryProfiler, "_SIDE_BLOCK", 8)
+    p = MemoryProfiler(storage=SQLiteStorage(tmp_path / "t.db"), auto_snapshot=False)
+    gcs, _, _ = _run(p)
+    reads = []
+    read = p.storage.read_side_records
+    monkeypatch.setattr(p.storage, "read_side_records",
+                        lambda *a: reads.append(a) or read(*a))
+    got = [p._details(int(MemoryEventType.GC_END), i)["gc"] for i in range(N)]
+    assert got == gcs
+    # The released ones (N - HELD) in blocks of 8, each read once.
+    assert reads == [("gc", b, b + 8) for b in range(0, N - HELD, 8)]
+    p.close()
