@@ -38,7 +38,15 @@ class MarkLog:
     """Marks in arrival order, 19 bytes each (a run marks each new .grad storage
     every step: as many marks as such allocations, so no Python tuple per mark
     is kept). The latest, up to ``PENDING`` of them, wait as tuples: a numpy
-    array per append cost more than the marks (a few per step)."""
+    array per append cost more than the marks (a few per step).
+
+    A live run with a storage that reads marks back lets the stored ones
+    leave memory (``release``): ~5 marks a step made 95 bytes a step, the
+    training process's one grower (issue 12). What is held then is the
+    marks from ``first`` on, plus ``kept``: the released marks on
+    allocations that were still live at the last release, which the
+    queries of "now" (``MemoryProfiler.live_attribution_marks``) need
+    without reading the storage."""
 
     PENDING = 4096
 
@@ -46,10 +54,33 @@ class MarkLog:
         self._chunks: list[np.ndarray] = []
         self._pending: list[tuple[int, int, int, int]] = []
         self._count = 0
+        self._first = 0  # index of the first mark in _chunks / _pending
         self._array: np.ndarray | None = None
+        self.kept: np.ndarray = np.zeros(0, MARK_DTYPE)
 
     def __len__(self) -> int:
         return self._count
+
+    @property
+    def first(self) -> int:
+        """The index of the oldest mark held in order (the ones before it are stored)."""
+        return self._first
+
+    def release(self, before: int, keep_last: int) -> np.ndarray:
+        """Drops the held marks with index < ``before``, except the last
+        ``keep_last`` marks; whole chunks only (marks still waiting as tuples
+        stay). Returns the marks dropped (the caller keeps the ones still
+        bearing on a live allocation in ``kept``)."""
+        limit = min(before, self._count - keep_last)
+        dropped = []
+        while self._chunks and self._first + len(self._chunks[0]) <= limit:
+            chunk = self._chunks.pop(0)
+            dropped.append(chunk)
+            self._first += len(chunk)
+        if not dropped:
+            return np.zeros(0, MARK_DTYPE)
+        self._array = None
+        return dropped[0] if len(dropped) == 1 else np.concatenate(dropped)
 
     def append(self, seq: int, marks: Sequence[tuple[int, str, int]]) -> None:
         """``(address, category, context_id)`` facts, all as of ``seq``."""
@@ -85,9 +116,11 @@ class MarkLog:
             self._pending = []
 
     def array(self, start: int = 0) -> np.ndarray:
-        """Marks from index ``start`` on, as a MARK_DTYPE array."""
+        """Marks from index ``start`` on, as a MARK_DTYPE array (held ones only:
+        from ``first`` on, whatever ``start`` is)."""
         self._flush()
-        if start > 0:  # a sink's new marks: only the chunks that hold them
+        start = max(start, self._first)
+        if start > self._first:  # a sink's new marks: only the chunks that hold them
             parts, end = [], self._count
             for chunk in reversed(self._chunks):
                 if end <= start:

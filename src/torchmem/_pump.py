@@ -234,21 +234,30 @@ class SinkPump:
             # next hand-over to subscribers, not this one).
             if self.publisher is not None:
                 self._deliver("publisher", self.publisher.publish_delta, delta)
+            stored = False
             if self._direct:
-                self._deliver("storage", self.storage.append_from_recorder, profiler, start,
-                              end, delta)
+                stored = self._deliver("storage", self.storage.append_from_recorder, profiler,
+                                       start, end, delta)
             elif self.storage is not None:
-                self._deliver("storage", self.storage.append, delta)
+                stored = self._deliver("storage", self.storage.append, delta)
+            # The side records handed over may leave memory, as the events
+            # before the consumer seq leave the ring; not once the storage
+            # has failed (it ignores appends then).
+            if stored and getattr(self.storage, "write_error", None) is None:
+                profiler.release_stored(self._cursors)
             profiler.set_consumer_seq(self._cursors["seq"])
             self._consumed = self._cursors["seq"]
 
-    def _deliver(self, name: str, fn: Any, *args: Any) -> None:
+    def _deliver(self, name: str, fn: Any, *args: Any) -> bool:
+        """Calls ``fn(*args)``; False when it raised (reported once)."""
         try:
             fn(*args)
         except Exception as exc:  # a sink must never take the training run down
             if name not in self._failed:
                 self._failed.add(name)
                 print(f"torchmem: {name} failed: {exc!r}", file=sys.stderr)
+            return False
+        return True
 
     def stop(self) -> None:
         """Final flush, then stops the thread and closes the storage and publisher."""

@@ -50,7 +50,7 @@ from ._events import (
     allocation_sums,
     to_memory_events,
 )
-from ._contexts import LiveContexts, MarkLog, SavedContexts
+from ._contexts import MARK_INDEX, LiveContexts, MarkLog, SavedContexts
 from ._records import (
     SIDE_RECORD_KINDS,
     anomaly_example_ok,
@@ -123,6 +123,14 @@ class MemoryProfiler(_recorder.Recorder):
     #: True for a loaded trace: no event is added, and allocation_totals_by_stack
     #: covers every event iter_event_rows gives (a reader need not sum them).
     events_are_final: ClassVar[bool] = False
+    #: With a storage that reads side records back (``read_side_records``:
+    #: SQLiteStorage, InMemoryStorage), the GC records and snapshots kept in
+    #: memory once stored: the latest this many of each (~250 and ~600
+    #: bytes each); older ones are read back from the storage when asked.
+    side_records_held: ClassVar[int] = 256
+    #: The same for attribution marks (19 bytes each; ~5 a step on a small
+    #: MLP), plus those on allocations still live (``live_attribution_marks``).
+    marks_held: ClassVar[int] = 8192
 
     def __init__(
         self,
@@ -142,11 +150,16 @@ class MemoryProfiler(_recorder.Recorder):
         self._stacks: LiveStacks | SavedStacks = LiveStacks()
         self._contexts: LiveContexts | SavedContexts = LiveContexts()
         self._marks = MarkLog()
+        # GC records and snapshots from index _gc_first / _snapshots_first on;
+        # the ones before left memory once stored (release_stored).
         self._gc_records: list[GCRecord] = []
+        self._gc_first = 0
         self._gc_open: dict[int, tuple[int, int, int]] = {}
         self._gc_count_by_generation: dict[int, int] = {}
         self._gc_total_ns = 0
         self._snapshots: list[Snapshot] = []
+        self._snapshots_first = 0
+        self._side_cache: dict[tuple[str, int], list[Any]] = {}  # see _stored_record
         self._saved_ooms: list[OomEvent] | None = None  # a loaded trace's
         # A loaded trace's anomalies (counts, examples): bad input the live
         # recorder counted leaves no event, so a replay cannot count it again.
@@ -307,7 +320,7 @@ class MemoryProfiler(_recorder.Recorder):
             devices = f"unavailable: {exc}"
         stats = self.get_statistics()
         with self._lock:
-            index = len(self._snapshots)
+            index = self._snapshots_first + len(self._snapshots)
             snap = Snapshot(
                 timestamp_ns=time.time_ns(),
                 step=self.current_step,
@@ -323,13 +336,14 @@ class MemoryProfiler(_recorder.Recorder):
 
     @property
     def snapshots(self) -> list[Snapshot]:
-        """Every snapshot taken, oldest first."""
-        return list(self._snapshots)
+        """Every snapshot taken, oldest first (those that left memory read back
+        from the storage)."""
+        return self._side_list("snapshots")
 
     def record_gc_start(self, generation: int) -> None:
         """GC monitor hook: a collection of ``generation`` starts now."""
         with self._lock:
-            index = len(self._gc_records) + len(self._gc_open)
+            index = self._gc_first + len(self._gc_records) + len(self._gc_open)
             freed = self._counters()[1]
             self._gc_open[generation] = (time.time_ns(), freed, index)
             self._record_marker(int(MemoryEventType.GC_START), index, 0)
@@ -343,7 +357,7 @@ class MemoryProfiler(_recorder.Recorder):
             tensor_bytes = freed - freed_before if freed_before is not None else 0
             record = GCRecord(generation, start, end, end - start, collected, uncollectable,
                               tensor_bytes, self.current_step)
-            index = len(self._gc_records)
+            index = self._gc_first + len(self._gc_records)
             self._gc_records.append(record)
             self._gc_count_by_generation[generation] = (
                 self._gc_count_by_generation.get(generation, 0) + 1)
@@ -353,8 +367,82 @@ class MemoryProfiler(_recorder.Recorder):
 
     @property
     def gc_records(self) -> list[GCRecord]:
-        """Every garbage collection seen, oldest first."""
-        return list(self._gc_records)
+        """Every garbage collection seen, oldest first (those that left memory
+        read back from the storage)."""
+        return self._side_list("gc")
+
+    # -- side records that left memory (release_stored) ----------------------------
+    def _side_list(self, kind: str) -> list[Any]:
+        with self._lock:
+            first, held = self._side_held(kind)
+            held = list(held)
+        if not first:
+            return held
+        # Read outside the lock: GC callbacks and snapshots take it.
+        older = self.storage.read_side_records(kind, 0, first)
+        return [r for r in older if r is not None] + held
+
+    def _side_held(self, kind: str) -> tuple[int, list[Any]]:
+        if kind == "gc":
+            return self._gc_first, self._gc_records
+        return self._snapshots_first, self._snapshots
+
+    #: Records read back per storage query for marker details (a batch of
+    #: events names consecutive ones).
+    _SIDE_BLOCK = 256
+
+    def _stored_record(self, kind: str, index: int) -> Any:
+        """Record ``index`` of ``kind``, which left memory: read back from the storage
+        a block at a time (the last few blocks cached)."""
+        block = index - index % self._SIDE_BLOCK
+        key = (kind, block)
+        records = self._side_cache.get(key)
+        if records is None:
+            records = self.storage.read_side_records(kind, block, block + self._SIDE_BLOCK)
+            if len(self._side_cache) >= 4:
+                self._side_cache.pop(next(iter(self._side_cache)))
+            self._side_cache[key] = records
+        i = index - block
+        return records[i] if i < len(records) else None
+
+    def release_stored(self, cursors: dict[str, int]) -> None:
+        """The storage has the side records before ``cursors`` (a sink's, as
+        ``sink_delta`` moved them): all but the latest ``side_records_held`` GC
+        records and snapshots and ``marks_held`` marks leave memory, read back
+        from the storage when asked (the pump calls it; only with a storage
+        that has ``read_side_records``). Marks on allocations live now stay
+        too (``live_attribution_marks``)."""
+        if self.storage is None or getattr(type(self.storage), "read_side_records",
+                                           None) is None:
+            return
+        keep = self.side_records_held
+        with self._lock:
+            n = min(cursors.get("gc", 0) - self._gc_first, len(self._gc_records) - keep)
+            if n > 0:
+                del self._gc_records[:n]
+                self._gc_first += n
+            n = min(cursors.get("snapshots", 0) - self._snapshots_first,
+                    len(self._snapshots) - keep)
+            if n > 0:
+                del self._snapshots[:n]
+                self._snapshots_first += n
+            dropped = self._marks.release(cursors.get("marks", 0), self.marks_held)
+            kept = self._marks.kept
+            if len(dropped) or len(kept):  # kept ones whose allocation was freed go too
+                self._marks.kept = self._on_live(
+                    np.concatenate([kept, dropped]) if len(dropped) else kept)
+
+    _BACKWARD_START = MARK_INDEX["backward_start"]
+
+    def _on_live(self, marks: np.ndarray) -> np.ndarray:
+        """The marks (not backward starts) made on an allocation that is still live:
+        the allocation live at the address now was made before the mark."""
+        marks = marks[marks["category"] != self._BACKWARD_START]
+        if not len(marks):
+            return marks
+        found = self._live_seqs(marks["address"].tolist())
+        alloc_seq = np.fromiter((q for q, _ in found), np.uint64, len(found))
+        return np.ascontiguousarray(marks[alloc_seq < marks["seq"]])
 
     def record_oom(self, requested_bytes: int, device: int, stream: int = 0,
                    device_free_bytes: int = 0, device_total_bytes: int = 0,
@@ -380,7 +468,7 @@ class MemoryProfiler(_recorder.Recorder):
             average_allocation_size_bytes=allocated / n_alloc if n_alloc else 0.0,
             usage_by_type=usage_by_type,
             usage_by_device=usage_by_device,
-            gc_count=len(self._gc_records),
+            gc_count=self._gc_first + len(self._gc_records),
             total_gc_time_ns=self._gc_total_ns,
             gc_count_by_generation=dict(self._gc_count_by_generation),
         )
@@ -589,7 +677,17 @@ class MemoryProfiler(_recorder.Recorder):
 
     def _details(self, kind: int, index: int) -> dict | None:
         ooms = self.oom_events if kind == MemoryEventType.OUT_OF_MEMORY else []
-        return marker_details(kind, index, self._snapshots, self._gc_records, ooms)
+        if kind == MemoryEventType.SNAPSHOT and index < self._snapshots_first:
+            snap = self._stored_record("snapshots", index)
+            return None if snap is None else {"snapshot": snap}
+        if kind == MemoryEventType.GC_END and index < self._gc_first:
+            rec = self._stored_record("gc", index)
+            return None if rec is None else {"gc": rec}
+        # The held lists start at their first index; padding keeps them indexable
+        # as marker_details does without copying them.
+        snaps = _Offset(self._snapshots, self._snapshots_first)
+        gcs = _Offset(self._gc_records, self._gc_first)
+        return marker_details(kind, index, snaps, gcs, ooms)  # type: ignore[arg-type]
 
     @property
     def oom_events(self) -> list[OomEvent]:
@@ -622,10 +720,24 @@ class MemoryProfiler(_recorder.Recorder):
 
     def attribution_marks(self, start: int = 0) -> np.ndarray:
         """Every mark so far as a MARK_DTYPE array (torchmem._contexts), oldest first;
-        from the ``start``-th on (a reader that keeps up reads only the new ones)."""
+        from the ``start``-th on (a reader that keeps up reads only the new ones).
+        Marks that left memory (``release_stored``) are read back from the storage."""
         start = _check_nonneg_int(start, "start")
         with self._lock:
-            return self._marks.array(start)
+            first = self._marks.first
+            held = self._marks.array(start)
+        if start >= first:
+            return held
+        older = self.storage.read_side_records("marks", start, first)
+        return np.concatenate([older, held]) if len(held) else older
+
+    def live_attribution_marks(self) -> np.ndarray:
+        """Without reading the storage, a MARK_DTYPE array that holds every mark made
+        on an allocation live now (and more: every mark held in memory), oldest
+        first: what a category of the moment "now" needs (``model_state``)."""
+        with self._lock:
+            held, kept = self._marks.array(), self._marks.kept
+        return np.concatenate([kept, held]) if len(kept) else held
 
     def live_seqs(self, addresses: list[int]) -> list[tuple[int, int]]:
         """For each address, ``(seq, context_id)`` of its live allocation; seq is
@@ -774,9 +886,10 @@ class MemoryProfiler(_recorder.Recorder):
                 type_names=self._type_names(),
                 frames_start=cursors.get("frames", 0),
                 nodes_start=cursors.get("nodes", 0),
-                gc_records=self._gc_records[cursors.get("gc", 0):],
+                gc_records=self._gc_records[max(0, cursors.get("gc", 0) - self._gc_first):],
                 gc_start=cursors.get("gc", 0),
-                snapshots=self._snapshots[cursors.get("snapshots", 0):],
+                snapshots=self._snapshots[
+                    max(0, cursors.get("snapshots", 0) - self._snapshots_first):],
                 snapshots_start=cursors.get("snapshots", 0),
                 anomalies=self._anomaly_counts(),
             )
@@ -797,7 +910,8 @@ class MemoryProfiler(_recorder.Recorder):
                 end = int(delta.events["seq"][-1]) + 1
             cursors.update(seq=end, frames=delta.frames_start + len(delta.frames),
                            nodes=delta.nodes_start + len(delta.stack_nodes),
-                           gc=len(self._gc_records), snapshots=len(self._snapshots),
+                           gc=self._gc_first + len(self._gc_records),
+                           snapshots=self._snapshots_first + len(self._snapshots),
                            ooms=len(ooms), anomalies=total,
                            contexts=delta.contexts_start + len(delta.contexts),
                            marks=delta.marks_start + len(delta.marks))
@@ -894,3 +1008,18 @@ class MemoryProfiler(_recorder.Recorder):
                           RuntimeWarning, stacklevel=3)
         self.skipped_side_records = skipped
         self._replay(np.ascontiguousarray(events))
+
+
+class _Offset:
+    """A list whose first item has index ``first``, for ``marker_details``: an index
+    before it raises IndexError, as an index past the end does."""
+
+    __slots__ = ("items", "first")
+
+    def __init__(self, items: list[Any], first: int) -> None:
+        self.items, self.first = items, first
+
+    def __getitem__(self, index: int) -> Any:
+        if index < self.first:
+            raise IndexError(index)
+        return self.items[index - self.first]

@@ -190,7 +190,12 @@ MODEL_STATE = ("parameter", "buffer", "gradient", "optimizer_state")
 def model_state(profiler: Any, live: np.ndarray) -> np.ndarray:
     """For LIVE_DTYPE rows of ``profiler``: whether each is, now, a parameter,
     buffer, gradient or optimizer state (bool array)."""
-    m = _Moments(profiler, live_now(profiler))
+    # Only the marks on live allocations bear on them (a mark applies to the
+    # allocation live at its address when made): those a live run keeps in
+    # memory, so an epoch check reads no old marks from the storage.
+    live_marks = getattr(profiler, "live_attribution_marks", None)
+    m = _Moments(profiler, live_now(profiler),
+                 marks=live_marks() if live_marks is not None else None)
     seq = m.seq_of("now")
     if seq is None or not len(live):
         return np.zeros(len(live), bool)

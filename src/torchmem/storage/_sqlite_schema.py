@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .._contexts import MARK_CATEGORIES, MARK_DTYPE
 from .._events import EVENT_DTYPE, STACK_NODE_DTYPE, empty_events
 from .._types import DeviceMemory, GCRecord, NvmlUnavailable, Snapshot
 from ..trace import TraceDelta
@@ -658,19 +659,9 @@ def _read_delta(con: sqlite3.Connection, since: dict[str, int],
     # Side records are built as they are, whatever their values: from_trace
     # keeps the well-formed ones (torchmem._records) and counts the rest.
     d.gc_start = since.get("gc", 0)
-    d.gc_records = _by_index(con.execute(
-        f"SELECT gc_index, {', '.join(GC_COLUMNS)} FROM gc_records WHERE gc_index >= ? "
-        "ORDER BY gc_index", (d.gc_start,)).fetchall(), GCRecord, d.gc_start)
+    d.gc_records = _side_range(con, "gc", d.gc_start)
     d.snapshots_start = since.get("snapshots", 0)
-    d.snapshots = _by_index(con.execute(
-        "SELECT snapshot_index, timestamp_ns, step, current_usage_bytes, peak_usage_bytes, "
-        "usage_by_type, usage_by_device, devices FROM snapshots WHERE snapshot_index >= ? "
-        "ORDER BY snapshot_index", (d.snapshots_start,)).fetchall(),
-        lambda ts, step, cur, peak, by_type, by_dev, devices: Snapshot(
-            timestamp_ns=ts, step=step, current_usage_bytes=cur, peak_usage_bytes=peak,
-            usage_by_type=_json_or(by_type, None),
-            usage_by_device=_int_keys(_json_or(by_dev, None)),
-            devices=_devices_from_json(devices)), d.snapshots_start)
+    d.snapshots = _side_range(con, "snapshots", d.snapshots_start)
     d.ooms_start = since.get("ooms", 0)
     d.ooms = _by_index(con.execute(
         f"SELECT oom_index, {', '.join(OOM_COLUMNS)}, extra FROM ooms WHERE oom_index >= ? "
@@ -679,6 +670,60 @@ def _read_delta(con: sqlite3.Connection, since: dict[str, int],
     row = con.execute("SELECT value FROM metadata WHERE key = 'anomaly_examples'").fetchone()
     d.anomaly_examples = _json_or(row[0] if row else None, [])
     return d
+
+
+def _snapshot_from_row(ts: Any, step: Any, cur: Any, peak: Any, by_type: Any, by_dev: Any,
+                       devices: Any) -> Snapshot:
+    return Snapshot(timestamp_ns=ts, step=step, current_usage_bytes=cur, peak_usage_bytes=peak,
+                    usage_by_type=_json_or(by_type, None),
+                    usage_by_device=_int_keys(_json_or(by_dev, None)),
+                    devices=_devices_from_json(devices))
+
+
+# kind -> (SELECT of the index column first and the record's columns, the index
+# column, the builder of a record from the columns after the index)
+_SIDE_SELECTS: dict[str, tuple[str, str, Any]] = {
+    "gc": (f"SELECT gc_index, {', '.join(GC_COLUMNS)} FROM gc_records", "gc_index", GCRecord),
+    "snapshots": ("SELECT snapshot_index, timestamp_ns, step, current_usage_bytes, "
+                  "peak_usage_bytes, usage_by_type, usage_by_device, devices FROM snapshots",
+                  "snapshot_index", _snapshot_from_row),
+}
+
+
+def _side_range(con: sqlite3.Connection, kind: str, start: int,
+                end: int | None = None) -> list[Any]:
+    """The ``kind`` records (``"gc"``, ``"snapshots"``) with index in [start, end),
+    placed by index as ``_by_index`` places them."""
+    select, column, build = _SIDE_SELECTS[kind]
+    where, args = f" WHERE {column} >= ?", [start]
+    if end is not None:
+        where, args = where + f" AND {column} < ?", args + [end]
+    rows = con.execute(select + where + f" ORDER BY {column}", args).fetchall()
+    return _by_index(rows, build, start)
+
+
+# A mark's category text as its MARK_CATEGORIES code (unknown: 0, "none"), in SQL.
+_CATEGORY_CODE = ("CASE category " + " ".join(
+    f"WHEN '{c}' THEN {i}" for i, c in enumerate(MARK_CATEGORIES)) + " ELSE 0 END")
+
+
+def read_side_records(con: sqlite3.Connection, kind: str, start: int, end: int) -> Any:
+    """Side records with index in [start, end) of a trace (what a live profiler
+    released from memory once stored): ``"marks"`` as a MARK_DTYPE array,
+    ``"gc"`` as GCRecords, ``"snapshots"`` as Snapshots; a record not stored
+    (yet) is missing, so the array may be short (marks) or the list hold None
+    (the others)."""
+    with _snapshot(con):
+        if kind == "marks":
+            if "marks" not in _tables(con):
+                return np.zeros(0, MARK_DTYPE)
+            # The category as its code in SQL and the rows straight into the
+            # array: 4 us a mark through tuples and marks_array, ~1 us so.
+            return np.array(con.execute(
+                f"SELECT seq, address, {_CATEGORY_CODE}, context_id FROM marks "
+                "WHERE mark_index >= ? AND mark_index < ? ORDER BY mark_index",
+                (start, end)).fetchall(), MARK_DTYPE)
+        return _side_range(con, kind, start, end)
 
 
 def end_seq(con: sqlite3.Connection) -> int:

@@ -70,7 +70,15 @@ class StorageBackend(Protocol):
         """
 
     def read_trace(self) -> TraceDelta:
-        """Everything stored, as one delta starting at seq 0."""
+        """Everything stored, as one delta starting at seq 0.
+
+        Optional: a backend class may also define
+        ``read_side_records(kind, start, end)`` (``"marks"``, ``"gc"``,
+        ``"snapshots"``: the records with index in [start, end); marks as a
+        MARK_DTYPE array, the others as lists); a live profiler then keeps only the latest
+        of those in memory once the backend has them, and reads the rest
+        back (SQLiteStorage, InMemoryStorage).
+        """
 
     @property
     def metadata(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .._contexts import marks_array
 from .._events import empty_events
 from ..trace import TraceDelta
 from .base import merge_deltas, select_events
@@ -66,6 +67,16 @@ class InMemoryStorage:
             return empty_events()
         return select_events(events, before_seq=before_seq, start_step=start_step,
                              end_step=end_step, since_ns=since_ns)
+
+    def read_side_records(self, kind: str, start: int, end: int) -> Any:
+        """Stored side records with index in [start, end): ``"marks"`` as a
+        MARK_DTYPE array, ``"gc"`` a list of GCRecords, ``"snapshots"`` of
+        Snapshots (see SQLiteStorage.read_side_records)."""
+        d = self._all()
+        if kind == "marks":
+            return marks_array(d.marks[start:end])
+        records = d.gc_records if kind == "gc" else d.snapshots
+        return list(records[start:end])
 
     def read_trace(self) -> TraceDelta:
         """Everything stored, as one delta."""

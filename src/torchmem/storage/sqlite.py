@@ -349,6 +349,15 @@ class SQLiteStorage:
                                        start_step=start_step, end_step=end_step,
                                        since_ns=since_ns)
 
+    def read_side_records(self, kind: str, start: int, end: int) -> Any:
+        """Committed side records with index in [start, end) (after a flush):
+        ``"marks"`` as a MARK_DTYPE array (torchmem._contexts), ``"gc"`` a list
+        of GCRecords, ``"snapshots"`` of Snapshots. The profiler reads back
+        with it what it released from memory once stored."""
+        self.flush()
+        with self._read_lock:
+            return schema.read_side_records(self._reader_con(), kind, start, end)
+
     def read_trace(self) -> TraceDelta:
         """Everything committed, as one TraceDelta (after a flush)."""
         self.flush()
