@@ -125,11 +125,11 @@ def write_trace(path: str, n_events: int) -> None:
 def _has_copies(path: str) -> bool:
     """Whether the cached trace keeps its chunks' copies (``event_columns``): one
     written before them measures the old reads, so it is written again."""
-    from torchmem.storage import _sqlite_schema
+    from torchmem.storage import _event_reads, _sqlite_schema
 
     con = _sqlite_schema.connect(path)
     try:
-        return _sqlite_schema._copies_guarded(con)
+        return _event_reads._copies_guarded(con)
     finally:
         con.close()
 

@@ -8,7 +8,7 @@ import pytest
 import torchmem
 from torchmem._events import EVENT_DTYPE
 from torchmem.storage import SQLiteStorage, TraceReader, _chunks, _writer
-from torchmem.storage._sqlite_schema import _columns_chunk
+from torchmem.storage._event_reads import _columns_chunk
 
 CHUNK = 8192  # events per event-log chunk
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import torchmem
-from torchmem.storage import SQLiteStorage, TraceReader, _sqlite_schema, _writer
+from torchmem.storage import SQLiteStorage, TraceReader, _event_reads, _writer
 from torchmem.storage._chunks import CHUNK_EVENTS
 
 PAIRS = 20_000  # 40,000 events: five chunks of up to CHUNK_EVENTS
@@ -49,7 +49,7 @@ def _rows(path) -> np.ndarray:
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         cols = ", ".join(_writer.EVENT_COLUMNS)
-        return _sqlite_schema.fetch_events(con.execute(f"SELECT {cols} FROM events ORDER BY seq"))
+        return _event_reads.fetch_events(con.execute(f"SELECT {cols} FROM events ORDER BY seq"))
     finally:
         con.close()
 
@@ -57,12 +57,12 @@ def _rows(path) -> np.ndarray:
 def _read(path, monkeypatch, **filters) -> tuple[np.ndarray, int]:
     """(events the reader returns, rows it fetched from ``events`` doing so)."""
     fetched = []
-    real = _sqlite_schema.fetch_events
-    monkeypatch.setattr(_sqlite_schema, "fetch_events",
+    real = _event_reads.fetch_events
+    monkeypatch.setattr(_event_reads, "fetch_events",
                         lambda cursor: fetched.append(len(r := real(cursor))) or r)
     with TraceReader(path) as reader:
         events = reader.read_events(**filters)
-    monkeypatch.setattr(_sqlite_schema, "fetch_events", real)
+    monkeypatch.setattr(_event_reads, "fetch_events", real)
     return events, sum(fetched)
 
 
@@ -156,8 +156,8 @@ def test_the_copies_read_the_same_without_incremental_blob_io(trace):
     for first in firsts:
         (direct,) = con.execute("SELECT rows FROM event_columns WHERE first_seq = ?",
                                 (first,)).fetchone()
-        assert _sqlite_schema._copy_blob(con, first) == direct
-        assert _sqlite_schema._copy_blob(WithoutBlobopen(), first) == direct
+        assert _event_reads._copy_blob(con, first) == direct
+        assert _event_reads._copy_blob(WithoutBlobopen(), first) == direct
     con.close()
 
 

@@ -344,7 +344,7 @@ def test_documented_plain_sql_uses_rowid_ranges(tmp_path):
 
 
 def test_storage_queries_match_a_full_scan(tmp_path):
-    from torchmem.storage._sqlite_schema import seq_bounds
+    from torchmem.storage._event_reads import seq_bounds
     from torchmem.storage.base import select_events
 
     path = tmp_path / "r.db"

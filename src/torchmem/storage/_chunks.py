@@ -20,7 +20,7 @@ they arrive, one BLOB per piece of up to 8K events, and expands them into
   fewer into the WAL.
 
 ``parse`` checks a BLOB and returns a chunk object the writer reads with
-plain ``struct`` calls; ``_sqlite_schema.chunk_events`` decodes the same
+plain ``struct`` calls; ``_event_reads.chunk_events`` decodes the same
 objects with numpy. docs/trace-format.md documents the layouts. Every
 constant comes from ``torchmem/_trace_format.py`` (generated from
 csrc/trace_format.hpp), loaded by path when the package is not importable.

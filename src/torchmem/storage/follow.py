@@ -17,7 +17,7 @@ import sqlite3
 from typing import Any
 
 from ..trace import TraceDelta
-from . import _sqlite_schema as schema
+from . import _event_reads, _sqlite_schema as schema
 from .base import TraceFormatError
 
 __all__ = ["TraceFollower"]
@@ -60,7 +60,7 @@ class TraceFollower:
         if con is None:
             return None
         try:
-            with schema._snapshot(con):
+            with _event_reads._snapshot(con):
                 if con.execute("SELECT 1 FROM metadata WHERE key = 'format'").fetchone() is None:
                     return None  # the writer made the tables and fills in the format next
                 self.metadata = schema.read_metadata(con, self.path)

@@ -39,7 +39,7 @@ import numpy as np
 from .._events import EVENT_DTYPE
 from .._io import write_all as _write_all
 from ..trace import TraceDelta
-from . import _sqlite_schema as schema
+from . import _event_reads, _sqlite_schema as schema
 from . import _writer
 from ._sqlite_schema import TraceReader, connect as _connect
 
@@ -345,7 +345,7 @@ class SQLiteStorage:
         """Committed events matching the filters, by seq (after a flush)."""
         self.flush()
         with self._read_lock:
-            return schema.query_events(self._reader_con(), before_seq=before_seq,
+            return _event_reads.query_events(self._reader_con(), before_seq=before_seq,
                                        start_step=start_step, end_step=end_step,
                                        since_ns=since_ns)
 
