@@ -14,10 +14,6 @@
 // Built against the installed torch at first use (torchmem.sources._build):
 // Node's layout and FunctionPreHook's vtable belong to one torch build. It is
 // a CPython extension module so its functions are called the cheap way.
-//
-// Over 400 lines for a reason: the forward hooks' fast paths (below) claim
-// nodes with the same claim_one as claim(), in one module built once; two
-// extensions would be two 15 s builds sharing a header.
 
 #include <Python.h>
 
@@ -151,47 +147,6 @@ PyObject* claim(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return PyLong_FromLong(n);
 }
 
-// storage_marks(marks) -> list: each (tensor, category, ctx) of the list
-// `marks` as (its storage's start address, category, ctx), those without
-// storage memory left out (sources/_marks.py's storage_marks, at ~40 ns a
-// tensor instead of ~200: an optimizer step marks every parameter, gradient
-// and state tensor).
-PyObject* storage_marks(PyObject*, PyObject* marks) {
-  if (!PyList_Check(marks)) {
-    PyErr_SetString(PyExc_TypeError, "storage_marks(list of (tensor, category, ctx))");
-    return nullptr;
-  }
-  PyObject* out = PyList_New(0);
-  if (out == nullptr) return nullptr;
-  Py_ssize_t n = PyList_GET_SIZE(marks);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* m = PyList_GET_ITEM(marks, i);
-    if (!PyTuple_Check(m) || PyTuple_GET_SIZE(m) != 3) continue;
-    PyObject* obj = PyTuple_GET_ITEM(m, 0);
-    if (!THPVariable_Check(obj)) continue;
-    uintptr_t address = 0;
-    try {
-      const at::Tensor& t = THPVariable_Unpack(obj);
-      if (t.defined() && t.has_storage())
-        address = reinterpret_cast<uintptr_t>(t.storage().data());
-    } catch (const std::exception&) {
-      continue;  // a subclass or meta tensor without storage memory
-    }
-    if (address == 0) continue;
-    PyObject* a = PyLong_FromUnsignedLongLong(address);
-    PyObject* row = a == nullptr ? nullptr
-        : PyTuple_Pack(3, a, PyTuple_GET_ITEM(m, 1), PyTuple_GET_ITEM(m, 2));
-    Py_XDECREF(a);
-    if (row == nullptr || PyList_Append(out, row) != 0) {
-      Py_XDECREF(row);
-      Py_DECREF(out);
-      return nullptr;
-    }
-    Py_DECREF(row);
-  }
-  return out;
-}
-
 // -- the forward hooks' common case (context.py's _Hooks.forward_pre/post) ----
 // A module called inside a running module whose anchor already names it, on a
 // thread that claims nodes with this module: the same stack entry, context
@@ -211,16 +166,7 @@ bool context_arg(PyObject* v, uint16_t* out) {
 }
 
 bool refers_to(PyObject* ref, PyObject* obj) {
-  if (!PyWeakref_CheckRef(ref)) return false;
-#if PY_VERSION_HEX >= 0x030D0000
-  PyObject* target = nullptr;
-  if (PyWeakref_GetRef(ref, &target) < 0) return false;
-  bool same = target == obj;
-  Py_XDECREF(target);
-  return same;
-#else
-  return PyWeakref_GET_OBJECT(ref) == obj;
-#endif
+  return torchmem_marks::referent(ref) == obj;
 }
 
 // The calling thread's running-module list (context.py's _Thread.stack) while
@@ -421,7 +367,7 @@ PyMethodDef kMethods[] = {
      "forward_exit(module, result) -> True, False or the context to claim result for"},
     {"bind_thread", bind_thread, METH_O,
      "bind_thread(stack or None): this thread's running modules, for the fast paths"},
-    {"storage_marks", storage_marks, METH_O,
+    {"storage_marks", torchmem_marks::storage_marks, METH_O,
      "storage_marks(list of (tensor, category, ctx)) -> list of (address, category, ctx)"},
     {"owned_marks",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(torchmem_marks::owned_marks)),

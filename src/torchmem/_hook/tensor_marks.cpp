@@ -1,13 +1,11 @@
-// The marks an optimizer step's end sends (torchmem/sources/_marks.py), in C:
-// every parameter, gradient and buffer of the models that ran, every tensor in
-// the optimizer's state, and which of them say something new since the last
-// step. In Python that is ~0.7 us a tensor (a tuple, an attribute read and a
-// dict compare each), ~20 us a step on a 3-layer MLP and ~1.3 ms on a model
-// of 386 parameters; here it is a dict walk and a pointer read a tensor.
-//
-// Part of the autograd context hook module (autograd_context_hook.cpp lists
-// these functions); _marks.py keeps the Python versions, which give the same
-// lists in the same order (tests/test_autograd_hooks.py compares them).
+// Marks in C (sources/_marks.py's): an optimizer step's end marks every
+// parameter, gradient and buffer of the models that ran and every tensor in
+// the optimizer's state, and sends what is new since the last step. In Python
+// that is ~0.7 us a tensor, ~20 us a step on a 3-layer MLP and ~1.3 ms on a
+// model of 386 parameters; here a dict walk and a pointer read a tensor. Part
+// of the autograd context hook module (its method table lists these, its
+// forward hooks use referent); _marks.py keeps the Python versions, which give
+// the same lists in the same order (tests/test_autograd_hooks.py compares).
 
 #include "tensor_marks.h"
 #include "key_set.h"
@@ -17,6 +15,20 @@
 #include <cstdint>
 
 namespace torchmem_marks {
+
+PyObject* referent(PyObject* ref) {
+  if (!PyWeakref_CheckRef(ref)) return nullptr;
+#if PY_VERSION_HEX >= 0x030D0000
+  PyObject* target = nullptr;
+  if (PyWeakref_GetRef(ref, &target) <= 0) return nullptr;
+  Py_DECREF(target);  // the caller holds the owner, which holds the referent
+  return target;
+#else
+  PyObject* target = PyWeakref_GET_OBJECT(ref);
+  return target == Py_None ? nullptr : target;
+#endif
+}
+
 namespace {
 
 PyObject* g_parameter = nullptr;
@@ -32,8 +44,9 @@ PyObject* g_zero = nullptr;
 
 constexpr unsigned long long kNotLive = ~0ULL;  // live_seqs' seq of an address not live
 
-// Whether two Python ints are equal: the cheap way for the usual small ones.
-int same_int(PyObject* a, PyObject* b) {
+// Whether two values are equal: identity first, the usual case for the small
+// ints and interned category names of marks.
+int same_value(PyObject* a, PyObject* b) {
   if (a == b) return 1;
   return PyObject_RichCompareBool(a, b, Py_EQ);
 }
@@ -69,58 +82,43 @@ bool append_object(PyObject* out, PyObject* obj, PyObject* category, PyObject* c
   return append_tensor(out, THPVariable_Unpack(obj), category, ctx);
 }
 
-// The referent of a weak reference, borrowed; nullptr when it is gone.
-PyObject* referent(PyObject* ref) {
-  if (!PyWeakref_CheckRef(ref)) return nullptr;
-#if PY_VERSION_HEX >= 0x030D0000
-  PyObject* target = nullptr;
-  if (PyWeakref_GetRef(ref, &target) <= 0) return nullptr;
-  Py_DECREF(target);  // the caller holds the owner, which holds the referent
-  return target;
-#else
-  PyObject* target = PyWeakref_GET_OBJECT(ref);
-  return target == Py_None ? nullptr : target;
-#endif
+// The owner context by_id[key] gives parameter p, borrowed; nullptr when it has
+// none (an entry of another object that had p's id, or no entry) or on a
+// Python error (PyErr_Occurred tells).
+PyObject* entry_ctx(PyObject* by_id, PyObject* key, PyObject* p) {
+  PyObject* entry = PyDict_GetItemWithError(by_id, key);
+  if (entry != nullptr && PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2 &&
+      referent(PyTuple_GET_ITEM(entry, 0)) == p)
+    return PyTuple_GET_ITEM(entry, 1);
+  return nullptr;
 }
 
 // Owners.owner_of: the owner context of parameter p in by_id, borrowed (0 when
-// it has none).
+// it has none); nullptr on a Python error.
 PyObject* owner_of(PyObject* by_id, PyObject* p) {
   PyObject* key = PyLong_FromVoidPtr(p);
   if (key == nullptr) return nullptr;
-  PyObject* entry = PyDict_GetItemWithError(by_id, key);
+  PyObject* ctx = entry_ctx(by_id, key, p);
   Py_DECREF(key);
-  if (entry == nullptr) return PyErr_Occurred() ? nullptr : g_zero;
-  if (PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2 &&
-      referent(PyTuple_GET_ITEM(entry, 0)) == p)
-    return PyTuple_GET_ITEM(entry, 1);
-  return g_zero;
+  return ctx != nullptr ? ctx : PyErr_Occurred() ? nullptr : g_zero;
 }
 
 // Records in by_id that p is owned by ctx (when it does not say so already).
 bool set_owner(PyObject* by_id, PyObject* p, PyObject* ctx) {
   PyObject* key = PyLong_FromVoidPtr(p);
   if (key == nullptr) return false;
-  PyObject* entry = PyDict_GetItemWithError(by_id, key);
-  if (entry == nullptr && PyErr_Occurred()) {
-    Py_DECREF(key);
-    return false;
+  PyObject* held = entry_ctx(by_id, key, p);
+  int same = held != nullptr ? same_value(held, ctx) : PyErr_Occurred() ? -1 : 0;
+  int rc = same;
+  if (same == 0) {
+    PyObject* ref = PyWeakref_NewRef(p, nullptr);  // torchmem never keeps a model alive
+    PyObject* value = ref == nullptr ? nullptr : PyTuple_Pack(2, ref, ctx);
+    Py_XDECREF(ref);
+    rc = value != nullptr && PyDict_SetItem(by_id, key, value) == 0 ? 1 : -1;
+    Py_XDECREF(value);
   }
-  if (entry != nullptr && PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2 &&
-      referent(PyTuple_GET_ITEM(entry, 0)) == p) {
-    int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(entry, 1), ctx, Py_EQ);
-    if (same != 0) {
-      Py_DECREF(key);
-      return same == 1;
-    }
-  }
-  PyObject* ref = PyWeakref_NewRef(p, nullptr);  // torchmem never keeps a model alive
-  PyObject* value = ref == nullptr ? nullptr : PyTuple_Pack(2, ref, ctx);
-  Py_XDECREF(ref);
-  int rc = value == nullptr ? -1 : PyDict_SetItem(by_id, key, value);
-  Py_XDECREF(value);
   Py_DECREF(key);
-  return rc == 0;
+  return rc == 1;
 }
 
 // Owners.state_marks: the tensors in optimizer.state, owned by their
@@ -252,6 +250,29 @@ bool init() {
          intern(&g_params_key, "params");
 }
 
+// storage_marks(marks) -> list: each (tensor, category, ctx) of the list
+// `marks` as (its storage's start address, category, ctx), those without
+// storage memory left out (sources/_marks.py's storage_marks, at ~40 ns a
+// tensor instead of ~200).
+PyObject* storage_marks(PyObject*, PyObject* marks) {
+  if (!PyList_Check(marks)) {
+    PyErr_SetString(PyExc_TypeError, "storage_marks(list of (tensor, category, ctx))");
+    return nullptr;
+  }
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(marks); ++i) {
+    PyObject* m = PyList_GET_ITEM(marks, i);
+    if (!PyTuple_Check(m) || PyTuple_GET_SIZE(m) != 3) continue;
+    if (!append_object(out, PyTuple_GET_ITEM(m, 0), PyTuple_GET_ITEM(m, 1),
+                       PyTuple_GET_ITEM(m, 2))) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+  }
+  return out;
+}
+
 // owned_marks(optimizer or None, owned, by_id) -> list or None: the storage
 // marks (address, category, ctx) of Owners.state_marks(optimizer), then
 // model_marks(owned), then unowned_grads(optimizer), as _marks.py orders
@@ -335,9 +356,9 @@ PyObject* fresh_marks(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       break;
     }
     if (last != nullptr && PyTuple_CheckExact(last) && PyTuple_GET_SIZE(last) == 3) {
-      int same = same_int(PyTuple_GET_ITEM(last, 0), seq);
-      if (same == 1) same = same_int(PyTuple_GET_ITEM(last, 1), category);
-      if (same == 1) same = same_int(PyTuple_GET_ITEM(last, 2), ctx);
+      int same = same_value(PyTuple_GET_ITEM(last, 0), seq);
+      if (same == 1) same = same_value(PyTuple_GET_ITEM(last, 1), category);
+      if (same == 1) same = same_value(PyTuple_GET_ITEM(last, 2), ctx);
       if (same < 0) {
         ok = false;
         break;
@@ -356,7 +377,7 @@ PyObject* fresh_marks(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyObject* state;
     while (PyDict_Next(sent, &pos, &address, &state)) {
       if (!PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != 3) continue;
-      int is = same_int(PyTuple_GET_ITEM(state, 1), withdraw);
+      int is = same_value(PyTuple_GET_ITEM(state, 1), withdraw);
       if (is < 0) break;
       if (is == 0) continue;
       unsigned long long a = PyLong_AsUnsignedLongLong(address);
