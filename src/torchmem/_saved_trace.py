@@ -17,8 +17,8 @@ import numpy as np
 from ._checks import check_nonneg_int, epoch_ns
 from ._contexts import SavedContexts
 from ._events import (
-    ALLOCATING_KINDS,
     EventList,
+    allocating,
     allocation_sums,
     check_event_rows,
     empty_events,
@@ -234,7 +234,7 @@ class SavedTraceProfiler(MemoryProfiler):
                               since_ns: int | None = None) -> EventList:
         ts = epoch_ns(t, since_ns)
         rows = self._read(since_ns=ts)
-        return EventList(rows[np.isin(rows["kind"], ALLOCATING_KINDS)], self.to_memory_events)
+        return EventList(rows[allocating(rows["kind"])], self.to_memory_events)
 
     def close(self) -> None:
         """Releases the trace file (queries that need it fail afterwards)."""

@@ -39,7 +39,6 @@ from ._checks import (
     epoch_ns,
 )
 from ._events import (
-    ALLOCATING_KINDS,
     check_event_rows,
     EventList,
     LIVE_DTYPE,
@@ -47,6 +46,7 @@ from ._events import (
     TYPE_NONE,
     empty_events,
     events_from_bytes,
+    allocating,
     allocation_sums,
     to_memory_events,
 )
@@ -653,7 +653,7 @@ class MemoryProfiler(_recorder.Recorder):
             old = self._older_rows(first, since_ns=ts)
             if len(old):
                 rows = np.concatenate([old, rows])
-        rows = rows[np.isin(rows["kind"], ALLOCATING_KINDS)]
+        rows = rows[allocating(rows["kind"])]
         return EventList(rows, self.to_memory_events)
 
     def allocation_totals_by_stack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

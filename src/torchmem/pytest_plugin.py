@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ._events import ALLOCATING_KINDS
+from ._events import allocating
 from .analysis.sites import group_by_site, top_sites
 from ._deprecation import deprecated_function, warn_deprecated
 from .units import format_bytes, parse_bytes
@@ -133,7 +133,7 @@ class _Measure:
 
     def _allocated_rows(self) -> np.ndarray:
         rows = self.prof.read_rows(self.start_seq)
-        return rows[np.isin(rows["kind"], ALLOCATING_KINDS)]
+        return rows[allocating(rows["kind"])]
 
     def sites_text(self, rows: np.ndarray, title: str, n: int = 5, holders: bool = False) -> str:
         usage = group_by_site(self.prof, rows)

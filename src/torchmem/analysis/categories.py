@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .._contexts import MARK_INDEX, PHASE_INDEX
+from .._events import allocating
 
 __all__ = ["CATEGORIES", "Categorized", "Lifetimes", "NO_MODULE", "Segments", "categorize",
            "lifetimes", "lifetimes_of", "live_now", "opened_before", "segments"]
@@ -44,7 +45,6 @@ _CAT = {name: i for i, name in enumerate(CATEGORIES)}
 NO_MODULE = "(none)"
 
 _INF = np.int64(2**62)  # free_seq of an allocation still live
-_ALLOCATING = (0, 2)
 _FORWARD = PHASE_INDEX["forward"]
 _ROLE_CODES = {MARK_INDEX[c]: _CAT[c] for c in ("parameter", "buffer", "gradient",
                                                 "optimizer_state", "input")}
@@ -144,7 +144,7 @@ def lifetimes_of(rows: np.ndarray, opened: dict[str, np.ndarray]) -> Lifetimes:
     neither (made before the events held) becomes one with ``alloc_seq`` -1.
     Order: the allocations made in ``rows``, those -1 ones, then ``opened``."""
     kind = rows["kind"]
-    is_a = (kind == _ALLOCATING[0]) | (kind == _ALLOCATING[1])
+    is_a = allocating(kind)
     is_f = kind == 1
     a_idx, f_idx = np.flatnonzero(is_a), np.flatnonzero(is_f)
     n_new, n_open, n_f = len(a_idx), len(opened["alloc_seq"]), len(f_idx)
