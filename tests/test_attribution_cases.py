@@ -153,7 +153,6 @@ _COMPILED = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-import pytest
 import torch
 import test_attribution_cases as t
 from _attribution_helpers import MLP, storage_bytes
@@ -171,8 +170,23 @@ def check(prof):
         assert modules["MLP.fc1"] >= 2 * storage_bytes(model._orig_mod.fc1.parameters())
     return both
 
-with pytest.warns(UserWarning, match="global hooks on modules"):  # torch's, on compile
+import warnings
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
     prof = t._both(make, torch.optim.Adam, (8, 16), 4, check=check)
+# torch warns on compile when global module hooks are installed; attribution
+# wraps nn.Module.__call__ instead (sources/_module_call.py).
+assert not [w for w in seen if "global hooks" in str(w.message)], [str(w.message) for w in seen]
+import torchmem
+from torchmem.sources import _module_call
+from torchmem.sources.context import ContextSource
+p2 = torchmem.MemoryProfiler(auto_snapshot=False)
+with ContextSource(p2):
+    assert _module_call.installed()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(MLP())(torch.randn(8, 16))
+p2.close()
+assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 contexts = {prof.resolve_context(c) for c in np.unique(prof.event_rows_from(0)["context_id"])}
 # Inside the compiled region no hook runs: the outermost module holds it all.
 assert ("MLP", "forward") in contexts and ("MLP", "backward") in contexts, contexts

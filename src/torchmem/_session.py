@@ -233,8 +233,8 @@ def enable(*, storage: Any = None, capture_stack_traces: bool | None = None,
         attribution (bool, True): stamp every allocation with the module and
             phase (forward, backward, optimizer, other) it was made in, and
             tell parameters, buffers, gradients, optimizer state and inputs
-            apart, through torch's global module and optimizer hooks and
-            autograd node pre-hooks (breakdown(), peak_report()).
+            apart, through a wrapper around nn.Module.__call__, torch's
+            global optimizer hooks and autograd node pre-hooks (breakdown(), peak_report()).
         oom_report (bool, True): write a report when an OOM reaches user code.
         summary (bool, True; env TORCHMEM_SUMMARY): print a summary at exit.
 

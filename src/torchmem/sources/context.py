@@ -1,12 +1,13 @@
-"""Module and phase context for every allocation, from torch's global hooks.
+"""Module and phase context for every allocation, from every module call and torch's hooks.
 
 Each thread has a current context (csrc/context_table.hpp): the module running
 and the phase. The recorder stamps it on every event, natively, whatever the
 source (track_*, the CPU allocator hook, the CUDA plugin). This module keeps
 it current:
 
-- forward: a global forward pre-hook and an always-called forward hook on
-  every module push and pop the module; its path is its name in the outermost
+- forward: a wrapper around ``nn.Module.__call__`` (``_module_call``: torch's
+  global module hooks would cost every module call their own price) pushes
+  and pops the module; its path is its name in the outermost
   running module's ``named_modules()``, the outermost named by its class
   (``Net``, ``Net.fc1``, ``Net.blocks.0.attn``);
 - backward: no module backward hook (torch's full backward hooks wrap each
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 
 from .. import _recorder
+from . import _module_call
 from ._autograd_hook import NativeHooks
 from ._marks import MarkSender, Owners, input_marks, storage_marks, use_native_marks
 from ._modules import Anchor, module_path_name, tensors_in
@@ -59,21 +61,6 @@ _get_context = _recorder.get_context
 _intern = _recorder.intern_context
 _graph_task_id = torch._C._current_graph_task_id
 _grad_enabled = torch.is_grad_enabled
-_is_compiling = torch.compiler.is_compiling
-# torch.compiler.is_compiling() in the two hooks that run for every module
-# call, at one Python call instead of two: Dynamo folds is_dynamo_compiling()
-# to True where it traces a hook, and the flag is what is_compiling() returns
-# otherwise (non-strict export).
-_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compiling)
-if hasattr(torch.compiler, "_is_compiling_flag"):
-    _compiler: Any = torch.compiler
-else:  # an older torch: the flag read through is_compiling()
-    class _CompilerFlag:
-        @property
-        def _is_compiling_flag(self) -> bool:
-            return _is_compiling()
-
-    _compiler = _CompilerFlag()
 _Tensor = torch.Tensor
 
 
@@ -155,18 +142,15 @@ class _Hooks:
             self.native.start()
             if self.handles:
                 return
-            from torch.nn.modules.module import (register_module_forward_hook,
-                                                 register_module_forward_pre_hook)
             from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                                register_optimizer_step_pre_hook)
 
             self.handles = [
-                register_module_forward_pre_hook(self.forward_pre),
-                register_module_forward_hook(self.forward_post, with_kwargs=True,
-                                             always_call=True),
                 register_optimizer_step_pre_hook(self.step_pre),
                 register_optimizer_step_post_hook(self.step_post),
             ]
+            _module_call.install()
+            self.refresh_calls()
 
     def remove(self, source: ContextSource) -> None:
         with self.lock:
@@ -174,23 +158,27 @@ class _Hooks:
                 self.sources.remove(source)
             if self.sources or not self.handles:
                 return
+            _module_call.remove()
             for h in self.handles:
                 h.remove()
             self.handles = []
         self.set(_thread(), 0)
+
+    def refresh_calls(self) -> None:
+        """Hands the module-call wrapper the current forward paths (the C++ ones
+        once built)."""
+        if self.handles:
+            _module_call.set_calls(self.native_enter, self.forward_pre,
+                                   self.native_exit, self.forward_post)
 
     @staticmethod
     def set(t: _Thread, ctx: int) -> None:
         _set_context(ctx)
 
     # -- forward ----------------------------------------------------------------
-    # The two hooks below run for every module call: written for speed.
+    # What _module_call runs around a module call when the C++ paths
+    # (native_enter, native_exit) decline or are not built.
     def forward_pre(self, module: Any, args: tuple) -> None:
-        if _dynamo_compiling() or _compiler._is_compiling_flag:
-            return
-        enter = self.native_enter
-        if enter is not None and enter(module, args):
-            return
         try:
             t = _thread()
             stack = t.stack
@@ -229,22 +217,16 @@ class _Hooks:
         except Exception:  # never into the training run
             pass
 
-    def forward_post(self, module: Any, args: tuple, *rest: Any) -> None:
-        # (kwargs, result); torch calls an always-called hook with (result) alone
-        # when the forward raised.
-        if _dynamo_compiling() or _compiler._is_compiling_flag:
+    def forward_post(self, module: Any, args: tuple, kwargs: dict | None, result: Any,
+                     done: Any) -> None:
+        # kwargs and result are None when the forward raised; done is what
+        # native_exit said (False: not handled, or not built).
+        if done is not False:  # popped; the result's tensors are nested
+            try:
+                _thread().claim(list(tensors_in(result)), done)
+            except Exception:
+                pass
             return
-        leave = self.native_exit
-        if leave is not None:
-            done = leave(module, rest[-1])
-            if done is True:
-                return
-            if done is not False:  # popped; the result's tensors are nested
-                try:
-                    _thread().claim(list(tensors_in(rest[-1])), done)
-                except Exception:
-                    pass
-                return
         try:
             t = _thread()
             stack = t.stack
@@ -259,14 +241,13 @@ class _Hooks:
                 frame = stack[i]
                 del stack[i:]  # frames above: forwards that raised
             _set_context(frame[_PREV])
-            result = rest[-1] if rest else None
             if result is not None and _grad_enabled() and _graph_task_id() == -1:
                 t.claim(result if isinstance(result, _Tensor) else list(tensors_in(result)),
                         frame[_CTX][1])
             if frame[_ROOT]:
                 t.claimed.clear()
                 if _graph_task_id() == -1:
-                    self.mark_inputs(args, rest[0] if len(rest) == 2 else None)
+                    self.mark_inputs(args, kwargs)
         except Exception:
             pass
 
@@ -276,6 +257,8 @@ class _Hooks:
         self.native_claim = native.claim
         self.native_enter = native.forward_enter
         self.native_exit = native.forward_exit
+        with self.lock:
+            self.refresh_calls()
 
     def mark_backward_start(self, task: int, ctx: int) -> None:
         # What the C++ hooks call on a pass's first claimed node (they restore
@@ -418,8 +401,9 @@ build_autograd_hooks = _hooks.native.build
 class ContextSource:
     """Attribution for ``profiler``: module and phase context on every event it
     records, and marks for parameters, buffers, gradients, optimizer state and
-    inputs. ``start()`` installs torch's global hooks (once per process, shared
-    by every started source); ``stop()`` removes them when no source is left.
+    inputs. ``start()`` wraps ``nn.Module.__call__`` and installs torch's global
+    optimizer hooks (once per process, shared by every started source);
+    ``stop()`` removes them when no source is left.
     """
 
     def __init__(self, profiler: Any) -> None:
