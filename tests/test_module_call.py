@@ -139,3 +139,23 @@ def test_a_later_wrapper_is_kept_and_never_wrapped_twice():
         nn.Module.__call__ = ours  # they restore what they wrapped
         MC.remove()
     assert nn.Module.__call__ is original
+
+
+def test_tracers_and_scripting_give_the_same_results_through_the_wrapper(wrapper):
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        ref = m(x)
+        scripted, traced = torch.jit.script(m), torch.jit.trace(m, x)
+        graph = torch.fx.symbolic_trace(m)  # patches __call__ while tracing, then puts ours back
+        assert MC.installed()
+        entered = []
+        for other in (scripted, traced, graph):
+            wrapper.clear()
+            assert torch.equal(other(x), ref)
+            entered.append([s[1] for s in wrapper if s[0] == "enter"])
+    # Scripted and traced modules run their submodules in C++: the outer call is
+    # seen; the fx graph (a GraphModule subclass named after the model) calls its
+    # submodules, which are seen too.
+    assert entered == [["RecursiveScriptModule"], ["TopLevelTracedModule"],
+                       ["Sequential", "Linear", "ReLU", "Linear"]]
