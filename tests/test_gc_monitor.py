@@ -233,7 +233,7 @@ def test_all_three_at_once_and_through_the_profiler(prof):
     records = [rec(2, 0.5 * i, 300) for i in range(20)]
     assert kinds(find_gc_problems(records)) == [
         "frequent_gen2", "long_pause", "high_gc_time_share"]
-    prof._gc_records.extend(records)
+    prof._gc.items.extend(records)
     assert kinds(find_gc_problems(prof, long_pause_ms=1000, time_share=0.9)) == ["frequent_gen2"]
     with pytest.warns(DeprecationWarning, match="find_gc_problems"):
         assert kinds(prof.find_gc_problems(long_pause_ms=1000)) == ["frequent_gen2",

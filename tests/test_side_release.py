@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from torchmem import MemoryProfiler
+from torchmem._held_records import HeldRecords
 from torchmem._contexts import MARK_CATEGORIES
 from torchmem._types import MemoryEventType
 from torchmem.storage import InMemoryStorage, SQLiteStorage, load
@@ -55,8 +56,8 @@ def test_held_side_records_are_bounded_and_queries_read_the_rest_back(
     # In memory: the last HELD records of each kind, the last MARKS_HELD marks
     # (one chunk per hand-over, so exactly), and the released marks on the
     # allocations still live (the odd ones among the first N - MARKS_HELD).
-    assert len(p._gc_records) == HELD and p._gc_first == N - HELD
-    assert len(p._snapshots) == HELD and p._snapshots_first == N - HELD
+    assert len(p._gc.items) == HELD and p._gc.first == N - HELD
+    assert len(p._snaps.items) == HELD and p._snaps.first == N - HELD
     assert p._marks.first == N - MARKS_HELD and len(p._marks.array()) == MARKS_HELD
     kept = [m for i, m in enumerate(marks[:N - MARKS_HELD]) if i % 2]
     assert _tuples(p._marks.kept) == kept
@@ -88,7 +89,7 @@ def test_no_release_without_a_storage_that_reads_back(small_bounds):
         p.record_gc_start(0)
         p.record_gc_end(0, 0, 0)
     p.release_stored({"gc": 10, "snapshots": 0, "marks": 0})
-    assert len(p._gc_records) == 10 and p._gc_first == 0
+    assert len(p._gc.items) == 10 and p._gc.first == 0
     p.close()
 
 
@@ -130,15 +131,15 @@ class _FailedStorage(InMemoryStorage):
 def test_a_storage_that_stopped_storing_keeps_everything_in_memory(small_bounds):
     p = MemoryProfiler(storage=_FailedStorage(), auto_snapshot=False)
     gcs, snaps, marks = _run(p)
-    assert p._gc_first == p._snapshots_first == p._marks.first == 0
-    assert len(p._gc_records) == len(p._snapshots) == N
+    assert p._gc.first == p._snaps.first == p._marks.first == 0
+    assert len(p._gc.items) == len(p._snaps.items) == N
     assert p.gc_records == gcs and p.snapshots == snaps
     assert _tuples(p.attribution_marks()) == marks
     p.close()
 
 
 def test_marker_details_read_back_in_blocks(tmp_path, small_bounds, monkeypatch):
-    monkeypatch.setattr(MemoryProfiler, "_SIDE_BLOCK", 8)
+    monkeypatch.setattr(HeldRecords, "BLOCK", 8)
     p = MemoryProfiler(storage=SQLiteStorage(tmp_path / "t.db"), auto_snapshot=False)
     gcs, _, _ = _run(p)
     reads = []
@@ -150,3 +151,17 @@ def test_marker_details_read_back_in_blocks(tmp_path, small_bounds, monkeypatch)
     # The released ones (N - HELD) in blocks of 8, each read once.
     assert reads == [("gc", b, b + 8) for b in range(0, N - HELD, 8)]
     p.close()
+
+
+def test_held_records_number_release_and_index():
+    r = HeldRecords("gc")
+    assert [r.append(f"r{i}") for i in range(5)] == [0, 1, 2, 3, 4]
+    r.release(stored=4, keep=2)  # 0-3 stored; the latest 2 stay, so 0-2 go
+    assert (r.first, r.items, r.next_index) == (3, ["r3", "r4"], 5)
+    r.release(stored=2, keep=0)  # nothing new stored: nothing goes
+    assert r.first == 3
+    assert r.since(0) == ["r3", "r4"] and r.since(4) == ["r4"] and r.since(5) == []
+    assert r[3] == "r3" and r.append("r5") == 5
+    for missing in (2, 6):
+        with pytest.raises(IndexError):
+            r[missing]

@@ -8,7 +8,8 @@ rest of torchmem uses (``read_rows``, ``live_allocations``, ``counters``,
 bounds, the sink hand-over, and the replay of a saved trace). What does not
 touch the recorder lives elsewhere: value types in ``_types``, side-record
 checks and marker renumbering in ``_records``, layouts in ``_events``, stacks
-in ``_stacks``, the sink thread in ``_pump``, the snapshot timer in
+in ``_stacks``, GC records and snapshots as held and read back in
+``_held_records``, the sink thread in ``_pump``, the snapshot timer in
 ``_snapshots``, and ``SavedTraceProfiler`` (a loaded trace whose events stay
 in the file) in ``_saved_trace``.
 
@@ -51,6 +52,7 @@ from ._events import (
     to_memory_events,
 )
 from ._contexts import MARK_INDEX, LiveContexts, MarkLog, SavedContexts
+from ._held_records import HeldRecords
 from ._records import (
     SIDE_RECORD_KINDS,
     anomaly_example_ok,
@@ -150,16 +152,13 @@ class MemoryProfiler(_recorder.Recorder):
         self._stacks: LiveStacks | SavedStacks = LiveStacks()
         self._contexts: LiveContexts | SavedContexts = LiveContexts()
         self._marks = MarkLog()
-        # GC records and snapshots from index _gc_first / _snapshots_first on;
-        # the ones before left memory once stored (release_stored).
-        self._gc_records: list[GCRecord] = []
-        self._gc_first = 0
+        # GC records and snapshots; the oldest leave memory once stored
+        # (release_stored).
+        self._gc = HeldRecords("gc")
         self._gc_open: dict[int, tuple[int, int, int]] = {}
         self._gc_count_by_generation: dict[int, int] = {}
         self._gc_total_ns = 0
-        self._snapshots: list[Snapshot] = []
-        self._snapshots_first = 0
-        self._side_cache: dict[tuple[str, int], list[Any]] = {}  # see _stored_record
+        self._snaps = HeldRecords("snapshots")
         self._saved_ooms: list[OomEvent] | None = None  # a loaded trace's
         # A loaded trace's anomalies (counts, examples): bad input the live
         # recorder counted leaves no event, so a replay cannot count it again.
@@ -320,7 +319,6 @@ class MemoryProfiler(_recorder.Recorder):
             devices = f"unavailable: {exc}"
         stats = self.get_statistics()
         with self._lock:
-            index = self._snapshots_first + len(self._snapshots)
             snap = Snapshot(
                 timestamp_ns=time.time_ns(),
                 step=self.current_step,
@@ -330,7 +328,7 @@ class MemoryProfiler(_recorder.Recorder):
                 usage_by_device=stats.usage_by_device,
                 devices=devices,
             )
-            self._snapshots.append(snap)
+            index = self._snaps.append(snap)
             self._record_marker(int(MemoryEventType.SNAPSHOT), index, stats.current_usage_bytes)
         return snap
 
@@ -338,12 +336,12 @@ class MemoryProfiler(_recorder.Recorder):
     def snapshots(self) -> list[Snapshot]:
         """Every snapshot taken, oldest first (those that left memory read back
         from the storage)."""
-        return self._side_list("snapshots")
+        return self._side_list(self._snaps)
 
     def record_gc_start(self, generation: int) -> None:
         """GC monitor hook: a collection of ``generation`` starts now."""
         with self._lock:
-            index = self._gc_first + len(self._gc_records) + len(self._gc_open)
+            index = self._gc.next_index + len(self._gc_open)
             freed = self._counters()[1]
             self._gc_open[generation] = (time.time_ns(), freed, index)
             self._record_marker(int(MemoryEventType.GC_START), index, 0)
@@ -357,8 +355,7 @@ class MemoryProfiler(_recorder.Recorder):
             tensor_bytes = freed - freed_before if freed_before is not None else 0
             record = GCRecord(generation, start, end, end - start, collected, uncollectable,
                               tensor_bytes, self.current_step)
-            index = self._gc_first + len(self._gc_records)
-            self._gc_records.append(record)
+            index = self._gc.append(record)
             self._gc_count_by_generation[generation] = (
                 self._gc_count_by_generation.get(generation, 0) + 1)
             self._gc_total_ns += record.duration_ns
@@ -369,41 +366,14 @@ class MemoryProfiler(_recorder.Recorder):
     def gc_records(self) -> list[GCRecord]:
         """Every garbage collection seen, oldest first (those that left memory
         read back from the storage)."""
-        return self._side_list("gc")
+        return self._side_list(self._gc)
 
     # -- side records that left memory (release_stored) ----------------------------
-    def _side_list(self, kind: str) -> list[Any]:
+    def _side_list(self, records: HeldRecords) -> list[Any]:
         with self._lock:
-            first, held = self._side_held(kind)
-            held = list(held)
-        if not first:
-            return held
+            first, held = records.first, list(records.items)
         # Read outside the lock: GC callbacks and snapshots take it.
-        older = self.storage.read_side_records(kind, 0, first)
-        return [r for r in older if r is not None] + held
-
-    def _side_held(self, kind: str) -> tuple[int, list[Any]]:
-        if kind == "gc":
-            return self._gc_first, self._gc_records
-        return self._snapshots_first, self._snapshots
-
-    #: Records read back per storage query for marker details (a batch of
-    #: events names consecutive ones).
-    _SIDE_BLOCK = 256
-
-    def _stored_record(self, kind: str, index: int) -> Any:
-        """Record ``index`` of ``kind``, which left memory: read back from the storage
-        a block at a time (the last few blocks cached)."""
-        block = index - index % self._SIDE_BLOCK
-        key = (kind, block)
-        records = self._side_cache.get(key)
-        if records is None:
-            records = self.storage.read_side_records(kind, block, block + self._SIDE_BLOCK)
-            if len(self._side_cache) >= 4:
-                self._side_cache.pop(next(iter(self._side_cache)))
-            self._side_cache[key] = records
-        i = index - block
-        return records[i] if i < len(records) else None
+        return records.read_older(self.storage, first) + held
 
     def release_stored(self, cursors: dict[str, int]) -> None:
         """The storage has the side records before ``cursors`` (a sink's, as
@@ -417,15 +387,8 @@ class MemoryProfiler(_recorder.Recorder):
             return
         keep = self.side_records_held
         with self._lock:
-            n = min(cursors.get("gc", 0) - self._gc_first, len(self._gc_records) - keep)
-            if n > 0:
-                del self._gc_records[:n]
-                self._gc_first += n
-            n = min(cursors.get("snapshots", 0) - self._snapshots_first,
-                    len(self._snapshots) - keep)
-            if n > 0:
-                del self._snapshots[:n]
-                self._snapshots_first += n
+            self._gc.release(cursors.get("gc", 0), keep)
+            self._snaps.release(cursors.get("snapshots", 0), keep)
             dropped = self._marks.release(cursors.get("marks", 0), self.marks_held)
             kept = self._marks.kept
             if len(dropped) or len(kept):  # kept ones whose allocation was freed go too
@@ -468,7 +431,7 @@ class MemoryProfiler(_recorder.Recorder):
             average_allocation_size_bytes=allocated / n_alloc if n_alloc else 0.0,
             usage_by_type=usage_by_type,
             usage_by_device=usage_by_device,
-            gc_count=self._gc_first + len(self._gc_records),
+            gc_count=self._gc.next_index,
             total_gc_time_ns=self._gc_total_ns,
             gc_count_by_generation=dict(self._gc_count_by_generation),
         )
@@ -677,17 +640,14 @@ class MemoryProfiler(_recorder.Recorder):
 
     def _details(self, kind: int, index: int) -> dict | None:
         ooms = self.oom_events if kind == MemoryEventType.OUT_OF_MEMORY else []
-        if kind == MemoryEventType.SNAPSHOT and index < self._snapshots_first:
-            snap = self._stored_record("snapshots", index)
+        if kind == MemoryEventType.SNAPSHOT and index < self._snaps.first:
+            snap = self._snaps.stored(self.storage, index)
             return None if snap is None else {"snapshot": snap}
-        if kind == MemoryEventType.GC_END and index < self._gc_first:
-            rec = self._stored_record("gc", index)
+        if kind == MemoryEventType.GC_END and index < self._gc.first:
+            rec = self._gc.stored(self.storage, index)
             return None if rec is None else {"gc": rec}
-        # The held lists start at their first index; padding keeps them indexable
-        # as marker_details does without copying them.
-        snaps = _Offset(self._snapshots, self._snapshots_first)
-        gcs = _Offset(self._gc_records, self._gc_first)
-        return marker_details(kind, index, snaps, gcs, ooms)  # type: ignore[arg-type]
+        # Indexed by record number, as marker_details does, without copies.
+        return marker_details(kind, index, self._snaps, self._gc, ooms)  # type: ignore[arg-type]
 
     @property
     def oom_events(self) -> list[OomEvent]:
@@ -886,10 +846,9 @@ class MemoryProfiler(_recorder.Recorder):
                 type_names=self._type_names(),
                 frames_start=cursors.get("frames", 0),
                 nodes_start=cursors.get("nodes", 0),
-                gc_records=self._gc_records[max(0, cursors.get("gc", 0) - self._gc_first):],
+                gc_records=self._gc.since(cursors.get("gc", 0)),
                 gc_start=cursors.get("gc", 0),
-                snapshots=self._snapshots[
-                    max(0, cursors.get("snapshots", 0) - self._snapshots_first):],
+                snapshots=self._snaps.since(cursors.get("snapshots", 0)),
                 snapshots_start=cursors.get("snapshots", 0),
                 anomalies=self._anomaly_counts(),
             )
@@ -910,8 +869,8 @@ class MemoryProfiler(_recorder.Recorder):
                 end = int(delta.events["seq"][-1]) + 1
             cursors.update(seq=end, frames=delta.frames_start + len(delta.frames),
                            nodes=delta.nodes_start + len(delta.stack_nodes),
-                           gc=self._gc_first + len(self._gc_records),
-                           snapshots=self._snapshots_first + len(self._snapshots),
+                           gc=self._gc.next_index,
+                           snapshots=self._snaps.next_index,
                            ooms=len(ooms), anomalies=total,
                            contexts=delta.contexts_start + len(delta.contexts),
                            marks=delta.marks_start + len(delta.marks))
@@ -968,15 +927,15 @@ class MemoryProfiler(_recorder.Recorder):
                             for q, a, c, x in delta.marks[held - delta.marks_start:]])
         events = np.array(events, copy=True)  # marker indices may be renumbered below
         sides = self._side_maps
-        self._gc_records = keep_records(sides, self._gc_records, delta.gc_start,
+        self._gc.items = keep_records(sides, self._gc.items, delta.gc_start,
                                         delta.gc_records, gc_record_ok, events,
                                         int(MemoryEventType.GC_END), "GC records")
         self._gc_count_by_generation = {}
-        for rec in self._gc_records:
+        for rec in self._gc.items:
             self._gc_count_by_generation[rec.generation] = (
                 self._gc_count_by_generation.get(rec.generation, 0) + 1)
-        self._gc_total_ns = sum(rec.duration_ns for rec in self._gc_records)
-        self._snapshots = keep_records(sides, self._snapshots, delta.snapshots_start,
+        self._gc_total_ns = sum(rec.duration_ns for rec in self._gc.items)
+        self._snaps.items = keep_records(sides, self._snaps.items, delta.snapshots_start,
                                        delta.snapshots, snapshot_ok, events,
                                        int(MemoryEventType.SNAPSHOT), "snapshots")
         self._saved_ooms = keep_records(sides, self._saved_ooms, delta.ooms_start,
@@ -1009,17 +968,3 @@ class MemoryProfiler(_recorder.Recorder):
         self.skipped_side_records = skipped
         self._replay(np.ascontiguousarray(events))
 
-
-class _Offset:
-    """A list whose first item has index ``first``, for ``marker_details``: an index
-    before it raises IndexError, as an index past the end does."""
-
-    __slots__ = ("items", "first")
-
-    def __init__(self, items: list[Any], first: int) -> None:
-        self.items, self.first = items, first
-
-    def __getitem__(self, index: int) -> Any:
-        if index < self.first:
-            raise IndexError(index)
-        return self.items[index - self.first]
