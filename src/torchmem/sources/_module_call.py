@@ -58,21 +58,20 @@ def _module_call(self: Any, *args: Any, **kwargs: Any) -> Any:
     fast_enter, enter, fast_leave, leave = calls
     if fast_enter is None or not fast_enter(self, args):
         enter(self, args)
+    # Left None when the forward raises: the way out is then told so.
+    result = given = None
     try:
         if _stock:  # torch's _wrapped_call_impl, without its frame (a third of the cost)
             compiled = self._compiled_call_impl
             result = (self._call_impl if compiled is None else compiled)(*args, **kwargs)
         else:
             result = _wrapped(self, *args, **kwargs)  # type: ignore[misc]
-    except BaseException:
-        done = fast_leave(self, None) if fast_leave is not None else False
+        given = kwargs
+        return result
+    finally:
+        done = fast_leave(self, result) if fast_leave is not None else False
         if done is not True:
-            leave(self, args, None, None, done)
-        raise
-    done = fast_leave(self, result) if fast_leave is not None else False
-    if done is not True:
-        leave(self, args, kwargs, result, done)
-    return result
+            leave(self, args, given, result, done)
 
 
 def set_calls(fast_enter: Any, enter: Any, fast_leave: Any, leave: Any) -> None:
