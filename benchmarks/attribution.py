@@ -21,6 +21,7 @@ off (the hooks run once for the whole loop).
 
     python benchmarks/attribution.py [--steps 30] [--repeats 5] [--threads 1]
     python benchmarks/attribution.py --instructions   # needs valgrind; ~15 min
+    python benchmarks/attribution.py --alternate 200  # configurations every step
 
 Times on a shared machine move with its load; ``--instructions`` counts
 instead: each configuration runs the deep model's forward (no grad, and
@@ -226,6 +227,64 @@ def step_end_marks(make, shape, rounds: int = 7, n: int = 200) -> dict[str, floa
     return out
 
 
+def alternating(make, shape, steps: int) -> dict[str, dict[str, list[float]]]:
+    """Thread CPU seconds of a training step, a forward+backward and a no-grad
+    forward with "off", "hooks" and "on" switched every step in one process
+    (one profiler and allocator hook throughout), so that the machine's drift
+    hits all three alike: ``steps`` samples of each."""
+    from torchmem.sources.context import build_autograd_hooks
+
+    build_autograd_hooks(wait_s=300)
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.Adam(model.parameters())
+    x = torch.randn(*shape)
+    y = torch.randint(0, 10, (shape[0],))
+    names = ("off", "hooks", "on")
+    out = {n: {"step": [], "fwd+bwd": [], "fwd": []} for n in names}
+    prof = MemoryProfiler(auto_snapshot=False)
+    source = ContextSource(prof)
+    with CPUAllocatorHook(prof, adopt_existing=False):
+        for i in range(3 * (steps + 2)):
+            name = names[i % 3]
+            with contextlib.ExitStack() as stack:
+                if name == "on":
+                    stack.enter_context(source)
+                elif name == "hooks":
+                    stack.enter_context(empty_hooks())
+                t0 = time.thread_time()
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                t1 = time.thread_time()
+                nn.functional.cross_entropy(model(x), y).backward()
+                t2 = time.thread_time()
+                with torch.no_grad():
+                    model(x)
+                t3 = time.thread_time()
+            if i >= 6:  # warm-up: Adam's state, the first forward's marks
+                out[name]["step"].append(t1 - t0)
+                out[name]["fwd+bwd"].append(t2 - t1)
+                out[name]["fwd"].append(t3 - t2)
+    prof.close()
+    return out
+
+
+def print_alternating(steps: int) -> None:
+    print(f"configurations switched every step, {steps} steps each: us per module call "
+          "over off, best / median")
+    for label, (make, shape) in {"mlp": (mlp, (32, 64)), "deep": (Deep, (64, 32))}.items():
+        calls = module_calls(make(), torch.randn(*shape))
+        t = alternating(make, shape, steps)
+        for n in ("hooks", "on"):
+            cells = []
+            for k in ("step", "fwd+bwd", "fwd"):
+                best = (min(t[n][k]) - min(t["off"][k])) / calls * 1e6
+                med = (statistics.median(t[n][k]) - statistics.median(t["off"][k])) / calls * 1e6
+                cells.append(f"{k} {best:6.2f} / {med:6.2f}")
+            print(f"  {label:>4} ({calls:3d} calls) {n:>5}: " + "   ".join(cells))
+
+
 def _counted_iterations(name: str, grad: bool) -> None:
     """The child of --instructions: 2 warm-up iterations, then callgrind counts
     1 iteration (dump 1) and 4 more (dump 2)."""
@@ -294,12 +353,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--instructions", action="store_true",
                     help="count instructions per module call with callgrind instead")
+    ap.add_argument("--alternate", type=int, metavar="STEPS", default=0,
+                    help="switch off / hooks / on every step in one process instead")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return _counted_iterations(args.child[0], args.child[1] == "grad")
     if args.instructions:
         return instructions()
+    if args.alternate:
+        torch.set_num_threads(args.threads)
+        return print_alternating(args.alternate)
     torch.set_num_threads(args.threads)
     print(f"python {platform.python_version()}, torch {torch.__version__}, "
           f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")

@@ -166,7 +166,8 @@ def test_forward_fast_paths_give_the_python_forward_hooks_events():
     def counted(fn, name):
         def call(*a):
             r = fn(*a)
-            key = f"{name} {r!r}" if isinstance(r, bool) else f"{name} ctx"
+            key = (f"{name} {r!r}" if isinstance(r, bool) else
+                   f"{name} inputs {len(r)}" if isinstance(r, list) else f"{name} ctx")
             outcomes[key] = outcomes.get(key, 0) + 1
             return r
         return call
@@ -188,12 +189,91 @@ def test_forward_fast_paths_give_the_python_forward_hooks_events():
         h.native_enter, h.native_exit = enter, leave
     assert same_run(plain, slow_run) and same_run(plain, fast_run)
     assert fast_events == slow_events and fast_starts == slow_starts == 3
-    # 9 module calls a step, 3 steps: the outermost module goes to Python both
-    # ways (3), and so does each of the 6 modules below it the first time (the
-    # Python hook names it); the other 18 calls in, and all 24 out, are C++,
-    # d's dict output left to Python to claim (3).
-    assert outcomes == {"enter False": 9, "enter True": 18, "exit False": 3,
-                        "exit True": 21, "exit ctx": 3}
+    # 9 module calls a step, 3 steps: the outermost module goes to Python on its
+    # first way in (1), and so does each of the 6 modules below it the first
+    # time (the Python hook names it); the other 20 calls in, and all 27 out,
+    # are C++: d's dict output left to Python to claim (3), the outermost
+    # module's one input mark left to Python to send (3).
+    assert outcomes == {"enter False": 7, "enter True": 20, "exit True": 21,
+                        "exit ctx": 3, "exit inputs 1": 3}
+
+
+
+class _Inputs(nn.Module):
+    """An outermost module called with positional tensors, tensor keywords,
+    nested arguments, and a forward that raises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, *rest, scale=None, fail=False):
+        for r in rest:  # a list of tensors is nested; None is not a tensor
+            if r is not None:
+                x = x + (sum(r) if isinstance(r, list) else r)
+        if fail:
+            raise ValueError("from the forward")
+        y = self.fc(x)
+        return y * scale if scale is not None else y
+
+
+def _input_calls(native: bool) -> tuple[list, list]:
+    """Input marks and the thread's context after each call, the C++ paths on or off."""
+    h = C._hooks
+    enter, leave = h.native_enter, h.native_exit
+    lists = []  # what the C++ exit handed back for Python to send
+
+    def counted_leave(*a):
+        r = leave(*a)
+        if isinstance(r, list):
+            lists.append(len(r))
+        return r
+
+    h.native_enter, h.native_exit = (enter, counted_leave) if native else (None, None)
+    try:
+        with attributed() as prof:
+            torch.manual_seed(0)
+            m = _Inputs()
+            after = []
+            names = {}  # storage address -> which input (the tensors kept alive)
+            for i in range(3):  # the first call of an outermost module is Python's
+                x, b = torch.randn(2, 4), torch.randn(2, 4)
+                scale, ones = torch.full((1,), 2.0), torch.ones(2, 4)
+                names.update({t.data_ptr(): f"{n}{i}" for n, t in
+                              (("x", x), ("b", b), ("scale", scale), ("ones", ones))})
+                m(x, b, scale=scale)
+                after.append(C._get_context())
+                m(x, [b, ones])
+                with pytest.raises(ValueError, match="from the forward"):
+                    m(x, fail=True)
+                after.append(C._get_context())
+                with torch.no_grad():
+                    m(x, None)
+                after.append(C._get_context())
+            marks = prof.attribution_marks(0)
+            inputs = marks[marks["category"] == _category_code(prof, "input")]
+            out = [(int(q), names.get(int(a))) for q, a in zip(inputs["seq"].tolist(),
+                                                               inputs["address"].tolist())]
+    finally:
+        h.native_enter, h.native_exit = enter, leave
+    return out, after, lists
+
+
+def test_outermost_module_paths_give_the_python_paths_input_marks():
+    _native_or_skip()
+    fast, fast_after, lists = _input_calls(native=True)
+    slow, slow_after, none = _input_calls(native=False)
+    # A round: x, b and scale are new; then the ones (x and b marked already);
+    # the two calls of x alone add nothing.
+    assert [n for _, n in fast] == [f"{n}{i}" for i in range(3)
+                                    for n in ("x", "b", "scale", "ones")]
+    assert fast == slow
+    assert fast_after == slow_after == [0] * 9
+    # C++ handed back the input marks of every call but the nested ones (the
+    # first call's too: its way in was Python's, its way out is C++): 3
+    # tensors, then x alone when it raised and under no_grad; the sender
+    # drops the repeats.
+    assert lists == [3, 1, 1] * 3 and none == []
 
 
 def test_claim_marks_each_node_once():

@@ -68,11 +68,15 @@ def test_calls_around_each_module_call_in_order(wrapper):
     assert inner_leave[2] == (x,) and inner_leave[2][0] is x
     assert inner_leave[3] == {"scale": 2.0}
     assert torch.equal(inner_leave[4], torch.full((3,), 2.0)) and inner_leave[5] is False
+    # fast_leave(module, result, args, kwargs): the same result and arguments
+    inner_fast = wrapper[4]
+    assert inner_fast[2] is inner_leave[4] and inner_fast[3] is inner_leave[2]
+    assert inner_fast[4] is inner_leave[3]
     assert wrapper[7][4] is out
 
 
 def test_fast_paths_that_succeed_skip_the_slow_ones(wrapper):
-    MC.set_calls(lambda m, a: True, None, lambda m, r: True, None)  # None: never called
+    MC.set_calls(lambda m, a: True, None, lambda m, r, a, k: True, None)  # None: never called
     assert torch.equal(Outer()(torch.ones(2)), torch.full((2,), 3.0))
 
 
@@ -80,7 +84,8 @@ def test_a_forward_that_raises_leaves_with_none_and_raises_on(wrapper):
     with pytest.raises(KeyError, match="from the forward"):
         Raising()(torch.ones(1))
     assert [s[0] for s in wrapper] == ["fast_enter", "enter", "fast_leave", "leave"]
-    assert wrapper[2][2] is None  # fast_leave(module, None)
+    # fast_leave(module, None, args, None), the args leave sees
+    assert wrapper[2][2] is None and wrapper[2][3] is wrapper[3][2] and wrapper[2][4] is None
     assert wrapper[3][3:] == (None, None, False)  # leave(module, args, None, None, done)
 
 

@@ -82,20 +82,27 @@ class MarkLog:
         self._array = None
         return dropped[0] if len(dropped) == 1 else np.concatenate(dropped)
 
-    def append(self, seq: int, marks: Sequence[tuple[int, str, int]]) -> None:
-        """``(address, category, context_id)`` facts, all as of ``seq``."""
+    def append(self, seq: int, marks: Sequence[tuple[int, str, int]],
+               validate: bool = True) -> None:
+        """``(address, category, context_id)`` facts, all as of ``seq``.
+        ``validate=False``: marks made by torchmem's own sources (addresses and
+        context ids already ints in range, from C or from torch), whose per-mark
+        checks cost more than the rest of the append."""
         if not marks:
             return
         index = MARK_INDEX
-        try:  # what the array would refuse later, refused now
-            rows = [(seq, _index(a), index.get(c, 0), _index(x)) for a, c, x in marks]
-        except TypeError as exc:
-            raise TypeError(f"a mark is (address int, category str, context id int): {exc}") \
-                from None
-        for _, a, _, x in rows:
-            if not (0 <= a < 2**64 and 0 <= x < 2**16):
-                raise ValueError(f"a mark needs an address in [0, 2**64) and a context id "
-                                 f"in [0, 2**16): got {a}, {x}")
+        if not validate:
+            rows = [(seq, a, index.get(c, 0), x) for a, c, x in marks]
+        else:
+            try:  # what the array would refuse later, refused now
+                rows = [(seq, _index(a), index.get(c, 0), _index(x)) for a, c, x in marks]
+            except TypeError as exc:
+                raise TypeError(f"a mark is (address int, category str, context id int): "
+                                f"{exc}") from None
+            for _, a, _, x in rows:
+                if not (0 <= a < 2**64 and 0 <= x < 2**16):
+                    raise ValueError(f"a mark needs an address in [0, 2**64) and a context "
+                                     f"id in [0, 2**16): got {a}, {x}")
         self._pending.extend(rows)
         self._count += len(marks)
         self._array = None

@@ -670,13 +670,14 @@ class MemoryProfiler(_recorder.Recorder):
         """Every context id's ``(module path, phase)``, by id."""
         return list(self._contexts.table())
 
-    def add_marks(self, marks: list[tuple[int, str, int]]) -> None:
+    def add_marks(self, marks: list[tuple[int, str, int]], validate: bool = True) -> None:
         """Notes ``(address, category, context_id)`` facts as of now (see
-        torchmem._contexts); the context source calls it."""
+        torchmem._contexts); the context source calls it, with
+        ``validate=False`` for the marks it made itself (checked where made)."""
         if not marks:
             return
         with self._lock:
-            self._marks.append(self._next_seq(), marks)
+            self._marks.append(self._next_seq(), marks, validate)
 
     def attribution_marks(self, start: int = 0) -> np.ndarray:
         """Every mark so far as a MARK_DTYPE array (torchmem._contexts), oldest first;

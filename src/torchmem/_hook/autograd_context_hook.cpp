@@ -24,22 +24,23 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <c10/core/GradMode.h>
 
+#include "context_hook.h"
 #include "tensor_marks.h"
 
 #include <cstdint>
 #include <memory>
 #include <thread>
 
-namespace {
-
-using SetContextFn = void (*)(uint16_t);
-using GetContextFn = uint16_t (*)();
-
+namespace torchmem_hook {
 SetContextFn g_set_context = nullptr;
 GetContextFn g_get_context = nullptr;
+}  // namespace torchmem_hook
+
+namespace {
+
+using namespace torchmem_hook;
+
 PyObject* g_on_backward_start = nullptr;  // callable(graph task id, context id)
-PyObject* g_thread_key = nullptr;  // fast_stack's entry in the per-thread dict
-PyObject* g_name_names = nullptr;
 thread_local int t_task = -1;             // the graph task whose start was reported
 
 // The context the thread had when the backward pass reached its first claimed
@@ -97,7 +98,10 @@ bool claimed(const torch::autograd::Node& node) {
   return false;
 }
 
-// Claims the node of one tensor for ctx; false when there is nothing to claim.
+}  // namespace
+
+namespace torchmem_hook {
+
 bool claim_one(PyObject* obj, uint16_t ctx) {
   if (!THPVariable_Check(obj)) return false;
   const at::Tensor& t = THPVariable_Unpack(obj);
@@ -108,7 +112,6 @@ bool claim_one(PyObject* obj, uint16_t ctx) {
   return true;
 }
 
-// The nodes of the tensors directly in a tuple or list; how many it claimed.
 long claim_items(PyObject* v, uint16_t ctx) {
   Py_ssize_t len = PySequence_Fast_GET_SIZE(v);
   PyObject** items = PySequence_Fast_ITEMS(v);
@@ -116,6 +119,10 @@ long claim_items(PyObject* v, uint16_t ctx) {
   for (Py_ssize_t i = 0; i < len; ++i) n += claim_one(items[i], ctx);
   return n;
 }
+
+}  // namespace torchmem_hook
+
+namespace {
 
 // claim(value, ctx) -> int: a tensor, or the tensors directly in a tuple or
 // list: each one's grad_fn not claimed yet gets ctx's hook. Returns how many
@@ -145,180 +152,6 @@ PyObject* claim(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   return PyLong_FromLong(n);
-}
-
-// -- the forward hooks' common case (context.py's _Hooks.forward_pre/post) ----
-// A module called inside a running module whose anchor already names it, on a
-// thread that claims nodes with this module: the same stack entry, context
-// and claims as the Python hooks, without their bytecode (about 6,800
-// instructions a module call, callgrind). Anything else (an outermost module, a module not named yet, a frame
-// that is not on top) returns False having changed nothing, and the Python
-// hooks do it. These functions never raise: an unexpected object is a
-// False.
-
-// A context id held by a Python int; false when it is not one.
-bool context_arg(PyObject* v, uint16_t* out) {
-  if (!PyLong_CheckExact(v)) return false;
-  unsigned long x = PyLong_AsUnsignedLong(v);
-  if (x > 0xFFFF) return false;  // also -1 on error
-  *out = uint16_t(x);
-  return true;
-}
-
-bool refers_to(PyObject* ref, PyObject* obj) {
-  return torchmem_marks::referent(ref) == obj;
-}
-
-// The calling thread's running-module list (context.py's _Thread.stack) while
-// that thread claims nodes with this module (bind_thread), borrowed; else
-// nullptr. Kept in the interpreter's per-thread dict, which goes with the
-// thread: a lookup there costs a tenth of a threading.local attribute.
-PyObject* fast_stack() {
-  PyObject* dict = PyThreadState_GetDict();
-  if (dict == nullptr) return nullptr;
-  PyObject* stack = PyDict_GetItemWithError(dict, g_thread_key);
-  return stack != nullptr && PyList_CheckExact(stack) ? stack : nullptr;
-}
-
-// bind_thread(stack or None): the calling thread's stack, for the fast paths
-// (context.py's _Thread.claim setter, when the thread switches to or from
-// this module's claim()).
-PyObject* bind_thread(PyObject*, PyObject* stack) {
-  PyObject* dict = PyThreadState_GetDict();
-  if (dict == nullptr) {
-    PyErr_SetString(PyExc_RuntimeError, "no thread state dict");
-    return nullptr;
-  }
-  if (stack == Py_None) {
-    if (PyDict_DelItem(dict, g_thread_key) != 0) {
-      if (!PyErr_ExceptionMatches(PyExc_KeyError)) return nullptr;
-      PyErr_Clear();
-    }
-    Py_RETURN_NONE;
-  }
-  if (!PyList_CheckExact(stack)) {
-    PyErr_SetString(PyExc_TypeError, "bind_thread(list or None)");
-    return nullptr;
-  }
-  if (PyDict_SetItem(dict, g_thread_key, stack) != 0) return nullptr;
-  Py_RETURN_NONE;
-}
-
-// A stack frame: (module, context before, anchor, (fwd, bwd, path), is outermost).
-bool is_frame(PyObject* f) {
-  return PyTuple_CheckExact(f) && PyTuple_GET_SIZE(f) == 5 &&
-         PyTuple_CheckExact(PyTuple_GET_ITEM(f, 3)) && PyTuple_GET_SIZE(PyTuple_GET_ITEM(f, 3)) == 3;
-}
-
-// forward_enter(module, args) -> bool: forward_pre done here.
-PyObject* forward_enter(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
-  if (nargs != 2 || g_set_context == nullptr) Py_RETURN_FALSE;
-  PyObject* module = a[0];
-  PyObject* args = a[1];
-  bool done = false;
-  PyObject* stack = fast_stack();
-  PyObject* names = nullptr;
-  PyObject* key = nullptr;
-  PyObject* frame = nullptr;
-  do {
-    if (stack == nullptr || PyList_GET_SIZE(stack) == 0) break;
-    PyObject* top = PyList_GET_ITEM(stack, PyList_GET_SIZE(stack) - 1);
-    if (!is_frame(top)) break;
-    PyObject* anchor = PyTuple_GET_ITEM(top, 2);
-    if (anchor == Py_None) break;  // an optimizer step's frame
-    names = PyObject_GetAttr(anchor, g_name_names);
-    if (names == nullptr || !PyDict_CheckExact(names)) break;
-    key = PyLong_FromVoidPtr(module);
-    if (key == nullptr) break;
-    PyObject* entry = PyDict_GetItemWithError(names, key);  // (weakref, ctx, path)
-    if (entry == nullptr || !PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3) break;
-    PyObject* ctx = PyTuple_GET_ITEM(entry, 1);
-    if (!PyTuple_CheckExact(ctx) || PyTuple_GET_SIZE(ctx) != 3) break;  // not interned yet
-    if (!refers_to(PyTuple_GET_ITEM(entry, 0), module)) break;
-    uint16_t fwd, bwd, caller_bwd;
-    if (!context_arg(PyTuple_GET_ITEM(ctx, 0), &fwd) ||
-        !context_arg(PyTuple_GET_ITEM(ctx, 1), &bwd) ||
-        !context_arg(PyTuple_GET_ITEM(PyTuple_GET_ITEM(top, 3), 1), &caller_bwd))
-      break;
-    PyObject* prev = PyLong_FromLong(g_get_context());
-    if (prev == nullptr) break;
-    frame = PyTuple_Pack(5, module, prev, anchor, ctx, Py_False);
-    Py_DECREF(prev);
-    if (frame == nullptr || PyList_Append(stack, frame) != 0) break;
-    bool in_backward = torch::autograd::get_current_graph_task_id() != -1;
-    g_set_context(in_backward ? bwd : fwd);
-    done = true;
-    // Inputs made by the caller's own ops: the caller's context holds again
-    // once this module's backward is done.
-    if (!in_backward && c10::GradMode::is_enabled() && PyTuple_Check(args) &&
-        PyTuple_GET_SIZE(args) > 0) {
-      try {
-        claim_items(args, caller_bwd);
-      } catch (const std::exception&) {
-        // as the Python hook: never into the training run
-      }
-    }
-  } while (false);
-  if (PyErr_Occurred()) PyErr_Clear();
-  Py_XDECREF(frame);
-  Py_XDECREF(key);
-  Py_XDECREF(names);
-  return PyBool_FromLong(done);
-}
-
-// Whether the Python hook's tensors_in(value) is value's own items: a tuple or
-// list holding no tuple, list or dict.
-bool flat(PyObject* v) {
-  if (!PyTuple_Check(v) && !PyList_Check(v)) return false;
-  Py_ssize_t len = PySequence_Fast_GET_SIZE(v);
-  PyObject** items = PySequence_Fast_ITEMS(v);
-  for (Py_ssize_t i = 0; i < len; ++i)
-    if (PyTuple_Check(items[i]) || PyList_Check(items[i]) || PyDict_Check(items[i])) return false;
-  return true;
-}
-
-// forward_exit(module, result) -> True (forward_post done here), False
-// (nothing done), or a context id: done but for claiming the nodes of the
-// tensors nested in result, which the caller does for that context.
-PyObject* forward_exit(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
-  if (nargs != 2 || g_set_context == nullptr) Py_RETURN_FALSE;
-  PyObject* module = a[0];
-  PyObject* result = a[1];
-  PyObject* stack = fast_stack();
-  PyObject* out = nullptr;
-  do {
-    if (stack == nullptr || PyList_GET_SIZE(stack) == 0) break;
-    Py_ssize_t last = PyList_GET_SIZE(stack) - 1;
-    PyObject* frame = PyList_GET_ITEM(stack, last);
-    if (!is_frame(frame) || PyTuple_GET_ITEM(frame, 0) != module ||
-        PyTuple_GET_ITEM(frame, 4) != Py_False)
-      break;  // an outermost module, or frames of forwards that raised
-    uint16_t prev, bwd;
-    if (!context_arg(PyTuple_GET_ITEM(frame, 1), &prev) ||
-        !context_arg(PyTuple_GET_ITEM(PyTuple_GET_ITEM(frame, 3), 1), &bwd))
-      break;
-    // list.pop() without its call: the list keeps its capacity.
-    Py_SET_SIZE(stack, last);
-    Py_DECREF(frame);
-    g_set_context(prev);
-    out = Py_True;
-    if (result != Py_None && c10::GradMode::is_enabled() &&
-        torch::autograd::get_current_graph_task_id() == -1) {
-      try {
-        if (THPVariable_Check(result))
-          claim_one(result, bwd);
-        else if (flat(result))
-          claim_items(result, bwd);
-        else
-          out = PyLong_FromLong(bwd);  // a new reference
-      } catch (const std::exception&) {
-      }
-    }
-    if (out == Py_True) Py_INCREF(out);
-  } while (false);
-  if (PyErr_Occurred()) PyErr_Clear();
-  if (out == nullptr) Py_RETURN_FALSE;
-  return out;
 }
 
 // install(set_context_address, get_context_address, on_backward_start): what
@@ -364,9 +197,12 @@ PyMethodDef kMethods[] = {
      METH_FASTCALL, "forward_enter(module, args) -> bool: the forward pre-hook done"},
     {"forward_exit", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(forward_exit)),
      METH_FASTCALL,
-     "forward_exit(module, result) -> True, False or the context to claim result for"},
+     "forward_exit(module, result[, args, kwargs]) -> True, False, the context to claim "
+     "result for, or an outermost module's input marks"},
     {"bind_thread", bind_thread, METH_O,
      "bind_thread(stack or None): this thread's running modules, for the fast paths"},
+    {"use_roots", use_roots, METH_O,
+     "use_roots(dict or None): the outermost modules' entries, for the fast paths"},
     {"storage_marks", torchmem_marks::storage_marks, METH_O,
      "storage_marks(list of (tensor, category, ctx)) -> list of (address, category, ctx)"},
     {"owned_marks",
@@ -386,9 +222,7 @@ PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "torchmem_autograd_context_hook",
 PyMODINIT_FUNC PyInit_torchmem_autograd_context_hook() {
   PyObject* m = PyModule_Create(&kModule);
   if (m == nullptr) return nullptr;
-  g_thread_key = PyUnicode_InternFromString("torchmem.context.stack");
-  g_name_names = PyUnicode_InternFromString("names");
-  if (!g_thread_key || !g_name_names || !torchmem_marks::init()) {
+  if (!torchmem_hook::forward_init() || !torchmem_marks::init()) {
     Py_DECREF(m);
     return nullptr;
   }

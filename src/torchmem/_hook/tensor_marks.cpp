@@ -4,8 +4,9 @@
 // that is ~0.7 us a tensor, ~20 us a step on a 3-layer MLP and ~1.3 ms on a
 // model of 386 parameters; here a dict walk and a pointer read a tensor. Part
 // of the autograd context hook module (its method table lists these, its
-// forward hooks use referent); _marks.py keeps the Python versions, which give
-// the same lists in the same order (tests/test_autograd_hooks.py compares).
+// forward paths use referent and append_tensor); _marks.py keeps the Python
+// versions, which give the same lists in the same order
+// (tests/test_autograd_hooks.py compares).
 
 #include "tensor_marks.h"
 #include "key_set.h"
@@ -27,28 +28,6 @@ PyObject* referent(PyObject* ref) {
   PyObject* target = PyWeakref_GET_OBJECT(ref);
   return target == Py_None ? nullptr : target;
 #endif
-}
-
-namespace {
-
-PyObject* g_parameter = nullptr;
-PyObject* g_gradient = nullptr;
-PyObject* g_buffer = nullptr;
-PyObject* g_optimizer_state = nullptr;
-PyObject* g_parameters_attr = nullptr;
-PyObject* g_buffers_attr = nullptr;
-PyObject* g_state_attr = nullptr;
-PyObject* g_param_groups_attr = nullptr;
-PyObject* g_params_key = nullptr;
-PyObject* g_zero = nullptr;
-
-constexpr unsigned long long kNotLive = ~0ULL;  // live_seqs' seq of an address not live
-
-// Whether two values are equal: identity first, the usual case for the small
-// ints and interned category names of marks.
-int same_value(PyObject* a, PyObject* b) {
-  if (a == b) return 1;
-  return PyObject_RichCompareBool(a, b, Py_EQ);
 }
 
 // The start of a tensor's storage memory; 0 when it has none (a meta or sparse
@@ -75,6 +54,28 @@ bool append_tensor(PyObject* out, const at::Tensor& t, PyObject* category, PyObj
   int rc = PyList_Append(out, row);
   Py_DECREF(row);
   return rc == 0;
+}
+
+namespace {
+
+PyObject* g_parameter = nullptr;
+PyObject* g_gradient = nullptr;
+PyObject* g_buffer = nullptr;
+PyObject* g_optimizer_state = nullptr;
+PyObject* g_parameters_attr = nullptr;
+PyObject* g_buffers_attr = nullptr;
+PyObject* g_state_attr = nullptr;
+PyObject* g_param_groups_attr = nullptr;
+PyObject* g_params_key = nullptr;
+PyObject* g_zero = nullptr;
+
+constexpr unsigned long long kNotLive = ~0ULL;  // live_seqs' seq of an address not live
+
+// Whether two values are equal: identity first, the usual case for the small
+// ints and interned category names of marks.
+int same_value(PyObject* a, PyObject* b) {
+  if (a == b) return 1;
+  return PyObject_RichCompareBool(a, b, Py_EQ);
 }
 
 bool append_object(PyObject* out, PyObject* obj, PyObject* category, PyObject* ctx) {

@@ -43,8 +43,10 @@ def _spec() -> _build.ModuleSpec:
     return _build.ModuleSpec(
         name="autograd_context_hook", what="the autograd context hook module",
         sources=(_build.HOOK_DIR / "autograd_context_hook.cpp",
+                 _build.HOOK_DIR / "module_forward.cpp",
                  _build.HOOK_DIR / "tensor_marks.cpp"),
-        headers=(_build.HOOK_DIR / "tensor_marks.h", _build.HOOK_DIR / "key_set.h"),
+        headers=(_build.HOOK_DIR / "context_hook.h", _build.HOOK_DIR / "tensor_marks.h",
+                 _build.HOOK_DIR / "key_set.h"),
         include_dirs=(sysconfig.get_paths()["include"],),
         libraries=("c10", "torch_cpu", "torch_python"), check=_check)
 

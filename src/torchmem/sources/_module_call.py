@@ -13,7 +13,7 @@ compiled graph is the same as without torchmem, with no graph break; and
 
 What runs around a call is four callables (``set_calls``): ``fast_enter(module,
 args) -> bool`` (True: done) and ``enter(module, args)`` before it,
-``fast_leave(module, result)`` (True: done; anything else is handed on) and
+``fast_leave(module, result, args, kwargs)`` (True: done; anything else is handed on) and
 ``leave(module, args, kwargs, result, done)`` after it; the ``fast_`` ones may
 be None. A forward that raises leaves with ``result`` and ``kwargs`` None, as
 torch's always-called forward hooks see it, and the exception goes on.
@@ -69,7 +69,7 @@ def _module_call(self: Any, *args: Any, **kwargs: Any) -> Any:
         given = kwargs
         return result
     finally:
-        done = fast_leave(self, result) if fast_leave is not None else False
+        done = fast_leave(self, result, args, given) if fast_leave is not None else False
         if done is not True:
             leave(self, args, given, result, done)
 

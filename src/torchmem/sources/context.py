@@ -119,6 +119,9 @@ class _Hooks:
         self.handles: list[Any] = []
         self.anchors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.roots: weakref.WeakSet = weakref.WeakSet()  # outermost modules that ran
+        # id(module) -> (weakref, anchor, ctx) of each of them: where the C++
+        # forward paths find an outermost module's frame (use_roots).
+        self.root_entries: dict[int, tuple] = {}
         self.owners = Owners()
         self.optimizer_ctx = _intern("", _OPTIMIZER)
         # The C++ node hooks, built in the background on first use; threads
@@ -202,9 +205,12 @@ class _Hooks:
                 anchor = self.anchor(module, module_path_name(module))
                 ctx = anchor.lookup(module)
                 root = True
-                if not in_backward and module not in self.roots:
-                    self.roots.add(module)
-                    self.mark_model(module, anchor)
+                if not in_backward:
+                    if module not in self.roots:
+                        self.roots.add(module)
+                        self.mark_model(module, anchor)
+                    if ctx is not None:
+                        self.note_root(module, anchor, ctx)
             if ctx is None:
                 return
             stack.append((module, _get_context(), anchor, ctx, root))
@@ -221,6 +227,13 @@ class _Hooks:
                      done: Any) -> None:
         # kwargs and result are None when the forward raised; done is what
         # native_exit said (False: not handled, or not built).
+        if type(done) is list:  # an outermost module's exit, done but its inputs' marks
+            try:
+                if done:
+                    self.send(done, only_outside_modules=True)
+            except Exception:
+                pass
+            return
         if done is not False:  # popped; the result's tensors are nested
             try:
                 _thread().claim(list(tensors_in(result)), done)
@@ -251,8 +264,24 @@ class _Hooks:
         except Exception:
             pass
 
+    def note_root(self, module: Any, anchor: Anchor, ctx: tuple) -> None:
+        """Remembers an outermost module's frame contents for the C++ paths; the
+        entry goes with the module."""
+        key = id(module)
+        entry = self.root_entries.get(key)
+        if entry is not None and entry[0]() is module and entry[1] is anchor:
+            return
+        entries = self.root_entries
+
+        def gone(ref: Any, key: int = key) -> None:
+            if entries.get(key, (None,))[0] is ref:
+                del entries[key]
+
+        entries[key] = (weakref.ref(module, gone), anchor, ctx)
+
     def use_native(self, native: Any) -> None:
         use_native_marks(native)
+        native.use_roots(self.root_entries)
         self.native_module = native
         self.native_claim = native.claim
         self.native_enter = native.forward_enter
@@ -348,7 +377,7 @@ class _Hooks:
 
     def emit(self, marks: list[tuple[int, str, int]]) -> None:
         for source in list(self.sources):
-            source.profiler.add_marks(marks)
+            source.profiler.add_marks(marks, validate=False)
 
 
 # ctx -> the node pre-hook that enters it (one per context, shared by nodes).
