@@ -118,9 +118,9 @@ class _Hooks:
         self.sources: list[ContextSource] = []
         self.handles: list[Any] = []
         self.anchors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.roots: weakref.WeakSet = weakref.WeakSet()  # outermost modules that ran
-        # id(module) -> (weakref, anchor, ctx) of each of them: where the C++
-        # forward paths find an outermost module's frame (use_roots).
+        # id(module) -> (weakref, anchor, ctx) of the outermost modules that ran:
+        # whose parameters each step's end marks, and where the C++ forward
+        # paths find an outermost module's frame (use_roots).
         self.root_entries: dict[int, tuple] = {}
         self.owners = Owners()
         self.optimizer_ctx = _intern("", _OPTIMIZER)
@@ -205,12 +205,8 @@ class _Hooks:
                 anchor = self.anchor(module, module_path_name(module))
                 ctx = anchor.lookup(module)
                 root = True
-                if not in_backward:
-                    if module not in self.roots:
-                        self.roots.add(module)
-                        self.mark_model(module, anchor)
-                    if ctx is not None:
-                        self.note_root(module, anchor, ctx)
+                if not in_backward and ctx is not None and self.note_root(module, anchor, ctx):
+                    self.mark_model(module, anchor)
             if ctx is None:
                 return
             stack.append((module, _get_context(), anchor, ctx, root))
@@ -264,13 +260,14 @@ class _Hooks:
         except Exception:
             pass
 
-    def note_root(self, module: Any, anchor: Anchor, ctx: tuple) -> None:
-        """Remembers an outermost module's frame contents for the C++ paths; the
-        entry goes with the module."""
+    def note_root(self, module: Any, anchor: Anchor, ctx: tuple) -> bool:
+        """Remembers an outermost module (its entry goes with it); True the
+        first time it runs as one."""
         key = id(module)
         entry = self.root_entries.get(key)
-        if entry is not None and entry[0]() is module and entry[1] is anchor:
-            return
+        first = entry is None or entry[0]() is not module
+        if not first and entry[1] is anchor:
+            return False
         entries = self.root_entries
 
         def gone(ref: Any, key: int = key) -> None:
@@ -278,6 +275,7 @@ class _Hooks:
                 del entries[key]
 
         entries[key] = (weakref.ref(module, gone), anchor, ctx)
+        return first
 
     def use_native(self, native: Any) -> None:
         use_native_marks(native)
@@ -353,8 +351,9 @@ class _Hooks:
             # and gradients (parameters may have been replaced; a .grad set
             # to None but kept alive elsewhere is no longer a gradient).
             owned: list[tuple[Any, int]] = []
-            for root in list(self.roots):
-                owned += self.anchor(root, module_path_name(root)).owners()
+            for ref, anchor, _ in list(self.root_entries.values()):
+                if ref() is not None:
+                    owned += anchor.owners()
             self.send(self.owners.owned_marks(optimizer, owned), withdraw="gradient")
         except Exception:
             pass
