@@ -115,7 +115,9 @@ class _Hooks:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.sources: list[ContextSource] = []
+        # Replaced, never changed in place (under lock): the hooks iterate it
+        # without a copy.
+        self.sources: tuple[ContextSource, ...] = ()
         self.handles: list[Any] = []
         self.anchors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # id(module) -> (weakref, anchor, ctx) of the outermost modules that ran:
@@ -139,7 +141,7 @@ class _Hooks:
         with self.lock:
             if source in self.sources:
                 return
-            self.sources.append(source)
+            self.sources += (source,)
             # Even where hooks are already installed: a child forked while the
             # parent built the C++ hooks starts its own build here.
             self.native.start()
@@ -157,8 +159,7 @@ class _Hooks:
 
     def remove(self, source: ContextSource) -> None:
         with self.lock:
-            if source in self.sources:
-                self.sources.remove(source)
+            self.sources = tuple(s for s in self.sources if s is not source)
             if self.sources or not self.handles:
                 return
             _module_call.remove()
@@ -291,7 +292,9 @@ class _Hooks:
         # What the C++ hooks call on a pass's first claimed node (they restore
         # the context at its end themselves); backward_start's mark too.
         try:
-            self.emit([(0, "backward_start", ctx)])
+            marks = [(0, "backward_start", ctx)]
+            for source in self.sources:
+                source.profiler.add_marks(marks, validate=False)
         except Exception:  # never into the training run
             pass
 
@@ -371,12 +374,8 @@ class _Hooks:
              only_outside_modules: bool = False) -> None:
         """Storage marks (address, category, ctx) to every source, each sending its
         profiler what is new (MarkSender.note)."""
-        for source in list(self.sources):
+        for source in self.sources:
             source.sender.note(marks, withdraw, only_outside_modules)
-
-    def emit(self, marks: list[tuple[int, str, int]]) -> None:
-        for source in list(self.sources):
-            source.profiler.add_marks(marks, validate=False)
 
 
 # ctx -> the node pre-hook that enters it (one per context, shared by nodes).
