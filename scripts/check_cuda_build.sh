@@ -216,6 +216,7 @@ run cpu-hook-2.11 so "$OUT/cpu_hook-2.11.so" "$HOOK/cpu_allocator_hook.cpp" -- "
 # here) resolve when it is imported; its compile is what is checked.
 # shellcheck disable=SC2046
 run autograd-hook-2.11 so "$OUT/autograd_hook-2.11.so" "$HOOK/autograd_context_hook.cpp" \
+  "$HOOK/module_forward.cpp" \
   "$HOOK/tensor_marks.cpp" -- \
   "${BASE[@]}" $(torch_inc "$T211") -isystem "$("$PY" -c "import sysconfig; \
 print(sysconfig.get_paths()['include'])")" -- -shared -L "$T211/lib" -lc10 -ltorch_cpu

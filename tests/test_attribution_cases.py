@@ -185,8 +185,18 @@ with ContextSource(p2):
     assert _module_call.installed()
     torch._dynamo.reset()
     explained = torch._dynamo.explain(MLP())(torch.randn(8, 16))
+    # The wrapper's compile check adds no guard that fails outside the
+    # compile: three calls, one frame compiled.
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, x = torch.compile(MLP(), backend="eager"), torch.randn(8, 16)
+    for _ in range(3):
+        compiled(x)
+    frames = dict(counters["frames"])
 p2.close()
 assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+assert (frames.get("total"), frames.get("ok")) == (1, 1), frames
 contexts = {prof.resolve_context(c) for c in np.unique(prof.event_rows_from(0)["context_id"])}
 # Inside the compiled region no hook runs: the outermost module holds it all.
 assert ("MLP", "forward") in contexts and ("MLP", "backward") in contexts, contexts

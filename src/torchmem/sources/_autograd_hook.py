@@ -2,8 +2,9 @@
 the installed torch at first use (``torchmem/_hook/autograd_context_hook.cpp``).
 
 ``load()`` returns the extension module (``claim(value, ctx)``, ``install``,
-``is_claimed``, ``storage_marks``, the forward hooks' fast paths and
-an optimizer step's marks, ``owned_marks`` and ``fresh_marks``:
+``is_claimed``; the module forward paths ``forward_enter``, ``forward_exit``,
+``bind_thread`` and ``use_roots``: ``module_forward.cpp``; ``storage_marks``
+and an optimizer step's marks, ``owned_marks`` and ``fresh_marks``:
 ``tensor_marks.cpp``) or raises BuildUnavailable; context.py
 then keeps its Python node hooks, which do the same at several µs more per
 module call.

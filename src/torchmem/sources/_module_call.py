@@ -53,6 +53,8 @@ _calls: tuple | None = None
 
 def _module_call(self: Any, *args: Any, **kwargs: Any) -> Any:
     calls = _calls
+    # is_dynamo_compiling() first: with the flag alone (torch 2.13 holds it True
+    # through a compile) Dynamo recompiled the model on each of 3 calls.
     if calls is None or _dynamo_compiling() or _compiler._is_compiling_flag:
         return _wrapped(self, *args, **kwargs)  # type: ignore[misc]
     fast_enter, enter, fast_leave, leave = calls
