@@ -276,6 +276,24 @@ def test_outermost_module_paths_give_the_python_paths_input_marks():
     assert lists == [3, 1, 1] * 3 and none == []
 
 
+
+def test_an_outermost_module_is_remembered_only_while_it_lives():
+    import gc
+    import weakref
+
+    _native_or_skip()
+    with attributed():
+        m = _Inputs()
+        m(torch.randn(2, 4))
+        key, ref = id(m), weakref.ref(m)
+        entry = C._hooks.root_entries[key]
+        assert entry[0]() is m and entry[2][2] == "_Inputs"
+        del m, entry
+        gc.collect()
+        assert ref() is None  # torchmem held it weakly
+        assert key not in C._hooks.root_entries
+
+
 def test_claim_marks_each_node_once():
     _native_or_skip()
     from torchmem.sources._autograd_hook import load
