@@ -103,6 +103,10 @@ class MarkLog:
                 if not (0 <= a < 2**64 and 0 <= x < 2**16):
                     raise ValueError(f"a mark needs an address in [0, 2**64) and a context "
                                      f"id in [0, 2**16): got {a}, {x}")
+            unknown = [c for _, c, _ in marks if c not in index]
+            if unknown:  # it would read as "none": a withdrawal
+                raise ValueError(f"unknown mark category {unknown[0]!r}; one of "
+                                 f"{', '.join(MARK_CATEGORIES)}")
         self._pending.extend(rows)
         self._count += len(marks)
         self._array = None
